@@ -1,0 +1,1 @@
+"""driffusion_rt: DRiffusion draft-and-refine parallel sampling for diffusers models."""
