@@ -1,1 +1,8 @@
 """driffusion_rt: DRiffusion draft-and-refine parallel sampling for diffusers models."""
+from .gmm import GaussianMixture, GaussianMixtureModel
+from .plan import MODES, Plan, Round, make_plan
+from .sampler import NonFiniteOutputError, SampleOutput, SampleStats, Sampler, sample
+from .trajectory import Trajectory, UnsupportedScheduler
+
+__all__ = ["sample", "Sampler", "SampleOutput", "SampleStats", "Trajectory", "UnsupportedScheduler", "make_plan",
+           "Plan", "Round", "MODES", "GaussianMixture", "GaussianMixtureModel", "NonFiniteOutputError"]

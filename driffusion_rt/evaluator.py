@@ -1,0 +1,97 @@
+"""Evaluators: given k (state, trajectory index) points, produce their k model outputs (DESIGN.md section 3).
+
+`ModelCall` turns a batch of trajectory points into one model call with the conventions of a diffusers
+pipeline loop (scale_model_input, one timestep per batch row, model kwargs tiled to the batch).
+`LocalEvaluator` runs every point of a round as one batched call on one device; the distributed evaluator
+(driffusion_rt.distributed) has the same interface and spreads the points over ranks.
+Nothing here knows about drafts, anchors or plans.
+"""
+import torch
+
+
+class ModelOutputError(ValueError):
+    """The model returned something the sampler cannot use (wrong type or shape, non-finite values)."""
+
+
+def _as_tensor(y):
+    if isinstance(y, torch.Tensor):
+        return y
+    if hasattr(y, "sample") and isinstance(y.sample, torch.Tensor):  # diffusers ModelOutput
+        return y.sample
+    if isinstance(y, (tuple, list)) and y and isinstance(y[0], torch.Tensor):
+        return y[0]
+    raise ModelOutputError(f"the model returned {type(y).__name__}; it must return a tensor shaped like its input")
+
+
+def tile(value, batch: int, times: int):
+    """Repeat tensors (also inside dicts/lists) whose first dim is the latent batch, for `times` points per call."""
+    if times == 1:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.repeat(times, *([1] * (value.dim() - 1))) if value.dim() and value.shape[0] == batch else value
+    if isinstance(value, dict):
+        return {k: tile(v, batch, times) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(tile(v, batch, times) for v in value)
+    return value
+
+
+class ModelCall:
+    """One model call on c trajectory points of a latent batch B: model(x / divisor, t, **kwargs) -> [c, B, ...]."""
+
+    def __init__(self, model, traj, latent: torch.Tensor, model_kwargs: dict | None):
+        self.model, self.traj = model, traj
+        self.batch, self.shape = latent.shape[0], tuple(latent.shape)
+        self.kwargs = model_kwargs or {}
+        dev = latent.device
+        self.scaled = bool((traj.input_divisor != 1).any())
+        self.divisor = traj.input_divisor.to(dev, latent.dtype)
+        self.timesteps = traj.timesteps.to(dev)
+        self._t, self._kw = {}, {}
+
+    def _t_rows(self, idx: tuple) -> torch.Tensor:
+        if idx not in self._t:  # one timestep per batch row, built once per distinct index tuple
+            self._t[idx] = self.timesteps[list(idx)].repeat_interleave(self.batch)
+        return self._t[idx]
+
+    def _kwargs(self, c: int) -> dict:
+        if c not in self._kw:
+            self._kw[c] = tile(self.kwargs, self.batch, c)
+        return self._kw[c]
+
+    def __call__(self, states: torch.Tensor, idx: tuple, out: torch.Tensor) -> torch.Tensor:
+        c = len(idx)
+        x = states.reshape(c * self.batch, *self.shape[1:])
+        if self.scaled:
+            d = self.divisor[list(idx)].repeat_interleave(self.batch).view(-1, *[1] * (x.dim() - 1))
+            x = x / d
+        y = _as_tensor(self.model(x, self._t_rows(idx), **self._kwargs(c)))
+        if tuple(y.shape) != tuple(x.shape):
+            raise ModelOutputError(f"model output shape {tuple(y.shape)} differs from its input {tuple(x.shape)} "
+                                   f"(timesteps {self._t_rows(idx).tolist()[:: self.batch]})")
+        out.view(c * self.batch, *self.shape[1:]).copy_(y)
+        return out
+
+
+class LocalEvaluator:
+    """Single process: all points of a round are one batched model call; no collectives."""
+
+    rank, world = 0, 1
+
+    def __init__(self, model):
+        self.model = model
+
+    def chunk(self, k: int) -> int:
+        """Points per rank for a round of k points (equal chunks so an all-gather can concatenate them)."""
+        return k
+
+    def broadcast(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def call(self, call: ModelCall, states, idx: tuple, out) -> torch.Tensor:
+        """Evaluate points on this rank only (e.g. the anchor, redundantly on every rank)."""
+        return call(states, idx, out)
+
+    def evaluate(self, call: ModelCall, own_states, own_idx: tuple, gathered) -> torch.Tensor:
+        """Evaluate this rank's points and collect every rank's outputs into `gathered` [world * chunk, B, ...]."""
+        return call(own_states, own_idx, gathered[: len(own_idx)])

@@ -1,0 +1,260 @@
+"""The draft-and-refine sampler: executes a plan against an evaluator (DESIGN.md sections 1-3).
+
+Per round at anchor i, advancing m steps:
+  broadcast x_i from rank 0 -> [evaluate o_i] -> draw the round's refine noise (rank 0, sequential order)
+  -> each rank drafts its slots with one fused pass -> model -> all-gather -> refine x_{i+m} in one pass.
+
+One buffer `rows` [2 + slots, B, ...] holds the round: row 0 = x_i, row 1 = o_i, rows 2.. = draft outputs
+in slot order (slot s is draft i+1+s). So the refine is one weighted sum over rows 0..m, written back into
+row 0, and the aggressive carry is row 2 + (m - 1). The draft of x_{i+1} is step(i) itself, its noise
+included, so it is exact: with n = 1 every mode reproduces the sequential sampler, stochastic ones too.
+"""
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from . import kernels
+from .evaluator import LocalEvaluator, ModelCall, ModelOutputError
+from .plan import Plan, check_mode, make_plan
+from .trajectory import Trajectory
+
+
+class NonFiniteOutputError(ModelOutputError):
+    """A model output contained NaN or inf."""
+
+
+@dataclass
+class SampleStats:
+    mode: str
+    steps: int
+    parallel: int
+    serial_rounds: int = 0           # counted while executing, not read off the plan
+    model_evals: int = 0
+    batch_widths: list = field(default_factory=list)  # points per serial model call, in order (anchor calls are 1)
+    wall_time: float = 0.0
+    ideal_speedup: float = 0.0       # the plan's S / serial_rounds
+    phases: dict = field(default_factory=dict)  # seconds per phase: draft, model, comm, refine, check
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class SampleOutput:
+    sample: torch.Tensor
+    stats: SampleStats
+    plan: Plan = None
+
+
+@dataclass(frozen=True)
+class _RoundWork:
+    """Everything a round needs, precomputed once per (trajectory, plan, world) on the device."""
+    draft_coef: torch.Tensor   # [k, 3] over (x_i, o_i, z_i)
+    refine_w: torch.Tensor     # [m + 1] over rows 0..m
+    noise_w: torch.Tensor      # [q] over the round's noise draws
+    chunk: int                 # slots per rank
+    own: tuple                 # this rank's draft indices (slots rank*chunk ..)
+    first_noisy: bool          # this rank's first slot is draft i+1 and step i draws noise
+    eval_offset: int           # index of this round's first model evaluation (for error reports)
+
+
+def _round_work(traj: Trajectory, plan: Plan, ev, device, acc) -> list:
+    works, offset = [], 0
+    for rnd in plan.rounds:
+        i, m, k = rnd.anchor, rnd.advance, len(rnd.drafts)
+        coef = torch.zeros(k, 3, dtype=torch.float64)
+        if k:
+            coef[:, :2] = traj.jumps(i, rnd.drafts)
+            coef[0, 2] = traj.C[i]  # draft i+1 is exactly step(i)
+        w, nw = traj.chain(i, m)
+        c = ev.chunk(k) if k else 0
+        own = rnd.drafts[ev.rank * c: ev.rank * c + c] if k else ()
+        works.append(_RoundWork(coef.to(device, acc), w.to(device, acc), nw.to(device, acc), c, own,
+                                bool(own) and ev.rank == 0 and traj.noisy[i], offset))
+        offset += rnd.evals
+    return works
+
+
+class LRU(OrderedDict):
+    """A small least-recently-used cache: a long-lived server sees many shapes and step counts."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def __getitem__(self, key):
+        self.move_to_end(key)
+        return super().__getitem__(key)
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
+
+
+class Buffers:
+    """Device buffers for one (latent shape, dtype, slots), allocated once and reused by every round and request."""
+
+    def __init__(self, latent: torch.Tensor, slots: int, world: int, noise: int, evals: int):
+        kw = dict(device=latent.device, dtype=latent.dtype)
+        self.rows = torch.empty(2 + world * slots, *latent.shape, **kw)
+        self.drafts = torch.empty(max(slots, 1), *latent.shape, **kw)
+        self.noise = torch.empty(max(noise, 1), *latent.shape, **kw)
+        self.flags = torch.empty(max(evals, 1), device=latent.device, dtype=torch.float32)
+        self.stage = None  # pinned host staging for CPU-generator noise on CUDA
+        if latent.is_cuda:
+            self.stage = torch.empty(latent.shape, dtype=latent.dtype, pin_memory=True)
+
+
+def draw_noise(out: torch.Tensor, generator, stage=None) -> torch.Tensor:
+    """Fill `out` with N(0, 1) exactly as diffusers' randn_tensor(out.shape, generator, ...) would draw it."""
+    gen_dev = generator.device.type if generator is not None else out.device.type
+    if gen_dev == out.device.type:
+        return torch.randn(out.shape, generator=generator, dtype=out.dtype, device=out.device, out=out)
+    # A CPU generator with a CUDA latent: diffusers draws on the CPU and moves; stage through pinned memory.
+    host = stage if stage is not None else torch.empty(out.shape, dtype=out.dtype)
+    torch.randn(out.shape, generator=generator, dtype=out.dtype, out=host)
+    return out.copy_(host, non_blocking=True)
+
+
+class _Clock:
+    """Phase timer: perf_counter deltas (the device is synchronous on CPU; GPU phases come from CUDA events)."""
+
+    def __init__(self):
+        self.t = dict.fromkeys(("draft", "model", "comm", "refine", "check"), 0.0)
+        self.last = time.perf_counter()
+
+    def lap(self, phase: str):
+        now = time.perf_counter()
+        self.t[phase] += now - self.last
+        self.last = now
+
+
+class Sampler:
+    """A persistent draft-and-refine executor for one model. Buffers and round tables live across requests."""
+
+    def __init__(self, model, evaluator=None):
+        self.model = model
+        self.ev = evaluator if evaluator is not None else LocalEvaluator(model)
+        self._buffers, self._works = LRU(8), LRU(64)
+
+    def buffers(self, latent, plan: Plan, traj: Trajectory) -> Buffers:
+        slots = max([math.ceil(len(r.drafts) / self.ev.world) for r in plan.rounds] + [0])
+        noise = max(sum(traj.noisy[r.anchor: r.anchor + r.advance]) for r in plan.rounds)
+        key = (tuple(latent.shape), latent.dtype, latent.device)
+        b = self._buffers.get(key)
+        if b is None or b.rows.shape[0] < 2 + self.ev.world * slots or b.noise.shape[0] < noise \
+                or b.flags.shape[0] < plan.model_evals:
+            b = self._buffers[key] = Buffers(latent, slots, self.ev.world, noise, plan.model_evals)
+        return b
+
+    def works(self, traj, plan, latent) -> list:
+        acc = kernels.fallback.accum_dtype(latent.dtype)
+        key = (traj.key, plan, latent.device, acc)
+        if key not in self._works:
+            self._works[key] = _round_work(traj, plan, self.ev, latent.device, acc)
+        return self._works[key]
+
+    def __call__(self, scheduler, x, *, steps, mode="aggressive", parallel=None, generator=None,
+                 model_kwargs=None, timesteps_kwargs=None, **step_kwargs) -> SampleOutput:
+        check_mode(mode)
+        parallel = self.ev.world if parallel is None else parallel
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or not x.is_floating_point():
+            raise ValueError(f"x must be a floating-point latent tensor [B, ...], got {type(x).__name__}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be one torch.Generator, got {type(generator).__name__}")
+        plan = make_plan(mode, steps, parallel)
+        traj = scheduler if isinstance(scheduler, Trajectory) else \
+            Trajectory.from_scheduler(scheduler, steps, timesteps_kwargs, **step_kwargs)
+        if traj.steps != steps:
+            raise ValueError(f"the trajectory has {traj.steps} steps, steps={steps}")
+        return self.run(plan, traj, x, generator, model_kwargs)
+
+    def run(self, plan: Plan, traj: Trajectory, x, generator=None, model_kwargs=None) -> SampleOutput:
+        ev, rank = self.ev, self.ev.rank
+        buf, works = self.buffers(x, plan, traj), self.works(traj, plan, x)
+        call = ModelCall(self.model, traj, x, model_kwargs)
+        stats = SampleStats(plan.mode, plan.steps, plan.parallel, ideal_speedup=plan.ideal_speedup)
+        rows, clock, t0 = buf.rows, _Clock(), time.perf_counter()
+        torch.mul(x, traj.init_noise_sigma, out=rows[0])
+        for rnd, w in zip(plan.rounds, works):
+            i, m, k = rnd.anchor, rnd.advance, len(rnd.drafts)
+            ev.broadcast(rows[0])
+            clock.lap("comm")
+            if rnd.eval_anchor:
+                ev.call(call, rows[0:1], (i,), rows[1:2])  # every rank evaluates the anchor itself
+                clock.lap("model")
+                self._flag(rows[1:2], buf.flags, w.eval_offset)
+                stats.serial_rounds += 1
+                stats.model_evals += 1
+                stats.batch_widths.append(1)
+            q = len(w.noise_w)
+            if rank == 0:
+                for s in range(q):
+                    draw_noise(buf.noise[s], generator, buf.stage)
+            if k:
+                own, c = w.own, w.chunk
+                if own:
+                    lo = rank * c
+                    coef = w.draft_coef[lo: lo + len(own)]
+                    inputs = [rows[0], rows[1]] + ([buf.noise[0]] if w.first_noisy else [])
+                    kernels.draft(buf.drafts[: len(own)], inputs, coef[:, : len(inputs)])
+                clock.lap("draft")
+                gathered = rows[2: 2 + ev.world * c]
+                ev.evaluate(call, buf.drafts[: len(own)], own, gathered)
+                clock.lap("model")
+                self._flag(gathered[:k], buf.flags, w.eval_offset + int(rnd.eval_anchor))
+                stats.serial_rounds += 1
+                stats.model_evals += k
+                stats.batch_widths.append(k)
+            if rank == 0:
+                noise = buf.noise[:q] if q else None
+                kernels.refine(rows[0], rows[: m + 1], w.refine_w, noise, w.noise_w if q else None)
+            if rnd.carry is not None:
+                rows[1].copy_(rows[1 + m])  # aggressive: draft i+m's output is the next anchor's output
+            clock.lap("refine")
+        ev.broadcast(rows[0])
+        self._check(plan, traj, buf.flags)
+        clock.lap("check")
+        stats.wall_time = time.perf_counter() - t0
+        stats.phases = clock.t
+        return SampleOutput(rows[0].clone(), stats, plan)
+
+    @staticmethod
+    def _flag(outputs, flags, offset):
+        """Per-output sums into preallocated flags: non-finite iff an output has NaN/inf. No host sync here."""
+        torch.sum(outputs.reshape(len(outputs), -1), dim=1, dtype=torch.float32, out=flags[offset: offset + len(outputs)])
+
+    @staticmethod
+    def _check(plan: Plan, traj: Trajectory, flags):
+        bad = (~torch.isfinite(flags[: plan.model_evals])).nonzero()
+        if len(bad):
+            e = int(bad[0])
+            for r, rnd in enumerate(plan.rounds):
+                points = ([rnd.anchor] if rnd.eval_anchor else []) + list(rnd.drafts)
+                if e < len(points):
+                    j = points[e]
+                    raise NonFiniteOutputError(
+                        f"non-finite model output in round {r} at timestep {traj.timesteps[j].item():g} "
+                        f"(trajectory index {j} of {traj.steps})")
+                e -= len(points)
+
+
+def sample(model, scheduler, x, *, steps, mode="aggressive", parallel=None, generator=None, model_kwargs=None,
+           timesteps_kwargs=None, **step_kwargs) -> SampleOutput:
+    """Sample with draft-and-refine parallelism. Returns `.sample` (the final latent) and `.stats`.
+
+    model(x_in, t, **model_kwargs) sees what a diffusers loop gives it: x_in = scale_model_input(x, t), one
+    timestep per batch row. x is unit-variance noise [B, ...]; init_noise_sigma is applied here. mode is
+    sequential, aggressive or conservative; parallel (n) defaults to the world size (1 outside torchrun).
+    step_kwargs are the scheduler's step options (e.g. eta for DDIM); timesteps_kwargs go to set_timesteps
+    (e.g. mu for Flux). Under torchrun every rank calls this and every rank receives the result.
+    """
+    from .distributed import default_evaluator
+    return Sampler(model, default_evaluator(model))(
+        scheduler, x, steps=steps, mode=mode, parallel=parallel, generator=generator, model_kwargs=model_kwargs,
+        timesteps_kwargs=timesteps_kwargs, **step_kwargs)
