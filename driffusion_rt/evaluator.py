@@ -39,33 +39,45 @@ def tile(value, batch: int, times: int):
 class ModelCall:
     """One model call on c trajectory points of a latent batch B: model(x / divisor, t, **kwargs) -> [c, B, ...]."""
 
-    def __init__(self, model, traj, latent: torch.Tensor, model_kwargs: dict | None):
-        self.model, self.traj = model, traj
+    def __init__(self, model, traj, latent: torch.Tensor, model_kwargs: dict | None, graphs=None):
+        self.model, self.traj, self.graphs = model, traj, graphs
         self.batch, self.shape = latent.shape[0], tuple(latent.shape)
         self.kwargs = model_kwargs or {}
         dev = latent.device
         self.scaled = bool((traj.input_divisor != 1).any())
         self.divisor = traj.input_divisor.to(dev, latent.dtype)
         self.timesteps = traj.timesteps.to(dev)
-        self._t, self._kw = {}, {}
+        self._t, self._d, self._kw, self._x = {}, {}, {}, {}
 
     def _t_rows(self, idx: tuple) -> torch.Tensor:
         if idx not in self._t:  # one timestep per batch row, built once per distinct index tuple
             self._t[idx] = self.timesteps[list(idx)].repeat_interleave(self.batch)
         return self._t[idx]
 
+    def _scaled_input(self, x, idx: tuple) -> torch.Tensor:
+        """x / input_divisor per row (Euler's scale_model_input), into a buffer kept for this request."""
+        if idx not in self._d:
+            self._d[idx] = self.divisor[list(idx)].repeat_interleave(self.batch).view(-1, *[1] * (x.dim() - 1))
+        buf = self._x.get(len(idx))
+        if buf is None:
+            buf = self._x[len(idx)] = torch.empty_like(x)
+        return torch.div(x, self._d[idx], out=buf)
+
     def _kwargs(self, c: int) -> dict:
         if c not in self._kw:
             self._kw[c] = tile(self.kwargs, self.batch, c)
         return self._kw[c]
 
+    def forward(self, x, t, **kwargs) -> torch.Tensor:
+        return _as_tensor(self.model(x, t, **kwargs))
+
     def __call__(self, states: torch.Tensor, idx: tuple, out: torch.Tensor) -> torch.Tensor:
         c = len(idx)
         x = states.reshape(c * self.batch, *self.shape[1:])
         if self.scaled:
-            d = self.divisor[list(idx)].repeat_interleave(self.batch).view(-1, *[1] * (x.dim() - 1))
-            x = x / d
-        y = _as_tensor(self.model(x, self._t_rows(idx), **self._kwargs(c)))
+            x = self._scaled_input(x, idx)
+        t, kw = self._t_rows(idx), self._kwargs(c)
+        y = self.graphs(self.forward, x, t, kw) if self.graphs is not None else self.forward(x, t, **kw)
         if tuple(y.shape) != tuple(x.shape):
             raise ModelOutputError(f"model output shape {tuple(y.shape)} differs from its input {tuple(x.shape)} "
                                    f"(timesteps {self._t_rows(idx).tolist()[:: self.batch]})")
@@ -89,9 +101,13 @@ class LocalEvaluator:
         return t
 
     def call(self, call: ModelCall, states, idx: tuple, out) -> torch.Tensor:
-        """Evaluate points on this rank only (e.g. the anchor, redundantly on every rank)."""
+        """Evaluate points on this rank only."""
         return call(states, idx, out)
 
-    def evaluate(self, call: ModelCall, own_states, own_idx: tuple, gathered) -> torch.Tensor:
-        """Evaluate this rank's points and collect every rank's outputs into `gathered` [world * chunk, B, ...]."""
-        return call(own_states, own_idx, gathered[: len(own_idx)])
+    def send_buffer(self, gathered) -> torch.Tensor:
+        """Where this rank writes its chunk of outputs; one process writes straight into `gathered`."""
+        return gathered
+
+    def gather(self, gathered, send) -> torch.Tensor:
+        """Collect every rank's chunk into `gathered` [world * chunk, B, ...] (nothing to do on one process)."""
+        return gathered

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Several nodes: run this script on every node with the same MASTER_ADDR/MASTER_PORT and its own NODE_RANK.
+set -euo pipefail
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then cat <<'HELP'
+launch/multi_node.sh [generate flags...]     (run once on each node)
+Runs torchrun with a c10d rendezvous so that NNODES x NPROC ranks form one job of driffusion_rt.generate.
+Variables:
+  NNODES       number of nodes (required)
+  NODE_RANK    this node's index, 0 .. NNODES-1 (required)
+  MASTER_ADDR  host name or IP of node 0, reachable from every node (required)
+  MASTER_PORT  free TCP port on node 0 for the rendezvous (default 29500)
+  NPROC        ranks per node (default: visible CUDA devices)
+  RDZV_ID      job id shared by all nodes (default driffusion)
+  PYTHON       the Python interpreter (default: python)
+  DRY_RUN=1    print the command and exit
+NCCL knobs (exported as-is to every rank; see the NCCL documentation):
+  NCCL_SOCKET_IFNAME  network interface for bootstrap/socket traffic, e.g. eth0 or ib0 (pin it on multi-homed hosts)
+  NCCL_IB_DISABLE=1   disable InfiniBand/RoCE (debugging, or hosts without it)
+  NCCL_IB_HCA         which InfiniBand adapters to use, e.g. mlx5_0,mlx5_1
+  NCCL_DEBUG=INFO     print NCCL's topology and transport choices at start-up (WARN for failures only)
+  NCCL_P2P_DISABLE=1  disable direct GPU peer-to-peer (debugging PCIe/NVLink issues)
+  TORCH_NCCL_ASYNC_ERROR_HANDLING=1  abort collectives of failed ranks (the default in recent PyTorch)
+The runtime's own collective timeout is generate's --timeout (default 60 s).
+HELP
+exit 0; fi
+: "${NNODES:?set NNODES}" "${NODE_RANK:?set NODE_RANK}" "${MASTER_ADDR:?set MASTER_ADDR}"
+PYTHON=${PYTHON:-python}
+MASTER_PORT=${MASTER_PORT:-29500}
+NPROC=${NPROC:-$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")}
+cmd=("$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$NPROC"
+     --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="${RDZV_ID:-driffusion}"
+     -m driffusion_rt.generate "$@")
+echo "launch (node $NODE_RANK of $NNODES): ${cmd[*]}"
+[[ "${DRY_RUN:-0}" == "1" ]] && exit 0
+exec "${cmd[@]}"

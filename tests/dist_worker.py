@@ -1,0 +1,106 @@
+"""Multi-rank scenarios, launched by tests/test_distributed.py as `torchrun --nproc_per_node=N tests/dist_worker.py ...`.
+
+    equal OUT.json   distributed == local sampler (Gaussian mixture and a tiny diffusers UNet), buffer reuse
+    fault KIND RANK CALL -- GENERATE_ARGS   run the generate CLI with a model that fails on one rank at one call
+"""
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from driffusion_rt import GaussianMixture, GaussianMixtureModel, Sampler
+from driffusion_rt import generate
+from driffusion_rt.distributed import default_evaluator, maybe_init_dist
+from driffusion_rt.evaluator import LocalEvaluator
+
+
+def tiny_unet(device="cpu"):
+    from diffusers import UNet2DModel
+    torch.manual_seed(0)  # the same replica on every rank
+    unet = UNet2DModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=8).eval().to(device)
+    return lambda x, t: unet(x, t).sample
+
+
+class Recording:
+    """Wraps an evaluator and records the storage of the buffers each round uses."""
+
+    def __init__(self, ev):
+        self.ev, self.ptrs = ev, []
+
+    def __getattr__(self, name):
+        return getattr(self.ev, name)
+
+    def send_buffer(self, gathered):
+        send = self.ev.send_buffer(gathered)
+        self.ptrs.append((gathered.data_ptr(), send.data_ptr()))
+        return send
+
+
+def equal(path):
+    info = maybe_init_dist(timeout_s=60)
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+    results = []
+    mix = GaussianMixture.random(4, shape=(4, 8, 8), seed=0)
+    with torch.no_grad():
+        for model_name, sched in (("gmm", DDIMScheduler(clip_sample=False)), ("unet", EulerDiscreteScheduler())):
+            model = tiny_unet(info.device) if model_name == "unet" else GaussianMixtureModel.for_scheduler(mix, sched, 12)
+            ev = Recording(default_evaluator(model))
+            dist_sampler, local_sampler = Sampler(model, ev), Sampler(model, LocalEvaluator(model))
+            x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)).to(info.device)
+            for mode in ("aggressive", "conservative"):
+                for n in (info.world, 2 * info.world):
+                    ev.ptrs.clear()
+                    a = dist_sampler(sched, x, steps=12, mode=mode, parallel=n)
+                    first = dist_sampler._buffers[(tuple(x.shape), x.dtype, x.device)]
+                    b = dist_sampler(sched, x, steps=12, mode=mode, parallel=n)  # a second request: same buffers
+                    same = first is dist_sampler._buffers[(tuple(x.shape), x.dtype, x.device)]
+                    ref = local_sampler(sched, x, steps=12, mode=mode, parallel=n).sample
+                    results.append(dict(
+                        model=model_name, mode=mode, n=n, rank=info.rank,
+                        rel_err=((a.sample - ref).abs().max() / ref.abs().max()).item(),
+                        bitwise=bool(torch.equal(a.sample, ref)), repeat_bitwise=bool(torch.equal(a.sample, b.sample)),
+                        serial_rounds=a.stats.serial_rounds, model_evals=a.stats.model_evals,
+                        buffer_ptrs=len(set(ev.ptrs)), rounds_with_drafts=len(ev.ptrs), same_buffers=same))
+    gathered = [None] * info.world
+    dist.all_gather_object(gathered, results)
+    if info.rank == 0:
+        with open(path, "w") as f:
+            json.dump([r for rs in gathered for r in rs], f)
+    dist.destroy_process_group()
+
+
+def fault(kind, bad_rank, bad_call, argv):
+    """generate.main(argv) with a model that raises / hangs / exits on rank `bad_rank` at its call `bad_call`."""
+    build = generate.build_job
+    rank = int(os.environ["RANK"])
+
+    def faulty_build(args, device):
+        model, sched, x, kw, finish = build(args, device)
+        calls = [0]
+
+        def wrapped(x_in, t, **kwargs):
+            calls[0] += 1
+            if rank == bad_rank and calls[0] == bad_call:
+                if kind == "raise":
+                    raise RuntimeError(f"injected failure at call {bad_call}")
+                if kind == "hang":
+                    time.sleep(3600)
+                if kind == "exit":
+                    os._exit(17)
+            return model(x_in, t, **kwargs)
+        return wrapped, sched, x, kw, finish
+
+    generate.build_job = faulty_build
+    return generate.main(argv)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "equal":
+        equal(sys.argv[2])
+    else:
+        sys.exit(fault(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[6:]))
