@@ -18,6 +18,7 @@ from .distributed import DEFAULT_TIMEOUT_S, default_evaluator, maybe_init_dist
 from .fixed_cost import FixedCostModel
 from .gmm import GaussianMixture, GaussianMixtureModel
 from .outputs import atomic_write
+from .parasolver import MODES as ITERATIVE_MODES
 from .plan import MODES
 from .sampler import Sampler
 
@@ -41,8 +42,9 @@ def parser() -> argparse.ArgumentParser:
                    help="gmm: the analytic Gaussian-mixture model; fixed: a model costing --model-cost seconds per call "
                         "(measures the runtime's own overhead)")
     p.add_argument("--model-cost", type=float, default=0.04, help="seconds per call of --model fixed")
-    p.add_argument("--mode", default="aggressive", choices=MODES,
-                   help="sequential: the scheduler's own loop; aggressive: ~1/n latency; conservative: ~2/(n+1)")
+    p.add_argument("--mode", default="aggressive", choices=MODES + ITERATIVE_MODES,
+                   help="sequential: the scheduler's own loop; aggressive: ~1/n latency; conservative: ~2/(n+1); "
+                        "picard / parasolver: iterate to --tolerance (exact at 0, more model evaluations)")
     p.add_argument("--parallel", type=int, default=None,
                    help="n, model evaluations per parallel round (default: the number of ranks, 1 outside torchrun)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps S")
@@ -53,6 +55,12 @@ def parser() -> argparse.ArgumentParser:
                    help="latent and model dtype")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed runs before the measured one (compilation, buffers, CUDA-graph capture)")
+    it = p.add_argument_group("picard / parasolver")
+    it.add_argument("--subintervals", type=int, default=None, help="N subintervals (parasolver; default steps // 2)")
+    it.add_argument("--preconditioning", type=int, default=None,
+                    help="M subintervals solved sequentially first (default 2; picard 0)")
+    it.add_argument("--window", type=int, default=None, help="p boundaries solved in parallel (default --parallel)")
+    it.add_argument("--tolerance", type=float, default=None, help="delta of the stopping rule (default 0.05)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
                    help="seconds a collective may wait for the other ranks before the job fails")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run the model eagerly on GPU (graphs are on by default)")
@@ -93,13 +101,18 @@ def build_job(args, device):
 
 
 def report(plan, stats) -> str:
-    """The measured-versus-ideal table printed at the end of a run."""
+    """The measured-versus-ideal table printed at the end of a run (plan is None for the iterative modes)."""
     per_round = stats.phases.get("model", 0.0) / max(stats.serial_rounds, 1)
-    ideal = plan.serial_rounds * per_round
-    rows = [("mode", plan.mode), ("steps S", plan.steps), ("parallel n", plan.parallel),
-            ("serial model rounds (plan / measured)", f"{plan.serial_rounds} / {stats.serial_rounds}"),
-            ("model evaluations (plan / measured)", f"{plan.model_evals} / {stats.model_evals}"),
-            ("ideal speedup over sequential", f"{plan.ideal_speedup:.2f}x"),
+    planned = plan.serial_rounds if plan else stats.serial_rounds
+    ideal = planned * per_round
+    rows = [("mode", stats.mode), ("steps S", stats.steps), ("parallel n", stats.parallel)]
+    if plan:
+        rows += [("serial model rounds (plan / measured)", f"{plan.serial_rounds} / {stats.serial_rounds}"),
+                 ("model evaluations (plan / measured)", f"{plan.model_evals} / {stats.model_evals}")]
+    else:
+        rows += [("iterations", stats.iterations), ("serial model rounds (measured)", stats.serial_rounds),
+                 ("model evaluations (measured)", stats.model_evals)]
+    rows += [("ideal speedup over sequential", f"{stats.ideal_speedup:.2f}x"),
             ("measured latency", f"{stats.wall_time * 1e3:.1f} ms"),
             ("ideal latency (serial rounds x mean model-call time)", f"{ideal * 1e3:.1f} ms"),
             ("efficiency (ideal / measured)", f"{ideal / stats.wall_time:.3f}" if stats.wall_time else "-")]
@@ -121,14 +134,22 @@ def main(argv=None) -> int:
         sampler = Sampler(model, default_evaluator(model), cuda_graphs=not args.no_cuda_graphs)
         load_s = time.perf_counter() - t0
 
+        iterative = {k: getattr(args, k) for k in ("subintervals", "preconditioning", "window", "tolerance")
+                     if getattr(args, k) is not None}
+
         def run(progress):
             return sampler(sched, x, steps=args.steps, mode=args.mode, parallel=args.parallel, progress=progress,
-                           generator=torch.Generator().manual_seed(args.seed + 1), model_kwargs=model_kwargs)
+                           generator=torch.Generator().manual_seed(args.seed + 1), model_kwargs=model_kwargs,
+                           **iterative)
         for _ in range(args.warmup):
             run(False)
         out = run(rank == 0)
         if rank == 0:
-            print(out.plan.describe() if args.show_plan else out.plan.describe().splitlines()[0])
+            if out.plan is not None:
+                print(out.plan.describe() if args.show_plan else out.plan.describe().splitlines()[0])
+            else:
+                print(f"{args.mode}: {out.stats.iterations} iterations, window trace (start, width, stride) "
+                      f"{out.stats.trace}")
             print(f"ranks {info.world if info else 1} ({info.backend if info else 'local'}), model load {load_s:.2f} s")
             print(report(out.plan, out.stats))
             extra = finish(out)
@@ -146,7 +167,7 @@ def write_run(args, info, out, extra, load_s):
     os.makedirs(args.out, exist_ok=True)
     atomic_write(os.path.join(args.out, "samples.pt"), lambda f: torch.save(out.sample.cpu(), f))
     run = {"args": vars(args), "ranks": info.world if info else 1, "load_s": load_s,
-           "serial_rounds_plan": out.plan.serial_rounds, "ideal_speedup": out.plan.ideal_speedup,
+           "ideal_speedup": out.stats.ideal_speedup,
            "stats": out.stats.as_dict(), **extra}
     atomic_write(os.path.join(args.out, "run.json"), lambda f: f.write(json.dumps(run, indent=2).encode()))
     print(f"wrote {args.out}/run.json and samples.pt")

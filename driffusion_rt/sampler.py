@@ -21,7 +21,7 @@ from . import kernels
 from .cuda_graphs import GraphCache
 from .distributed import default_evaluator
 from .evaluator import LocalEvaluator, ModelCall, ModelOutputError
-from .plan import Plan, check_mode, make_plan
+from .plan import MODES, Plan, make_plan
 from .trajectory import Trajectory
 
 
@@ -187,18 +187,34 @@ class Sampler:
         return self._works[key]
 
     def __call__(self, scheduler, x, *, steps, mode="aggressive", parallel=None, generator=None,
-                 model_kwargs=None, timesteps_kwargs=None, progress=False, **step_kwargs) -> SampleOutput:
-        check_mode(mode)
+                 model_kwargs=None, timesteps_kwargs=None, progress=False, subintervals=None, preconditioning=None,
+                 window=None, tolerance=None, **step_kwargs) -> SampleOutput:
+        from . import parasolver
+        if mode not in MODES + parasolver.MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES + parasolver.MODES)}")
         parallel = self.ev.world if parallel is None else parallel
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or not x.is_floating_point():
             raise ValueError(f"x must be a floating-point latent tensor [B, ...], got {type(x).__name__}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be one torch.Generator, got {type(generator).__name__}")
-        plan = make_plan(mode, steps, parallel)
+        iterative = mode in parasolver.MODES
+        if iterative:
+            if not isinstance(parallel, int) or parallel < 1:
+                raise ValueError(f"parallel must be an integer >= 1, got {parallel!r}")
+            cfg = parasolver.IterativeConfig.make(mode, steps, parallel, subintervals, preconditioning, window,
+                                                  tolerance)
+        else:
+            extra = {k: v for k, v in dict(subintervals=subintervals, preconditioning=preconditioning, window=window,
+                                           tolerance=tolerance).items() if v is not None}
+            if extra:
+                raise ValueError(f"{sorted(extra)} apply to modes picard and parasolver only, not mode={mode!r}")
+            plan = make_plan(mode, steps, parallel)
         traj = scheduler if isinstance(scheduler, Trajectory) else \
             Trajectory.from_scheduler(scheduler, steps, timesteps_kwargs, **step_kwargs)
         if traj.steps != steps:
             raise ValueError(f"the trajectory has {traj.steps} steps, steps={steps}")
+        if iterative:
+            return parasolver.run(self, traj, x, mode, parallel, cfg, generator, model_kwargs)
         return self.run(plan, traj, x, generator, model_kwargs, progress)
 
     def run(self, plan: Plan, traj: Trajectory, x, generator=None, model_kwargs=None, progress=False) -> SampleOutput:
@@ -288,7 +304,8 @@ class Sampler:
 
 
 def sample(model, scheduler, x, *, steps, mode="aggressive", parallel=None, generator=None, model_kwargs=None,
-           timesteps_kwargs=None, progress=False, **step_kwargs) -> SampleOutput:
+           timesteps_kwargs=None, progress=False, subintervals=None, preconditioning=None, window=None,
+           tolerance=None, **step_kwargs) -> SampleOutput:
     """Sample with draft-and-refine parallelism. Returns `.sample` (the final latent) and `.stats`.
 
     model(x_in, t, **model_kwargs) sees what a diffusers loop gives it: x_in = scale_model_input(x, t), one
@@ -298,7 +315,12 @@ def sample(model, scheduler, x, *, steps, mode="aggressive", parallel=None, gene
     (e.g. mu for Flux). progress shows a tqdm bar of rounds on rank 0. Under torchrun every rank calls this
     with the same arguments (the generator matters on rank 0 only) and every rank receives the result.
     For many requests on one model, keep a `Sampler` instead: its buffers and CUDA graphs persist.
+
+    mode="parasolver" (and "picard", its subintervals = steps case) iterate to a tolerance instead of following
+    a fixed plan: subintervals N (default steps // 2), preconditioning M (default 2; picard 0), window p (default
+    parallel), tolerance delta (default 0.05; 0 reproduces the sequential sampler). See driffusion_rt/parasolver.py.
     """
     return Sampler(model, default_evaluator(model))(
         scheduler, x, steps=steps, mode=mode, parallel=parallel, generator=generator, model_kwargs=model_kwargs,
-        timesteps_kwargs=timesteps_kwargs, progress=progress, **step_kwargs)
+        timesteps_kwargs=timesteps_kwargs, progress=progress, subintervals=subintervals,
+        preconditioning=preconditioning, window=window, tolerance=tolerance, **step_kwargs)

@@ -43,7 +43,7 @@ class Recording:
 
 def equal(path):
     info = maybe_init_dist(timeout_s=60)
-    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+    from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
     results = []
     mix = GaussianMixture.random(4, shape=(4, 8, 8), seed=0)
     with torch.no_grad():
@@ -66,6 +66,19 @@ def equal(path):
                         bitwise=bool(torch.equal(a.sample, ref)), repeat_bitwise=bool(torch.equal(a.sample, b.sample)),
                         serial_rounds=a.stats.serial_rounds, model_evals=a.stats.model_evals,
                         buffer_ptrs=len(set(ev.ptrs)), rounds_with_drafts=len(ev.ptrs), same_buffers=same))
+        # the iterative samplers through the same evaluator (Gaussian mixture, DDPM: stochastic steps too)
+        sched = DDPMScheduler(clip_sample=False)
+        model = GaussianMixtureModel.for_scheduler(mix, sched, 12)
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)).to(info.device)
+        for mode, kw in (("picard", dict(window=info.world, tolerance=0.01)),
+                         ("parasolver", dict(subintervals=6, preconditioning=1, window=2 * info.world, tolerance=0.01))):
+            outs = [Sampler(model, ev)(sched, x, steps=12, mode=mode, generator=torch.Generator().manual_seed(2), **kw)
+                    for ev in (default_evaluator(model), LocalEvaluator(model))]
+            a, ref = outs[0].sample, outs[1].sample
+            results.append(dict(model="gmm", mode=mode, n=kw["window"], rank=info.rank,
+                                rel_err=((a - ref).abs().max() / ref.abs().max()).item(),
+                                bitwise=bool(torch.equal(a, ref)), serial_rounds=outs[0].stats.serial_rounds,
+                                local_serial_rounds=outs[1].stats.serial_rounds))
     gathered = [None] * info.world
     dist.all_gather_object(gathered, results)
     if info.rank == 0:

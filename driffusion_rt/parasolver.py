@@ -1,0 +1,172 @@
+"""ParaSolver (papers/parasolver.md) and Picard / ParaDiGMS-style iteration on the runtime's evaluator.
+
+The S-step trajectory is cut into N subintervals at boundaries b_0 = 0 < ... < b_N = S; Phi_n(X) runs the
+sequential sampler from index b_n to b_{n+1}. A sliding window of p boundaries is solved by the Jacobian-free
+Newton iteration of the paper (its Eq. 13):
+
+    Delta_i = Phi_i(X_i) - X_i,   X_{i+1} <- X_{n0} + sum_{j=n0..i} Delta_j        for i in the window,
+
+and the window slides past the leading points that changed by less than the tolerance (Eq. 14):
+(1/D) ||X_i(new) - X_i(old)||^2 <= tolerance^2 sigma_i^2. N = S is Picard iteration; N = 1 is sequential.
+The Phi_i of a window run side by side: each sub-step is one evaluator round of width <= p.
+Every rank keeps the same states (the outputs are all-gathered); rank 0's stride decision is broadcast.
+"""
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .evaluator import ModelCall
+from .sampler import NonFiniteOutputError, SampleOutput, SampleStats, _Clock, draw_noise
+from .trajectory import Trajectory
+
+MODES = ("picard", "parasolver")
+
+
+@dataclass(frozen=True)
+class IterativeConfig:
+    subintervals: int     # N
+    preconditioning: int  # M: subintervals solved sequentially before iterating
+    window: int           # p: boundaries solved in parallel per iteration
+    tolerance: float      # delta of Eq. 14 (0: iterate until exact, which reproduces the sequential sampler)
+
+    @classmethod
+    def make(cls, mode: str, steps: int, parallel: int, subintervals=None, preconditioning=None, window=None,
+             tolerance=None) -> "IterativeConfig":
+        """Validated parameters with defaults: picard uses N = S; window defaults to `parallel`."""
+        if mode == "picard":
+            if subintervals not in (None, steps):
+                raise ValueError(f"mode='picard' is ParaSolver with subintervals = steps = {steps}; got {subintervals}")
+            subintervals = steps
+        n = subintervals if subintervals is not None else max(1, steps // 2)
+        m = preconditioning if preconditioning is not None else (0 if mode == "picard" else min(2, n - 1))
+        p = window if window is not None else parallel
+        tol = tolerance if tolerance is not None else 0.05
+        if not isinstance(n, int) or not 1 <= n <= steps:
+            raise ValueError(f"subintervals must be an integer in 1..steps={steps}, got {n!r}")
+        if not isinstance(m, int) or not 0 <= m < n:
+            raise ValueError(f"preconditioning must be an integer in 0..subintervals-1={n - 1}, got {m!r}")
+        if not isinstance(p, int) or p < 1:
+            raise ValueError(f"window must be an integer >= 1, got {p!r}")
+        if not (isinstance(tol, (int, float)) and tol >= 0):
+            raise ValueError(f"tolerance must be a number >= 0, got {tol!r}")
+        return cls(n, m, p, float(tol))
+
+
+@dataclass
+class IterativeStats(SampleStats):
+    iterations: int = 0
+    trace: list = field(default_factory=list)  # per iteration: (window start n0, width p, stride)
+
+
+def boundaries(steps: int, n: int) -> list:
+    """b_0 = 0 < ... < b_n = steps with subinterval lengths differing by at most one."""
+    return [i * steps // n for i in range(n + 1)]
+
+
+def _rows(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.to(like.device, like.dtype).view(-1, *[1] * (like.dim() - 1))
+
+
+def run(sampler, traj: Trajectory, x: torch.Tensor, mode: str, parallel: int, cfg: IterativeConfig,
+        generator=None, model_kwargs=None) -> SampleOutput:
+    ev, S = sampler.ev, traj.steps
+    t0, clock = time.perf_counter(), _Clock(x.device)
+    stats = IterativeStats(mode, S, parallel)
+    call = ModelCall(sampler.model, traj, x, model_kwargs)
+    b = boundaries(S, cfg.subintervals)
+    N, B = cfg.subintervals, x.shape[0]
+    dims = tuple(range(2, x.dim() + 1))  # per-sample dims of a [points, B, ...] tensor
+    A, Bc, C = (_rows(v, x.unsqueeze(0)) for v in (traj.A, traj.B, traj.C))
+    sigma2 = traj.sigma.to(x.device, torch.float64) ** 2
+
+    # The noise of every stochastic step, drawn up front in the sequential sampler's order (rank 0's generator).
+    noisy = [j for j in range(S) if traj.noisy[j]]
+    Z = torch.zeros(S, *x.shape, dtype=x.dtype, device=x.device) if noisy else None
+    if noisy:
+        if ev.rank == 0:
+            for j in noisy:
+                draw_noise(Z[j], generator)
+        ev.broadcast(Z)
+
+    rows = torch.empty(ev.world * ev.chunk(cfg.window), *x.shape, dtype=x.dtype, device=x.device)
+
+    def evaluate(states, idx):
+        """Model outputs [k, B, ...] of k points; rank r evaluates slots [r*c, (r+1)*c), then all-gather."""
+        k = len(idx)
+        c = ev.chunk(k)
+        gathered = rows[: ev.world * c]
+        send = ev.send_buffer(gathered)
+        own = idx[ev.rank * c: ev.rank * c + c]
+        clock.lap("refine")  # everything since the last model call: the iteration's own updates
+        if own:
+            ev.call(call, states[ev.rank * c: ev.rank * c + len(own)], tuple(own), send[: len(own)])
+        clock.lap("model")
+        ev.gather(gathered, send)
+        clock.lap("comm")
+        stats.serial_rounds += 1
+        stats.model_evals += k
+        stats.batch_widths.append(k)
+        return gathered[:k]
+
+    def step(states, idx, outs):
+        j = list(idx)
+        y = A[j] * states + Bc[j] * outs
+        return y + C[j] * Z[j] if Z is not None else y
+
+    X = torch.empty(N + 1, *x.shape, dtype=x.dtype, device=x.device)
+    X[0] = x * traj.init_noise_sigma
+    # Preconditioning: the first M subintervals sequentially; the last (state, output) pair predicts x0.
+    y, latest = X[0].clone(), None
+    for j in range(b[cfg.preconditioning]):
+        o = evaluate(y.unsqueeze(0), (j,))
+        latest = (y.clone(), o[0].clone(), j)
+        y = step(y.unsqueeze(0), (j,), o)[0]
+        if j + 1 in b:
+            X[b.index(j + 1)] = y
+
+    def initialise(points):
+        """Later boundaries start on the noise-free jump through the latest clean-sample prediction (x0_hat)."""
+        for n in points:
+            if latest is None:
+                X[n] = X[0]  # nothing evaluated yet: start every point at the initial state (ParaDiGMS)
+            else:
+                ys, os_, j = latest
+                a, bb = traj.jump(j, b[n])
+                X[n] = a * ys + bb * os_
+
+    n0 = cfg.preconditioning
+    initialise(range(n0 + 1, min(n0 + cfg.window, N) + 1))
+    while n0 < N:
+        p = min(cfg.window, N - n0)
+        pts = list(range(n0, n0 + p))
+        lens = [b[i + 1] - b[i] for i in pts]
+        Y = X[n0: n0 + p].clone()
+        for s in range(max(lens)):  # the p subproblems side by side, one evaluator round per sub-step
+            active = [q for q in range(p) if s < lens[q]]
+            idx = tuple(b[pts[q]] + s for q in active)
+            outs = evaluate(Y[active], idx)
+            last = len(active) - 1
+            latest = (Y[active[last]].clone(), outs[last].clone(), idx[last])
+            Y[active] = step(Y[active], idx, outs)
+        new = X[n0] + torch.cumsum(Y - X[n0: n0 + p], dim=0)  # Eq. 13: X_{i+1} = X_{n0} + sum Delta_j
+        if not torch.isfinite(new).all():
+            raise NonFiniteOutputError(f"non-finite state in iteration {stats.iterations} "
+                                       f"(window of boundaries {n0}..{n0 + p - 1}, trajectory indices {b[n0]}..{b[n0 + p]})")
+        err = ((new - X[n0 + 1: n0 + p + 1]) ** 2).mean(dim=dims).to(torch.float64)  # [p, B]
+        ok = (err <= cfg.tolerance ** 2 * sigma2[[b[i + 1] for i in pts]][:, None]).all(dim=1)
+        X[n0 + 1: n0 + p + 1] = new
+        ok[0] = True  # X_{n0+1} = Phi(X_{n0}) from a converged point: exact
+        stride = torch.tensor([int(ok.long().cumprod(0).sum())], device=x.device)
+        ev.broadcast(stride)  # one decision for every rank
+        stride = int(stride)
+        stats.iterations += 1
+        stats.trace.append((n0, p, stride))
+        old_end = n0 + p
+        n0 += stride
+        initialise(range(old_end + 1, min(n0 + cfg.window, N) + 1))
+    clock.lap("refine")
+    stats.phases = clock.phases()
+    stats.wall_time = time.perf_counter() - t0
+    stats.ideal_speedup = S / max(stats.serial_rounds, 1)
+    return SampleOutput(X[N].clone(), stats)
