@@ -20,7 +20,7 @@ from .gmm import GaussianMixture, GaussianMixtureModel
 from .outputs import atomic_write
 from .parasolver import MODES as ITERATIVE_MODES
 from .plan import MODES
-from .sampler import Sampler
+from .sampler import DRAFT_RULES, Sampler
 
 SCHEDULERS = ("ddim", "ddpm", "euler", "flow")
 BUILTIN_MODELS = ("gmm", "fixed")
@@ -45,6 +45,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="aggressive", choices=MODES + ITERATIVE_MODES,
                    help="sequential: the scheduler's own loop; aggressive: ~1/n latency; conservative: ~2/(n+1); "
                         "picard / parasolver: iterate to --tolerance (exact at 0, more model evaluations)")
+    p.add_argument("--drafts", default="jump", choices=DRAFT_RULES,
+                   help="jump: the paper's drafts; extrapolate: drafts from the anchor output extrapolated with the "
+                        "previous output (same model calls; falls back to jump for stochastic steps)")
     p.add_argument("--parallel", type=int, default=None,
                    help="n, model evaluations per parallel round (default: the number of ranks, 1 outside torchrun)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps S")
@@ -140,7 +143,7 @@ def main(argv=None) -> int:
         def run(progress):
             return sampler(sched, x, steps=args.steps, mode=args.mode, parallel=args.parallel, progress=progress,
                            generator=torch.Generator().manual_seed(args.seed + 1), model_kwargs=model_kwargs,
-                           **iterative)
+                           drafts=args.drafts, **iterative)
         for _ in range(args.warmup):
             run(False)
         out = run(rank == 0)

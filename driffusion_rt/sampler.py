@@ -52,31 +52,51 @@ class SampleOutput:
     plan: Plan = None
 
 
+DRAFT_RULES = ("jump", "extrapolate")
+
+
 @dataclass(frozen=True)
 class _RoundWork:
-    """Everything a round needs, precomputed once per (trajectory, plan, world) on the device."""
-    draft_coef: torch.Tensor   # [k, 3] over (x_i, o_i, z_i)
+    """Everything a round needs, precomputed once per (trajectory, plan, draft rule, world) on the device."""
+    draft_coef: torch.Tensor   # [own slots, len(inputs)] for this rank's drafts
+    inputs: tuple              # which of x (x_i), o (o_i), z (z_i), prev (o_{i-1}) this rank's drafts read
     refine_w: torch.Tensor     # [m + 1] over rows 0..m
     noise_w: torch.Tensor      # [q] over the round's noise draws
     chunk: int                 # slots per rank
     own: tuple                 # this rank's draft indices (slots rank*chunk ..)
-    first_noisy: bool          # this rank's first slot is draft i+1 and step i draws noise
     eval_offset: int           # index of this round's first model evaluation (for error reports)
 
 
-def _round_work(traj: Trajectory, plan: Plan, ev, device, acc) -> list:
+def _previous_output(plan: Plan, r: int) -> int:
+    """The index of the output that extrapolated drafts pair with round r's anchor output.
+
+    Outputs of equal quality extrapolate well: aggressive anchors carry a draft output, so they pair with the
+    previous draft's (index i - 1); conservative anchors are evaluated on refined states, so they pair with the
+    previous anchor's. (Measured: pairing a conservative anchor with a draft output amplifies that draft's error.)"""
+    return plan.rounds[r].anchor - 1 if plan.mode == "aggressive" else plan.rounds[r - 1].anchor
+
+
+def _round_work(traj: Trajectory, plan: Plan, rule: str, ev, device, acc) -> list:
     works, offset = [], 0
-    for rnd in plan.rounds:
+    for r, rnd in enumerate(plan.rounds):
         i, m, k = rnd.anchor, rnd.advance, len(rnd.drafts)
-        coef = torch.zeros(k, 3, dtype=torch.float64)
-        if k:
-            coef[:, :2] = traj.jumps(i, rnd.drafts)
-            coef[0, 2] = traj.C[i]  # draft i+1 is exactly step(i)
-        w, nw = traj.chain(i, m)
         c = ev.chunk(k) if k else 0
-        own = rnd.drafts[ev.rank * c: ev.rank * c + c] if k else ()
-        works.append(_RoundWork(coef.to(device, acc), w.to(device, acc), nw.to(device, acc), c, own,
-                                bool(own) and ev.rank == 0 and traj.noisy[i], offset))
+        lo = ev.rank * c
+        own = rnd.drafts[lo: lo + c] if k else ()
+        coef = torch.zeros(k, 4, dtype=torch.float64)  # over (x_i, o_i, z_i, o_{i-1})
+        if k:
+            if rule == "extrapolate" and r > 0:  # round 0 holds a single output: plain jumps
+                e = traj.extrapolated(i, _previous_output(plan, r), rnd.drafts)
+                coef[:, :2], coef[:, 3] = e[:, :2], e[:, 2]
+            else:
+                coef[:, :2] = traj.jumps(i, rnd.drafts)
+            coef[0, 2] = traj.C[i]  # draft i+1 is exactly step(i), its noise included
+        mine = coef[lo: lo + len(own)]
+        names = ("x", "o", "z", "prev")
+        cols = [q for q in range(4) if q < 2 or (len(own) and bool(mine[:, q].ne(0).any()))]
+        w, nw = traj.chain(i, m)
+        works.append(_RoundWork(mine[:, cols].to(device, acc), tuple(names[q] for q in cols), w.to(device, acc),
+                                nw.to(device, acc), c, own, offset))
         offset += rnd.evals
     return works
 
@@ -107,6 +127,7 @@ class Buffers:
         self.rows = torch.empty(2 + world * slots, *latent.shape, **kw)
         self.drafts = torch.empty(max(slots, 1), *latent.shape, **kw)
         self.noise = torch.empty(max(noise, 1), *latent.shape, **kw)
+        self.prev = torch.empty(latent.shape, **kw)  # o_{i-1}, for extrapolated drafts
         self.flags = torch.empty(max(evals, 1), device=latent.device, dtype=torch.float32)
         self.stage = None  # pinned host staging for CPU-generator noise on CUDA
         if latent.is_cuda:
@@ -179,16 +200,16 @@ class Sampler:
             b = self._buffers[key] = Buffers(latent, slots, self.ev.world, noise, plan.model_evals)
         return b
 
-    def works(self, traj, plan, latent) -> list:
+    def works(self, traj, plan, rule, latent) -> list:
         acc = kernels.fallback.accum_dtype(latent.dtype)
-        key = (traj.key, plan, latent.device, acc)
+        key = (traj.key, plan, rule, latent.device, acc)
         if key not in self._works:
-            self._works[key] = _round_work(traj, plan, self.ev, latent.device, acc)
+            self._works[key] = _round_work(traj, plan, rule, self.ev, latent.device, acc)
         return self._works[key]
 
     def __call__(self, scheduler, x, *, steps, mode="aggressive", parallel=None, generator=None,
-                 model_kwargs=None, timesteps_kwargs=None, progress=False, subintervals=None, preconditioning=None,
-                 window=None, tolerance=None, **step_kwargs) -> SampleOutput:
+                 model_kwargs=None, timesteps_kwargs=None, progress=False, drafts="jump", subintervals=None,
+                 preconditioning=None, window=None, tolerance=None, **step_kwargs) -> SampleOutput:
         from . import parasolver
         if mode not in MODES + parasolver.MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES + parasolver.MODES)}")
@@ -198,7 +219,11 @@ class Sampler:
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be one torch.Generator, got {type(generator).__name__}")
         iterative = mode in parasolver.MODES
+        if drafts not in DRAFT_RULES:
+            raise ValueError(f"unknown draft rule {drafts!r}; choose one of {', '.join(DRAFT_RULES)}")
         if iterative:
+            if drafts != "jump":
+                raise ValueError(f"drafts={drafts!r} applies to the draft-and-refine modes, not mode={mode!r}")
             if not isinstance(parallel, int) or parallel < 1:
                 raise ValueError(f"parallel must be an integer >= 1, got {parallel!r}")
             cfg = parasolver.IterativeConfig.make(mode, steps, parallel, subintervals, preconditioning, window,
@@ -215,12 +240,14 @@ class Sampler:
             raise ValueError(f"the trajectory has {traj.steps} steps, steps={steps}")
         if iterative:
             return parasolver.run(self, traj, x, mode, parallel, cfg, generator, model_kwargs)
-        return self.run(plan, traj, x, generator, model_kwargs, progress)
+        return self.run(plan, traj, x, generator, model_kwargs, progress, drafts)
 
-    def run(self, plan: Plan, traj: Trajectory, x, generator=None, model_kwargs=None, progress=False) -> SampleOutput:
+    def run(self, plan: Plan, traj: Trajectory, x, generator=None, model_kwargs=None, progress=False,
+            drafts="jump") -> SampleOutput:
         """Execute `plan`; every rank calls this with the same plan, trajectory and latent shape."""
         ev, rank = self.ev, self.ev.rank
-        buf, works = self.buffers(x, plan, traj), self.works(traj, plan, x)
+        buf, works = self.buffers(x, plan, traj), self.works(traj, plan, drafts, x)
+        named = {"x": buf.rows[0], "o": buf.rows[1], "z": buf.noise[0], "prev": buf.prev}
         graphs = self._graphs if self.cuda_graphs and x.is_cuda else None
         call = ModelCall(self.model, traj, x, model_kwargs, graphs)
         stats = SampleStats(plan.mode, plan.steps, plan.parallel, ideal_speedup=plan.ideal_speedup)
@@ -250,10 +277,7 @@ class Sampler:
             if k:
                 own, c = w.own, w.chunk
                 if own:
-                    lo = rank * c
-                    coef = w.draft_coef[lo: lo + len(own)]
-                    inputs = [rows[0], rows[1]] + ([buf.noise[0]] if w.first_noisy else [])
-                    kernels.draft(buf.drafts[: len(own)], inputs, coef[:, : len(inputs)])
+                    kernels.draft(buf.drafts[: len(own)], [named[n] for n in w.inputs], w.draft_coef)
                 clock.lap("draft")
                 gathered = rows[2: 2 + ev.world * c]
                 send = ev.send_buffer(gathered)
@@ -269,6 +293,8 @@ class Sampler:
             if rank == 0:
                 noise = buf.noise[:q] if q else None
                 kernels.refine(rows[0], rows[: m + 1], w.refine_w, noise, w.noise_w if q else None)
+            if drafts == "extrapolate":  # keep the output _previous_output names for the next round
+                buf.prev.copy_(rows[m] if plan.mode == "aggressive" else rows[1])
             if rnd.carry is not None:
                 rows[1].copy_(rows[1 + m])  # aggressive: draft i+m's output is the next anchor's output
             clock.lap("refine")
@@ -304,7 +330,7 @@ class Sampler:
 
 
 def sample(model, scheduler, x, *, steps, mode="aggressive", parallel=None, generator=None, model_kwargs=None,
-           timesteps_kwargs=None, progress=False, subintervals=None, preconditioning=None, window=None,
+           timesteps_kwargs=None, progress=False, drafts="jump", subintervals=None, preconditioning=None, window=None,
            tolerance=None, **step_kwargs) -> SampleOutput:
     """Sample with draft-and-refine parallelism. Returns `.sample` (the final latent) and `.stats`.
 
@@ -312,7 +338,8 @@ def sample(model, scheduler, x, *, steps, mode="aggressive", parallel=None, gene
     timestep per batch row. x is unit-variance noise [B, ...]; init_noise_sigma is applied here. mode is
     sequential, aggressive or conservative; parallel (n) defaults to the world size (1 outside torchrun).
     step_kwargs are the scheduler's step options (e.g. eta for DDIM); timesteps_kwargs go to set_timesteps
-    (e.g. mu for Flux). progress shows a tqdm bar of rounds on rank 0. Under torchrun every rank calls this
+    (e.g. mu for Flux). drafts="jump" drafts with the paper's jumps; "extrapolate" extrapolates the model
+    output from the anchor's and the previous output (same model calls, closer drafts). progress shows a tqdm bar of rounds on rank 0. Under torchrun every rank calls this
     with the same arguments (the generator matters on rank 0 only) and every rank receives the result.
     For many requests on one model, keep a `Sampler` instead: its buffers and CUDA graphs persist.
 
@@ -322,5 +349,5 @@ def sample(model, scheduler, x, *, steps, mode="aggressive", parallel=None, gene
     """
     return Sampler(model, default_evaluator(model))(
         scheduler, x, steps=steps, mode=mode, parallel=parallel, generator=generator, model_kwargs=model_kwargs,
-        timesteps_kwargs=timesteps_kwargs, progress=progress, subintervals=subintervals,
+        timesteps_kwargs=timesteps_kwargs, progress=progress, drafts=drafts, subintervals=subintervals,
         preconditioning=preconditioning, window=window, tolerance=tolerance, **step_kwargs)

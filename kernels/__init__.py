@@ -3,7 +3,7 @@
 Every draft and refine update of the runtime goes through `draft` and `refine` here. They are affine
 maps with coefficients from the trajectory (DESIGN.md section 1):
 
-    draft:  out[r] = sum_s coef[r, s] * inputs[s]          k outputs from 1..3 inputs, one pass
+    draft:  out[r] = sum_s coef[r, s] * inputs[s]          k outputs from 1..4 inputs, one pass
     refine: out    = sum_r w[r] * stack[r] + sum_q wz[q] * noise[q]   one output from m (+ q) inputs
 
 Backend choice: Triton on CUDA tensors and under TRITON_INTERPRET=1 (how the tests run the kernels),
@@ -61,12 +61,12 @@ def _check(out: torch.Tensor, tensors) -> list:
 
 
 def draft(out: torch.Tensor, inputs, coef: torch.Tensor) -> torch.Tensor:
-    """Write k drafts out[r] = sum_s coef[r, s] * inputs[s] in one pass over the 1..3 inputs.
+    """Write k drafts out[r] = sum_s coef[r, s] * inputs[s] in one pass over the 1..4 inputs.
 
     out: [k, *shape] contiguous; inputs: tensors of `shape`; coef: [k, len(inputs)] on out's device.
     """
     inputs = _check(out, inputs)
-    if not 1 <= len(inputs) <= 3 or coef.shape != (out.shape[0], len(inputs)):
+    if not 1 <= len(inputs) <= 4 or coef.shape != (out.shape[0], len(inputs)):
         raise ValueError(f"draft: coef shape {tuple(coef.shape)} does not match {out.shape[0]} outputs x {len(inputs)} inputs")
     if any(t.shape != out.shape[1:] for t in inputs):
         raise ValueError(f"draft: input shapes {[tuple(t.shape) for t in inputs]} differ from {tuple(out.shape[1:])}")

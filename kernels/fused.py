@@ -21,7 +21,7 @@ def block_size() -> int:
 
 
 @triton.jit
-def _draft_kernel(out_ptr, x0_ptr, x1_ptr, x2_ptr, coef_ptr, n, k,
+def _draft_kernel(out_ptr, x0_ptr, x1_ptr, x2_ptr, x3_ptr, coef_ptr, n, k,
                   N_IN: tl.constexpr, BLOCK: tl.constexpr):
     """out[r] = sum_s coef[r, s] * x_s for r < k; the accumulation dtype is coef's dtype."""
     acc_ty = coef_ptr.dtype.element_ty
@@ -32,6 +32,8 @@ def _draft_kernel(out_ptr, x0_ptr, x1_ptr, x2_ptr, coef_ptr, n, k,
         x1 = tl.load(x1_ptr + offs, mask=mask).to(acc_ty)
     if N_IN > 2:
         x2 = tl.load(x2_ptr + offs, mask=mask).to(acc_ty)
+    if N_IN > 3:
+        x3 = tl.load(x3_ptr + offs, mask=mask).to(acc_ty)
     o_ptrs = out_ptr + offs
     for r in range(k):
         y = tl.load(coef_ptr + r * N_IN) * x0
@@ -39,6 +41,8 @@ def _draft_kernel(out_ptr, x0_ptr, x1_ptr, x2_ptr, coef_ptr, n, k,
             y += tl.load(coef_ptr + r * N_IN + 1) * x1
         if N_IN > 2:
             y += tl.load(coef_ptr + r * N_IN + 2) * x2
+        if N_IN > 3:
+            y += tl.load(coef_ptr + r * N_IN + 3) * x3
         tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
         o_ptrs += n  # advance the pointer rather than computing r * n, which can overflow int32
 
@@ -68,11 +72,11 @@ def _coef(c: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 def draft(out: torch.Tensor, inputs, coef: torch.Tensor) -> torch.Tensor:
-    """Launch the draft kernel: out [k, *shape] from 1..3 contiguous inputs and coef [k, len(inputs)]."""
+    """Launch the draft kernel: out [k, *shape] from 1..4 contiguous inputs and coef [k, len(inputs)]."""
     n, k = out[0].numel(), out.shape[0]
     if n == 0:
         return out
-    xs = list(inputs) + [inputs[0]] * (3 - len(inputs))  # unused pointer slots, never read
+    xs = list(inputs) + [inputs[0]] * (4 - len(inputs))  # unused pointer slots, never read
     block = block_size()
     _draft_kernel[(triton.cdiv(n, block),)](out, *xs, _coef(coef, out), n, k,
                                             N_IN=len(inputs), BLOCK=block, num_warps=NUM_WARPS)

@@ -66,6 +66,18 @@ def equal(path):
                         bitwise=bool(torch.equal(a.sample, ref)), repeat_bitwise=bool(torch.equal(a.sample, b.sample)),
                         serial_rounds=a.stats.serial_rounds, model_evals=a.stats.model_evals,
                         buffer_ptrs=len(set(ev.ptrs)), rounds_with_drafts=len(ev.ptrs), same_buffers=same))
+        # extrapolated drafts read a fourth input (o_prev) that every rank keeps for itself
+        sched = DDIMScheduler(clip_sample=False)
+        model = GaussianMixtureModel.for_scheduler(mix, sched, 12)
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)).to(info.device)
+        for mode in ("aggressive", "conservative"):
+            outs = [Sampler(model, ev)(sched, x, steps=12, mode=mode, parallel=2 * info.world, drafts="extrapolate")
+                    for ev in (default_evaluator(model), LocalEvaluator(model))]
+            a, ref = outs[0].sample, outs[1].sample
+            results.append(dict(model="gmm", mode=f"{mode}-extrapolate", n=2 * info.world, rank=info.rank,
+                                rel_err=((a - ref).abs().max() / ref.abs().max()).item(),
+                                bitwise=bool(torch.equal(a, ref)), serial_rounds=outs[0].stats.serial_rounds,
+                                local_serial_rounds=outs[1].stats.serial_rounds))
         # the iterative samplers through the same evaluator (Gaussian mixture, DDPM: stochastic steps too)
         sched = DDPMScheduler(clip_sample=False)
         model = GaussianMixtureModel.for_scheduler(mix, sched, 12)

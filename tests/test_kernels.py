@@ -90,7 +90,7 @@ def _check_refine(m, q, shape, dtype, device, alias=False):
         assert torch.equal(stack[0], got) and torch.equal(stack[1:], before[1:])
 
 
-@pytest.mark.parametrize("n_in", [1, 2, 3])
+@pytest.mark.parametrize("n_in", [1, 2, 3, 4])
 @pytest.mark.parametrize("k", range(1, 9))
 def test_draft_float32(k, n_in, device):
     _check_draft(k, n_in, SMALL, F32, device)
@@ -103,7 +103,7 @@ def test_refine_float32(m, q, device):
 
 
 @pytest.mark.parametrize("dtype", [F16, BF16, F64], ids=["f16", "bf16", "f64"])
-@pytest.mark.parametrize("k,n_in", [(1, 1), (3, 2), (8, 3)])
+@pytest.mark.parametrize("k,n_in", [(1, 1), (3, 2), (8, 3), (5, 4)])
 def test_draft_other_dtypes_ragged(k, n_in, dtype, device):
     _check_draft(k, n_in, _ragged(), dtype, device)
 
