@@ -68,6 +68,7 @@ def _rows(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.to(like.device, like.dtype).view(-1, *[1] * (like.dim() - 1))
 
 
+@torch.no_grad()
 def run(sampler, traj: Trajectory, x: torch.Tensor, mode: str, parallel: int, cfg: IterativeConfig,
         generator=None, model_kwargs=None) -> SampleOutput:
     ev, S = sampler.ev, traj.steps
@@ -75,7 +76,7 @@ def run(sampler, traj: Trajectory, x: torch.Tensor, mode: str, parallel: int, cf
     stats = IterativeStats(mode, S, parallel)
     call = ModelCall(sampler.model, traj, x, model_kwargs)
     b = boundaries(S, cfg.subintervals)
-    N, B = cfg.subintervals, x.shape[0]
+    N = cfg.subintervals
     dims = tuple(range(2, x.dim() + 1))  # per-sample dims of a [points, B, ...] tensor
     A, Bc, C = (_rows(v, x.unsqueeze(0)) for v in (traj.A, traj.B, traj.C))
     sigma2 = traj.sigma.to(x.device, torch.float64) ** 2
@@ -98,12 +99,12 @@ def run(sampler, traj: Trajectory, x: torch.Tensor, mode: str, parallel: int, cf
         gathered = rows[: ev.world * c]
         send = ev.send_buffer(gathered)
         own = idx[ev.rank * c: ev.rank * c + c]
-        clock.lap("refine")  # everything since the last model call: the iteration's own updates
+        clock.start("model")
         if own:
             ev.call(call, states[ev.rank * c: ev.rank * c + len(own)], tuple(own), send[: len(own)])
-        clock.lap("model")
+        clock.start("comm")
         ev.gather(gathered, send)
-        clock.lap("comm")
+        clock.start("refine")  # until the next model call: the iteration's own updates
         stats.serial_rounds += 1
         stats.model_evals += k
         stats.batch_widths.append(k)
@@ -165,8 +166,7 @@ def run(sampler, traj: Trajectory, x: torch.Tensor, mode: str, parallel: int, cf
         old_end = n0 + p
         n0 += stride
         initialise(range(old_end + 1, min(n0 + cfg.window, N) + 1))
-    clock.lap("refine")
-    stats.phases = clock.phases()
+    stats.phases = clock.stop()
     stats.wall_time = time.perf_counter() - t0
     stats.ideal_speedup = S / max(stats.serial_rounds, 1)
     return SampleOutput(X[N].clone(), stats)

@@ -10,6 +10,7 @@ row 0, and the aggressive carry is row 2 + (m - 1). The draft of x_{i+1} is step
 included, so it is exact: with n = 1 every mode reproduces the sequential sampler, stochastic ones too.
 """
 import math
+import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -145,15 +146,20 @@ def draw_noise(out: torch.Tensor, generator, stage=None) -> torch.Tensor:
     return out.copy_(host, non_blocking=True)
 
 
+NVTX = os.environ.get("DRIFFUSION_NVTX") == "1"  # perf/nsys.sh sets it; otherwise ranges cost nothing
+
+
 class _Clock:
-    """Per-phase time of a run: perf_counter on CPU; CUDA events on GPU, resolved once at the end (no per-round sync)."""
+    """Per-phase time of a run: perf_counter on CPU; CUDA events on GPU, resolved once at the end (no per-round
+    sync). With DRIFFUSION_NVTX=1 on CUDA, every round and phase is also an NVTX range for Nsight Systems."""
 
     PHASES = ("draft", "model", "comm", "refine", "check")
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        self.nvtx = NVTX and self.cuda
         self.t = dict.fromkeys(self.PHASES, 0.0)
-        self.marks = []
+        self.marks, self.phase, self.in_round = [], None, False
         self.last = self._mark()
 
     def _mark(self):
@@ -163,15 +169,33 @@ class _Clock:
             return e
         return time.perf_counter()
 
-    def lap(self, phase: str):
+    def start(self, phase: str | None):
+        """End the current phase (charging its time) and start `phase` (None: stop)."""
         now = self._mark()
-        if self.cuda:
-            self.marks.append((phase, self.last, now))
-        else:
-            self.t[phase] += now - self.last
-        self.last = now
+        if self.phase is not None:
+            if self.cuda:
+                self.marks.append((self.phase, self.last, now))
+            else:
+                self.t[self.phase] += now - self.last
+            if self.nvtx:
+                torch.cuda.nvtx.range_pop()
+        if phase is not None and self.nvtx:
+            torch.cuda.nvtx.range_push(phase)
+        self.phase, self.last = phase, now
 
-    def phases(self) -> dict:
+    def round(self, r: int | None):
+        """NVTX range around round r (None closes the last one)."""
+        if self.nvtx:
+            self.start(None)
+            if self.in_round:
+                torch.cuda.nvtx.range_pop()
+            if r is not None:
+                torch.cuda.nvtx.range_push(f"round {r}")
+        self.in_round = r is not None
+
+    def stop(self) -> dict:
+        """End the current phase and return seconds per phase."""
+        self.start(None)
         if self.cuda:
             torch.cuda.current_stream().synchronize()
             for phase, a, b in self.marks:
@@ -242,6 +266,7 @@ class Sampler:
             return parasolver.run(self, traj, x, mode, parallel, cfg, generator, model_kwargs)
         return self.run(plan, traj, x, generator, model_kwargs, progress, drafts)
 
+    @torch.no_grad()  # sampling never needs gradients: no autograd graph per model call, whatever the model
     def run(self, plan: Plan, traj: Trajectory, x, generator=None, model_kwargs=None, progress=False,
             drafts="jump") -> SampleOutput:
         """Execute `plan`; every rank calls this with the same plan, trajectory and latent shape."""
@@ -252,24 +277,26 @@ class Sampler:
         call = ModelCall(self.model, traj, x, model_kwargs, graphs)
         stats = SampleStats(plan.mode, plan.steps, plan.parallel, ideal_speedup=plan.ideal_speedup)
         rows, clock, t0 = buf.rows, _Clock(x.device), time.perf_counter()
-        bar = tqdm(total=len(plan.rounds), desc=f"{plan.mode} n={plan.parallel}", unit="round", leave=False) \
-            if progress and rank == 0 else None
+        bar = tqdm(total=len(plan.rounds), desc=f"{plan.mode} n={plan.parallel}", unit="round", leave=False,
+                   disable=None) if progress and rank == 0 else None  # disable=None: only on a terminal
         torch.mul(x, traj.init_noise_sigma, out=rows[0])
-        for rnd, w in zip(plan.rounds, works):
+        for r, (rnd, w) in enumerate(zip(plan.rounds, works)):
             i, m, k = rnd.anchor, rnd.advance, len(rnd.drafts)
+            clock.round(r)
+            clock.start("comm")
             ev.broadcast(rows[0])
-            clock.lap("comm")
             if rnd.eval_anchor:
                 # Every rank evaluates the anchor itself rather than rank 0 evaluating and broadcasting o_i: with one
                 # device per rank the redundant call costs no latency and saves a collective on the critical path
                 # (fixed-cost model, 2 gloo ranks, conservative S=20 n=2: 603 ms vs 611 ms). Ranks that share CPU
                 # cores would prefer the broadcast; this runtime is built for one device per rank.
+                clock.start("model")
                 ev.call(call, rows[0:1], (i,), rows[1:2])
-                clock.lap("model")
                 self._flag(rows[1:2], buf.flags, w.eval_offset)
                 stats.serial_rounds += 1
                 stats.model_evals += 1
                 stats.batch_widths.append(1)
+            clock.start("draft")
             q = len(w.noise_w)
             if rank == 0:
                 for s in range(q):
@@ -278,18 +305,18 @@ class Sampler:
                 own, c = w.own, w.chunk
                 if own:
                     kernels.draft(buf.drafts[: len(own)], [named[n] for n in w.inputs], w.draft_coef)
-                clock.lap("draft")
                 gathered = rows[2: 2 + ev.world * c]
                 send = ev.send_buffer(gathered)
+                clock.start("model")
                 if own:
                     ev.call(call, buf.drafts[: len(own)], own, send[: len(own)])
-                clock.lap("model")
+                clock.start("comm")
                 ev.gather(gathered, send)
-                clock.lap("comm")
                 self._flag(gathered[:k], buf.flags, w.eval_offset + int(rnd.eval_anchor))
                 stats.serial_rounds += 1
                 stats.model_evals += k
                 stats.batch_widths.append(k)
+            clock.start("refine")
             if rank == 0:
                 noise = buf.noise[:q] if q else None
                 kernels.refine(rows[0], rows[: m + 1], w.refine_w, noise, w.noise_w if q else None)
@@ -297,15 +324,16 @@ class Sampler:
                 buf.prev.copy_(rows[m] if plan.mode == "aggressive" else rows[1])
             if rnd.carry is not None:
                 rows[1].copy_(rows[1 + m])  # aggressive: draft i+m's output is the next anchor's output
-            clock.lap("refine")
             if bar is not None:
                 bar.update()
+        clock.round(None)
         if bar is not None:
             bar.close()
+        clock.start("comm")
         ev.broadcast(rows[0])
+        clock.start("check")
         self._check(plan, traj, buf.flags)
-        clock.lap("check")
-        stats.phases = clock.phases()
+        stats.phases = clock.stop()
         stats.wall_time = time.perf_counter() - t0
         return SampleOutput(rows[0].clone(), stats, plan)
 

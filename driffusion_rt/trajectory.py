@@ -279,7 +279,7 @@ def _euler(sched, steps, pred, opts):
     def map_(i, j):
         s, sh = sig[i], sig_hat[i]
         dt = (sig[j] - sh).to(F64)
-        s64, sh64 = s.to(F64), sh.to(F64)
+        sh64 = sh.to(F64)
         if pred == "epsilon":   # x0 = x_hat - sigma_hat o: the derivative is o
             A, B = torch.ones_like(dt), dt
         else:                   # x0 = c_out o + x_hat / (sigma^2 + 1); derivative = (x_hat - x0) / sigma_hat
