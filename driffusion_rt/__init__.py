@@ -1,8 +1,9 @@
 """driffusion_rt: DRiffusion draft-and-refine parallel sampling for diffusers models."""
+from .evaluator import Shared
 from .gmm import GaussianMixture, GaussianMixtureModel
 from .plan import MODES, Plan, Round, make_plan
 from .sampler import NonFiniteOutputError, SampleOutput, SampleStats, Sampler, sample
 from .trajectory import Trajectory, UnsupportedScheduler
 
 __all__ = ["sample", "Sampler", "SampleOutput", "SampleStats", "Trajectory", "UnsupportedScheduler", "make_plan",
-           "Plan", "Round", "MODES", "GaussianMixture", "GaussianMixtureModel", "NonFiniteOutputError"]
+           "Plan", "Round", "MODES", "GaussianMixture", "GaussianMixtureModel", "NonFiniteOutputError", "Shared"]

@@ -23,16 +23,29 @@ def _as_tensor(y):
     raise ModelOutputError(f"the model returned {type(y).__name__}; it must return a tensor shaped like its input")
 
 
+class Shared:
+    """Marks a model kwarg that is the same for every point of a call, so it is never repeated for the drafts
+    (e.g. Flux's text/image position ids, whose first dim is a token count that may equal the batch by chance).
+    The model receives the wrapped value itself."""
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+
 def tile(value, batch: int, times: int):
-    """Repeat tensors (also inside dicts/lists) whose first dim is the latent batch, for `times` points per call."""
-    if times == 1:
-        return value
-    if isinstance(value, torch.Tensor):
-        return value.repeat(times, *([1] * (value.dim() - 1))) if value.dim() and value.shape[0] == batch else value
+    """Repeat tensors (also inside dicts/lists) whose first dim is the latent batch, for `times` points per call.
+    `Shared` values are unwrapped, never repeated."""
+    if isinstance(value, Shared):
+        return value.value
     if isinstance(value, dict):
         return {k: tile(v, batch, times) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(tile(v, batch, times) for v in value)
+    if times == 1:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.repeat(times, *([1] * (value.dim() - 1))) if value.dim() and value.shape[0] == batch else value
     return value
 
 

@@ -1,8 +1,11 @@
 """Sample with draft-and-refine parallelism: `python -m driffusion_rt.generate`, or one rank per device with
 `torchrun --nproc_per_node=N -m driffusion_rt.generate`.
 
-Every rank loads its model replica once; rank 0 prints progress and the measured-versus-ideal table and writes
-the outputs (atomically, only when the run succeeds).
+With no --model it samples the small digits model shipped in the package (no network, no GPU) and writes one PNG
+grid. --model also takes a diffusers pipeline directory or hub id (SD 1.5 / 2.1, SDXL, SD3, Flux), or the built-in
+test models gmm (analytic Gaussian mixture) and fixed (a model costing --model-cost seconds per call).
+Every rank loads its model replica once; rank 0 prints progress and the measured-versus-ideal table and writes the
+outputs, atomically and only when the run succeeds.
 """
 import argparse
 import json
@@ -15,99 +18,84 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from .distributed import DEFAULT_TIMEOUT_S, default_evaluator, maybe_init_dist
-from .fixed_cost import FixedCostModel
-from .gmm import GaussianMixture, GaussianMixtureModel
 from .outputs import atomic_write
 from .parasolver import MODES as ITERATIVE_MODES
 from .plan import MODES
+from . import services
 from .sampler import DRAFT_RULES, Sampler
 
-SCHEDULERS = ("ddim", "ddpm", "euler", "flow")
-BUILTIN_MODELS = ("gmm", "fixed")
-
-
-def make_scheduler(name: str):
-    from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
-    sd = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    return {"ddim": lambda: DDIMScheduler(clip_sample=False, set_alpha_to_one=False, steps_offset=1, **sd),
-            "ddpm": lambda: DDPMScheduler(clip_sample=False, **sd),
-            "euler": lambda: EulerDiscreteScheduler(**sd),
-            "flow": lambda: FlowMatchEulerDiscreteScheduler(shift=3.0)}[name]()
+DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m driffusion_rt.generate", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="gmm",
-                   help="gmm: the analytic Gaussian-mixture model; fixed: a model costing --model-cost seconds per call "
-                        "(measures the runtime's own overhead)")
-    p.add_argument("--model-cost", type=float, default=0.04, help="seconds per call of --model fixed")
+    p.add_argument("--model", default="digits",
+                   help="digits (the shipped class-conditional digits model), a diffusers pipeline directory or hub "
+                        "id, gmm (analytic Gaussian mixture) or fixed (a sleeping fixed-cost model)")
+    p.add_argument("--prompt", default=None,
+                   help="digits: the digits to draw, e.g. 0123456789 (the default); pipelines: the text prompt")
+    p.add_argument("--negative-prompt", default=None, help="pipelines: what to steer away from (guidance on)")
     p.add_argument("--mode", default="aggressive", choices=MODES + ITERATIVE_MODES,
                    help="sequential: the scheduler's own loop; aggressive: ~1/n latency; conservative: ~2/(n+1); "
                         "picard / parasolver: iterate to --tolerance (exact at 0, more model evaluations)")
+    p.add_argument("--parallel", type=int, default=None,
+                   help="n, model evaluations per parallel round (default: the number of ranks, 1 outside torchrun)")
     p.add_argument("--drafts", default="jump", choices=DRAFT_RULES,
                    help="jump: the paper's drafts; extrapolate: drafts from the anchor output extrapolated with the "
                         "previous output (same model calls; falls back to jump for stochastic steps)")
-    p.add_argument("--parallel", type=int, default=None,
-                   help="n, model evaluations per parallel round (default: the number of ranks, 1 outside torchrun)")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps S")
-    p.add_argument("--scheduler", default="ddim", choices=SCHEDULERS, help="sampler for the built-in models")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (and of stochastic steps)")
-    p.add_argument("--num-images", type=int, default=4, help="samples per request (the latent batch)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16", "float64"),
-                   help="latent and model dtype")
-    p.add_argument("--warmup", type=int, default=1,
-                   help="untimed runs before the measured one (compilation, buffers, CUDA-graph capture)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps S (default: 50; SD3 and Flux pipelines 28)")
+    p.add_argument("--scheduler", default=None, choices=services.SCHEDULERS,
+                   help="ddim, ddpm, euler (digits, gmm, SD-family pipelines) or flow (SD3, Flux); default: the "
+                        "model's own")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance scale (default: the model's: digits 1.25, SD 7.5, SDXL 5, SD3 7, "
+                        "Flux 3.5 as its guidance embedding)")
+    p.add_argument("--height", type=int, default=None, help="pipelines: image height in pixels (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="pipelines: image width in pixels (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and of stochastic steps")
+    p.add_argument("--num-images", type=int, default=None,
+                   help="images per request (default: one per prompt digit for digits, 1 for pipelines, 4 for gmm)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="model and latent dtype")
+    p.add_argument("--out", default=".", help="directory for the images and the run's JSON (created if missing)")
     it = p.add_argument_group("picard / parasolver")
     it.add_argument("--subintervals", type=int, default=None, help="N subintervals (parasolver; default steps // 2)")
     it.add_argument("--preconditioning", type=int, default=None,
                     help="M subintervals solved sequentially first (default 2; picard 0)")
     it.add_argument("--window", type=int, default=None, help="p boundaries solved in parallel (default --parallel)")
     it.add_argument("--tolerance", type=float, default=None, help="delta of the stopping rule (default 0.05)")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
-                   help="seconds a collective may wait for the other ranks before the job fails")
-    p.add_argument("--no-cuda-graphs", action="store_true", help="run the model eagerly on GPU (graphs are on by default)")
-    p.add_argument("--out", default=None, help="directory for the outputs (run.json, samples); nothing is written without it")
-    p.add_argument("--show-plan", action="store_true", help="print every round of the plan")
+    rt = p.add_argument_group("runtime")
+    rt.add_argument("--model-cost", type=float, default=0.04, help="seconds per call of --model fixed")
+    rt.add_argument("--warmup", type=int, default=1,
+                    help="untimed requests before the measured one (compilation, buffers, CUDA-graph capture)")
+    rt.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                    help="seconds a collective may wait for the other ranks before the job fails")
+    rt.add_argument("--no-cuda-graphs", action="store_true",
+                    help="run the model eagerly on GPU (CUDA graphs are on by default there)")
+    rt.add_argument("--show-plan", action="store_true", help="print every round of the plan")
     return p
 
 
 def check_args(p, args):
-    for name in ("parallel", "steps", "num_images"):
+    for name in ("parallel", "steps", "num_images", "height", "width", "subintervals", "window"):
         v = getattr(args, name)
         if v is not None and v < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    if args.warmup < 0:
-        p.error(f"--warmup must be >= 0, got {args.warmup}")
+    for name in ("warmup", "preconditioning"):
+        v = getattr(args, name)
+        if v is not None and v < 0:
+            p.error(f"--{name} must be >= 0, got {v}")
     if args.timeout <= 0:
         p.error(f"--timeout must be > 0 seconds, got {args.timeout}")
-    if args.model not in BUILTIN_MODELS:
-        p.error(f"--model {args.model!r} is not one of the built-in models {', '.join(BUILTIN_MODELS)}")
-
-
-def build_job(args, device):
-    """(model, scheduler, unit-noise latent, model_kwargs, finish) for the chosen model; finish(out) runs on rank 0."""
-    dtype = getattr(torch, args.dtype)
-    sched = make_scheduler(args.scheduler)
-    g = torch.Generator().manual_seed(args.seed)
-    mixture = GaussianMixture.random(8, shape=(4, 16, 16), seed=0)
-    x = torch.randn(args.num_images, *mixture.shape, generator=g).to(device, dtype)
-    if args.model == "fixed":
-        return FixedCostModel(args.model_cost), sched, x, None, lambda out: {}
-    model = GaussianMixtureModel.for_scheduler(mixture, sched, args.steps)
-
-    def finish(out):
-        labels = mixture.classify(out.sample.cpu()).tolist()
-        print(f"samples landed on mixture components {labels}")
-        return {"components": labels}
-    return model, sched, x, None, finish
+    if args.model in ("gmm", "fixed", "digits") and (args.height or args.width or args.negative_prompt):
+        p.error(f"--height, --width and --negative-prompt apply to diffusers pipelines, not --model {args.model}")
 
 
 def report(plan, stats) -> str:
     """The measured-versus-ideal table printed at the end of a run (plan is None for the iterative modes)."""
     per_round = stats.phases.get("model", 0.0) / max(stats.serial_rounds, 1)
-    planned = plan.serial_rounds if plan else stats.serial_rounds
-    ideal = planned * per_round
+    ideal = (plan.serial_rounds if plan else stats.serial_rounds) * per_round
     rows = [("mode", stats.mode), ("steps S", stats.steps), ("parallel n", stats.parallel)]
     if plan:
         rows += [("serial model rounds (plan / measured)", f"{plan.serial_rounds} / {stats.serial_rounds}"),
@@ -116,12 +104,17 @@ def report(plan, stats) -> str:
         rows += [("iterations", stats.iterations), ("serial model rounds (measured)", stats.serial_rounds),
                  ("model evaluations (measured)", stats.model_evals)]
     rows += [("ideal speedup over sequential", f"{stats.ideal_speedup:.2f}x"),
-            ("measured latency", f"{stats.wall_time * 1e3:.1f} ms"),
-            ("ideal latency (serial rounds x mean model-call time)", f"{ideal * 1e3:.1f} ms"),
-            ("efficiency (ideal / measured)", f"{ideal / stats.wall_time:.3f}" if stats.wall_time else "-")]
+             ("measured latency", f"{stats.wall_time * 1e3:.1f} ms"),
+             ("ideal latency (serial rounds x mean model-call time)", f"{ideal * 1e3:.1f} ms"),
+             ("efficiency (ideal / measured)", f"{ideal / stats.wall_time:.3f}" if stats.wall_time else "-")]
     rows += [(f"  phase {k}", f"{v * 1e3:.2f} ms") for k, v in stats.phases.items()]
     w = max(len(r[0]) for r in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+
+def request_spec(args) -> dict:
+    """The CLI flags as an engine request (services.py): the same request gives the same image through both."""
+    return {k: getattr(args, k) for k in services.MODEL_KEYS + services.SAMPLING_KEYS if getattr(args, k) is not None}
 
 
 @record
@@ -133,31 +126,38 @@ def main(argv=None) -> int:
     rank, device = (info.rank, info.device) if info else (0, torch.device("cpu"))
     try:
         t0 = time.perf_counter()
-        model, sched, x, model_kwargs, finish = build_job(args, device)
-        sampler = Sampler(model, default_evaluator(model), cuda_graphs=not args.no_cuda_graphs)
+        service = services.load_service(args.model, device, getattr(torch, args.dtype), args.model_cost)
+        sampler = Sampler(service.model, default_evaluator(service.model), cuda_graphs=not args.no_cuda_graphs)
         load_s = time.perf_counter() - t0
-
-        iterative = {k: getattr(args, k) for k in ("subintervals", "preconditioning", "window", "tolerance")
-                     if getattr(args, k) is not None}
+        spec = request_spec(args)
+        options = services.sampling_options(spec)
 
         def run(progress):
-            return sampler(sched, x, steps=args.steps, mode=args.mode, parallel=args.parallel, progress=progress,
-                           generator=torch.Generator().manual_seed(args.seed + 1), model_kwargs=model_kwargs,
-                           drafts=args.drafts, **iterative)
+            req = service.request(spec)
+            with torch.no_grad():
+                return req, sampler(req.scheduler, req.latent, steps=req.steps, generator=req.generator,
+                                    model_kwargs=req.model_kwargs, progress=progress, **options)
         for _ in range(args.warmup):
             run(False)
-        out = run(rank == 0)
+        req, out = run(rank == 0)
         if rank == 0:
             if out.plan is not None:
                 print(out.plan.describe() if args.show_plan else out.plan.describe().splitlines()[0])
             else:
                 print(f"{args.mode}: {out.stats.iterations} iterations, window trace (start, width, stride) "
                       f"{out.stats.trace}")
-            print(f"ranks {info.world if info else 1} ({info.backend if info else 'local'}), model load {load_s:.2f} s")
+            print(f"model {service.name}, ranks {info.world if info else 1} ({info.backend if info else 'local'}), "
+                  f"load {load_s:.2f} s")
             print(report(out.plan, out.stats))
-            extra = finish(out)
-            if args.out:
-                write_run(args, info, out, extra, load_s)
+            os.makedirs(args.out, exist_ok=True)
+            stem = f"{service.name}-{args.mode}-n{out.stats.parallel}-s{out.stats.steps}-seed{args.seed}"
+            files = save(service, out, req, args.out, stem)
+            files.append(write_run(args, info, service.name, out, load_s, stem, files))
+            print("wrote " + ", ".join(files))
+    except (ValueError, FileNotFoundError) as e:  # bad input: every rank sees the same, so every rank stops
+        if rank == 0:
+            print(f"driffusion_rt: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     except BaseException as e:
         print(f"driffusion_rt: rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         raise
@@ -166,14 +166,26 @@ def main(argv=None) -> int:
     return 0
 
 
-def write_run(args, info, out, extra, load_s):
-    os.makedirs(args.out, exist_ok=True)
-    atomic_write(os.path.join(args.out, "samples.pt"), lambda f: torch.save(out.sample.cpu(), f))
-    run = {"args": vars(args), "ranks": info.world if info else 1, "load_s": load_s,
-           "ideal_speedup": out.stats.ideal_speedup,
-           "stats": out.stats.as_dict(), **extra}
-    atomic_write(os.path.join(args.out, "run.json"), lambda f: f.write(json.dumps(run, indent=2).encode()))
-    print(f"wrote {args.out}/run.json and samples.pt")
+def save(service, out, req, out_dir, stem) -> list:
+    """PNG images (one: <stem>.png, several: <stem>-<i>.png), or the latents for models without images."""
+    images = service.images(out, req)
+    if not images:
+        return [atomic_write(os.path.join(out_dir, f"{stem}.pt"), lambda f: torch.save(out.sample.cpu(), f))]
+    names = [f"{stem}.png"] if len(images) == 1 else [f"{stem}-{i}.png" for i in range(len(images))]
+    return [atomic_write(os.path.join(out_dir, n), lambda f, im=im: im.save(f, format="PNG"))
+            for n, im in zip(names, images)]
+
+
+def write_run(args, info, name, out, load_s, stem, files) -> str:
+    st = out.stats
+    run = {"model": name, "model_arg": args.model, "mode": st.mode, "parallel": st.parallel, "steps": st.steps,
+           "seed": args.seed, "ranks": info.world if info else 1, "backend": info.backend if info else "local",
+           "drafts": args.drafts, "load_s": load_s, "latency_s": st.wall_time, "phases_s": st.phases,
+           "serial_rounds": st.serial_rounds, "serial_rounds_plan": out.plan.serial_rounds if out.plan else None,
+           "model_evals": st.model_evals, "ideal_speedup": st.ideal_speedup, "batch_widths": st.batch_widths,
+           "files": [os.path.basename(f) for f in files], "args": vars(args)}
+    path = os.path.join(args.out, f"{stem}.json")
+    return atomic_write(path, lambda f: f.write(json.dumps(run, indent=2).encode()))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from driffusion_rt import GaussianMixture, GaussianMixtureModel, Sampler
-from driffusion_rt import generate
+from driffusion_rt import generate, services
 from driffusion_rt.distributed import default_evaluator, maybe_init_dist
 from driffusion_rt.evaluator import LocalEvaluator
 
@@ -101,14 +101,14 @@ def equal(path):
 
 def fault(kind, bad_rank, bad_call, argv):
     """generate.main(argv) with a model that raises / hangs / exits on rank `bad_rank` at its call `bad_call`."""
-    build = generate.build_job
+    load = services.load_service
     rank = int(os.environ["RANK"])
 
-    def faulty_build(args, device):
-        model, sched, x, kw, finish = build(args, device)
-        calls = [0]
+    def faulty_load(*args, **kwargs):
+        service = load(*args, **kwargs)
+        model, calls = service.model, [0]
 
-        def wrapped(x_in, t, **kwargs):
+        def wrapped(x_in, t, **kw):
             calls[0] += 1
             if rank == bad_rank and calls[0] == bad_call:
                 if kind == "raise":
@@ -117,15 +117,54 @@ def fault(kind, bad_rank, bad_call, argv):
                     time.sleep(3600)
                 if kind == "exit":
                     os._exit(17)
-            return model(x_in, t, **kwargs)
-        return wrapped, sched, x, kw, finish
+            return model(x_in, t, **kw)
+        service.model = wrapped
+        return service
 
-    generate.build_job = faulty_build
+    services.load_service = faulty_load
     return generate.main(argv)
+
+
+def models(path, pipeline_dir):
+    """The shipped digits model and a tiny SD pipeline on 2+ ranks: equal to the local evaluator, finite, sized."""
+    info = maybe_init_dist(timeout_s=60)
+    from driffusion_rt import digits, pipelines
+    results = {}
+    with torch.no_grad():
+        unet, sched = digits.load_digits_model()
+        model = digits.DigitsModel(unet)
+        labels = digits.parse_prompt("0123")
+        x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+        kw = {"labels": labels, "guidance_scale": 2.0}
+        a, ref = (Sampler(model, ev)(sched, x, steps=20, mode="aggressive", parallel=info.world, model_kwargs=kw).sample
+                  for ev in (default_evaluator(model), LocalEvaluator(model)))
+        results["digits"] = dict(shape=list(a.shape), finite=bool(torch.isfinite(a).all()),
+                                 rel_err=((a - ref).abs().max() / ref.abs().max()).item())
+        pipe = pipelines.load_pipeline(pipeline_dir)
+        common = dict(steps=6, guidance_scale=4.0, negative_prompt="blurry", height=32, width=48, seed=3)
+        for mode in ("aggressive", "conservative"):
+            lat, st = pipelines.text_to_image(pipe, "a red cat", mode=mode, parallel=2, output_type="latent", **common)
+            images, _ = pipelines.text_to_image(pipe, "a red cat", mode=mode, parallel=2, output_type="np", **common)
+            local = pipelines.run(pipe, pipelines.prepare(pipe, "a red cat", **common), mode=mode, parallel=2,
+                                  sampler=Sampler(pipelines.model_adapter(pipe), LocalEvaluator(None))).sample
+            if info.rank == 0:
+                results[f"sd-{mode}"] = dict(image_shape=list(images.shape), finite=bool(torch.isfinite(
+                    torch.as_tensor(images)).all()), rel_err=((lat - local).abs().max() / local.abs().max()).item(),
+                    serial_rounds=st.serial_rounds)
+            else:
+                results[f"sd-{mode}-rank{info.rank}"] = dict(images_none=images is None)
+    gathered = [None] * info.world
+    dist.all_gather_object(gathered, results)
+    if info.rank == 0:
+        with open(path, "w") as f:
+            json.dump(gathered, f)
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "equal":
         equal(sys.argv[2])
+    elif sys.argv[1] == "models":
+        models(sys.argv[2], sys.argv[3])
     else:
         sys.exit(fault(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[6:]))

@@ -139,6 +139,21 @@ def test_model_kwargs_are_tiled_to_the_draft_batch():
     assert {n for n, *_ in seen} == {2, 6, 4}  # anchor (2 rows), drafts 1-3 (6), drafts 4-5 (4)
 
 
+def test_shared_kwargs_are_passed_unwrapped_and_never_repeated():
+    from driffusion_rt import Shared
+    sched = DDIMScheduler(clip_sample=False)
+    ids = torch.arange(6.0).view(2, 3)  # first dim equals the batch by chance
+    seen = []
+
+    def model(x, t, ids, cond):
+        seen.append((ids.shape, cond.shape[0], len(x)))
+        return torch.zeros_like(x)
+
+    sample(model, sched, noise(), steps=6, mode="aggressive", parallel=3,
+           model_kwargs={"ids": Shared(ids), "cond": torch.ones(2, 4)})
+    assert all(s == (2, 3) and c == n for s, c, n in seen) and {n for *_, n in seen} == {2, 6, 4}
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(mode="fast"), "unknown mode 'fast'"),
     (dict(parallel=0), "parallel must be an integer >= 1, got 0"),
