@@ -27,8 +27,11 @@ setup(
         "nvidia-ml-py>=12.535",
     ],
     extras_require={
-        "test": ["pytest>=8", "scikit-learn>=1.3", "scipy>=1.10", "sentencepiece>=0.2", "protobuf>=4"],
+        "serve": ["starlette>=0.37", "uvicorn>=0.29"],
+        "test": ["pytest>=8", "scikit-learn>=1.3", "scipy>=1.10", "sentencepiece>=0.2", "protobuf>=4",
+                 "starlette>=0.37", "uvicorn>=0.29", "matplotlib>=3.7"],
         "perf": ["matplotlib>=3.7", "scikit-learn>=1.3", "scipy>=1.10"],
     },
-    entry_points={"console_scripts": ["driffusion-generate=driffusion_rt.generate:main"]},
+    entry_points={"console_scripts": ["driffusion-generate=driffusion_rt.generate:main",
+                                      "driffusion-serve=driffusion_rt.serve:main"]},
 )
