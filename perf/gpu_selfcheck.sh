@@ -7,7 +7,6 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 OUT=${OUT:-perf/results/gpu_selfcheck}
-mkdir -p "$OUT"
 declare -a summary
 status=0
 step() {  # step NAME COMMAND...: run, record PASS/FAILED
@@ -19,6 +18,7 @@ step() {  # step NAME COMMAND...: run, record PASS/FAILED
 "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
   echo "FAILED: torch.cuda.is_available() is False (no GPU, or a CPU-only torch build)"; exit 1; }
 nvidia-smi -L || true
+mkdir -p "$OUT"
 step "install" "$PYTHON" -m pip install -e ".[test,perf]"
 export DRIFFUSION_TEST_GPU=1 PYTHONUNBUFFERED=1
 step "gpu paths (kernels compiled, graphs, pinned, events, NCCL)" "$PYTHON" -m pytest -q -rs tests/test_gpu.py
