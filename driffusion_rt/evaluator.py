@@ -117,6 +117,10 @@ class LocalEvaluator:
         """Evaluate points on this rank only."""
         return call(states, idx, out)
 
+    def anchor(self, call: ModelCall, states, idx: tuple, out) -> torch.Tensor:
+        """Evaluate the anchor, leaving its output on every rank."""
+        return call(states, idx, out)
+
     def send_buffer(self, gathered) -> torch.Tensor:
         """Where this rank writes its chunk of outputs; one process writes straight into `gathered`."""
         return gathered

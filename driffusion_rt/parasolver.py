@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .evaluator import ModelCall
-from .sampler import NonFiniteOutputError, SampleOutput, SampleStats, _Clock, draw_noise
+from .sampler import NonFiniteOutputError, SampleOutput, SampleStats, _Clock, draw_noise, replica_generator
 from .trajectory import Trajectory
 
 MODES = ("picard", "parasolver")
@@ -81,14 +81,13 @@ def run(sampler, traj: Trajectory, x: torch.Tensor, mode: str, parallel: int, cf
     A, Bc, C = (_rows(v, x.unsqueeze(0)) for v in (traj.A, traj.B, traj.C))
     sigma2 = traj.sigma.to(x.device, torch.float64) ** 2
 
-    # The noise of every stochastic step, drawn up front in the sequential sampler's order (rank 0's generator).
+    # The noise of every stochastic step, drawn up front in the sequential sampler's order, the same on every rank.
     noisy = [j for j in range(S) if traj.noisy[j]]
     Z = torch.zeros(S, *x.shape, dtype=x.dtype, device=x.device) if noisy else None
     if noisy:
-        if ev.rank == 0:
-            for j in noisy:
-                draw_noise(Z[j], generator)
-        ev.broadcast(Z)
+        gen = replica_generator(ev, generator, x.device)
+        for j in noisy:
+            draw_noise(Z[j], gen)
 
     rows = torch.empty(ev.world * ev.chunk(cfg.window), *x.shape, dtype=x.dtype, device=x.device)
 

@@ -2,7 +2,8 @@
 
 Per round at anchor i, advancing m steps:
   broadcast x_i from rank 0 -> [evaluate o_i] -> draw the round's refine noise (rank 0, sequential order)
-  -> each rank drafts its slots with one fused pass -> model -> all-gather -> refine x_{i+m} in one pass.
+  -> each rank drafts its slots with one fused pass -> model -> all-gather -> rank 0 refines x_{i+m} in one pass.
+Rank 0 is the one authority on the trajectory (its anchor is broadcast each round), so ranks cannot drift apart.
 
 One buffer `rows` [2 + slots, B, ...] holds the round: row 0 = x_i, row 1 = o_i, rows 2.. = draft outputs
 in slot order (slot s is draft i+1+s). So the refine is one weighted sum over rows 0..m, written back into
@@ -133,6 +134,26 @@ class Buffers:
         self.stage = None  # pinned host staging for CPU-generator noise on CUDA
         if latent.is_cuda:
             self.stage = torch.empty(latent.shape, dtype=latent.dtype, pin_memory=True)
+
+
+def replica_generator(ev, generator, device: torch.device):
+    """On rank 0 `generator` itself; on the other ranks a generator in the same state, so every rank draws the
+    numbers rank 0 draws (generator None: rank 0's default generator of `device`). One broadcast per request."""
+    if ev.world == 1:
+        return generator
+    dev = generator.device if generator is not None else device
+    if ev.rank == 0:
+        state = generator.get_state() if generator is not None else (
+            torch.cuda.get_rng_state(dev) if dev.type == "cuda" else torch.get_rng_state())
+    else:
+        probe = torch.Generator(device=dev)
+        state = torch.empty_like(probe.get_state())  # the state size is fixed per generator type
+    buf = state.to(device)
+    ev.broadcast(buf)
+    if ev.rank == 0:
+        return generator
+    probe.set_state(buf.cpu())
+    return probe
 
 
 def draw_noise(out: torch.Tensor, generator, stage=None) -> torch.Tensor:
@@ -286,19 +307,15 @@ class Sampler:
             clock.start("comm")
             ev.broadcast(rows[0])
             if rnd.eval_anchor:
-                # Every rank evaluates the anchor itself rather than rank 0 evaluating and broadcasting o_i: with one
-                # device per rank the redundant call costs no latency and saves a collective on the critical path
-                # (fixed-cost model, 2 gloo ranks, conservative S=20 n=2: 603 ms vs 611 ms). Ranks that share CPU
-                # cores would prefer the broadcast; this runtime is built for one device per rank.
                 clock.start("model")
-                ev.call(call, rows[0:1], (i,), rows[1:2])
+                ev.anchor(call, rows[0:1], (i,), rows[1:2])  # every rank ends with o_i (see DistributedEvaluator)
                 self._flag(rows[1:2], buf.flags, w.eval_offset)
                 stats.serial_rounds += 1
                 stats.model_evals += 1
                 stats.batch_widths.append(1)
             clock.start("draft")
             q = len(w.noise_w)
-            if rank == 0:
+            if rank == 0:  # only rank 0 refines; its slot 0 is draft i+1, the one draft with noise
                 for s in range(q):
                     draw_noise(buf.noise[s], generator, buf.stage)
             if k:
@@ -330,7 +347,7 @@ class Sampler:
         if bar is not None:
             bar.close()
         clock.start("comm")
-        ev.broadcast(rows[0])
+        ev.broadcast(rows[0])  # every rank returns the result
         clock.start("check")
         self._check(plan, traj, buf.flags)
         stats.phases = clock.stop()

@@ -101,3 +101,15 @@ def test_nccl_distributed_equals_local(tmp_path):
     import json
     rows = json.loads(out.read_text())
     assert rows and all(row["rel_err"] <= 1e-5 and row["buffer_ptrs"] == 1 for row in rows)
+
+
+def test_nvtx_ranges_leave_results_unchanged(monkeypatch):
+    import driffusion_rt.sampler as sampler_module
+    model = tiny_unet()
+    x = torch.randn(1, 4, 16, 16, device="cuda")
+    sched = DDIMScheduler(clip_sample=False)
+    with torch.no_grad():
+        plain = Sampler(model)(sched, x, steps=8, mode="aggressive", parallel=2).sample
+        monkeypatch.setattr(sampler_module, "NVTX", True)
+        ranged = Sampler(model)(sched, x, steps=8, mode="aggressive", parallel=2).sample
+    assert torch.equal(plain, ranged)
