@@ -170,7 +170,7 @@ def save(service, out, req, out_dir, stem) -> list:
     """PNG images (one: <stem>.png, several: <stem>-<i>.png), or the latents for models without images."""
     images = service.images(out, req)
     if not images:
-        return [atomic_write(os.path.join(out_dir, f"{stem}.pt"), lambda f: torch.save(out.sample.cpu(), f))]
+        return [atomic_write(os.path.join(out_dir, f"{stem}.pt"), lambda f: torch.save(out.cpu(), f))]
     names = [f"{stem}.png"] if len(images) == 1 else [f"{stem}-{i}.png" for i in range(len(images))]
     return [atomic_write(os.path.join(out_dir, n), lambda f, im=im: im.save(f, format="PNG"))
             for n, im in zip(names, images)]

@@ -52,6 +52,14 @@ class SampleOutput:
     sample: torch.Tensor
     stats: SampleStats
     plan: Plan = None
+    host: torch.Tensor | None = None  # CUDA runs: the result in page-locked host memory, reused by the next request
+
+    def cpu(self) -> torch.Tensor:
+        """The result on the host (from the pinned copy when there is one)."""
+        if self.host is None:
+            return self.sample.cpu()
+        torch.cuda.current_stream().synchronize()  # the pinned copy was queued without a sync
+        return self.host.clone()
 
 
 DRAFT_RULES = ("jump", "extrapolate")
@@ -131,9 +139,10 @@ class Buffers:
         self.noise = torch.empty(max(noise, 1), *latent.shape, **kw)
         self.prev = torch.empty(latent.shape, **kw)  # o_{i-1}, for extrapolated drafts
         self.flags = torch.empty(max(evals, 1), device=latent.device, dtype=torch.float32)
-        self.stage = None  # pinned host staging for CPU-generator noise on CUDA
+        self.stage = self.result = None  # page-locked host staging (CPU-generator noise) and results on CUDA
         if latent.is_cuda:
             self.stage = torch.empty(latent.shape, dtype=latent.dtype, pin_memory=True)
+            self.result = torch.empty(latent.shape, dtype=latent.dtype, pin_memory=True)
 
 
 def replica_generator(ev, generator, device: torch.device):
@@ -350,9 +359,11 @@ class Sampler:
         ev.broadcast(rows[0])  # every rank returns the result
         clock.start("check")
         self._check(plan, traj, buf.flags)
+        if buf.result is not None:
+            buf.result.copy_(rows[0], non_blocking=True)
         stats.phases = clock.stop()
         stats.wall_time = time.perf_counter() - t0
-        return SampleOutput(rows[0].clone(), stats, plan)
+        return SampleOutput(rows[0].clone(), stats, plan, buf.result)
 
     @staticmethod
     def _flag(outputs, flags, offset):

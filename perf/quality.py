@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Sample-quality yardstick: sequential vs aggressive vs conservative draft-and-refine, at n = 2, 4, 8.
+"""Sample-quality yardstick: sequential vs aggressive / conservative draft-and-refine (jump and extrapolated drafts),
+Picard and ParaSolver, at n = 2, 4, 8.
 
 (a) The shipped digits model (driffusion_rt.digits, DDIM): a digit classifier (a small torch MLP on the 8x8
     digits) is trained on the train part of the fixed split the diffusion model was trained on, and tested on
@@ -63,6 +64,7 @@ def parse_args(argv=None):
                    help="digits per sampler call; larger batches are faster, smaller use less memory (default 500)")
     p.add_argument("--seed", type=int, default=0, help="seed of noises, classifier init and projections (default 0)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--tolerance", type=float, default=0.05, help="tolerance of the picard / parasolver rows")
     p.add_argument("--skip-digits", action="store_true", help="only the Gaussian-mixture part")
     p.add_argument("--skip-gmm", action="store_true", help="only the digits part")
     args = p.parse_args(argv)
@@ -184,23 +186,26 @@ def digits_part(args, configs, log=print) -> dict:
     labels = torch.arange(10).repeat(args.per_class)
     noise = torch.randn(len(labels), 1, dg.RESOLUTION, dg.RESOLUTION, generator=g)
     out, seq = {}, None
-    for mode, n, steps in configs + ([("sequential", 1, args.steps * args.fine_factor)] if args.fine_factor else []):
-        t0, finals = time.perf_counter(), []
+    for cfg in configs + fine_config(args):
+        mode, n, steps, opts = cfg
+        t0, finals, rounds = time.perf_counter(), [], 0
         for k in range(0, len(labels), args.batch):
             o = sampler(sched, noise[k: k + args.batch], steps=steps, mode=mode, parallel=n,
                         generator=torch.Generator().manual_seed(args.seed),
-                        model_kwargs={"labels": labels[k: k + args.batch]})
+                        model_kwargs={"labels": labels[k: k + args.batch]}, **dict(opts))
             finals.append(o.sample)
+            rounds = max(rounds, o.stats.serial_rounds)
         lat = torch.cat(finals)
         seq = lat if seq is None else seq
         images = dg.to_images(lat)
         inp = images_to_input(images)
         acc = float((clf(inp).argmax(1) == labels).double().mean())
         fd = frechet_distance(clf.features(inp), real_feat)
-        r = {"class_acc": acc, "fd": fd, "rel_dev": rel_dev(lat, seq), "wall_s": time.perf_counter() - t0}
-        out[(mode, n, steps)] = r
-        log(f"digits {mode:>12} n={n} S={steps}: class acc {acc:.4f}  FD {fd:.3f}  rel dev {r['rel_dev']:.4f}  "
-            f"({r['wall_s']:.1f} s)")
+        r = {"class_acc": acc, "fd": fd, "rel_dev": rel_dev(lat, seq), "wall_s": time.perf_counter() - t0,
+             "serial_rounds": rounds}
+        out[cfg] = r
+        log(f"digits {label(cfg):>28} n={n} S={steps}: class acc {acc:.4f}  FD {fd:.3f}  rel dev {r['rel_dev']:.4f}  "
+            f"rounds {rounds}  ({r['wall_s']:.1f} s)")
     return {"rows": out, "classifier_test_acc": test_acc, "fd_floor": floor, "n_generated": len(labels),
             "n_held_out": len(x_te), "guidance": args.guidance}
 
@@ -223,22 +228,24 @@ def gmm_part(args, configs, log=print) -> dict:
     floor = sliced_wasserstein(true_a, true_b, seed=args.seed)
     true_spread = spread(mixture, true_b, comp_b)
     out, seq, seq_comp, samplers = {}, None, None, {}
-    for mode, p, steps in configs + ([("sequential", 1, args.steps * args.fine_factor)] if args.fine_factor else []):
+    for cfg in configs + fine_config(args):
+        mode, p, steps, opts = cfg
         if steps not in samplers:  # the model is exact on one trajectory's timesteps
             samplers[steps] = Sampler(GaussianMixtureModel.for_scheduler(mixture, sched, steps))
         t0 = time.perf_counter()
-        lat = samplers[steps](sched, noise, steps=steps, mode=mode, parallel=p,
-                              generator=torch.Generator().manual_seed(args.seed)).sample
+        o = samplers[steps](sched, noise, steps=steps, mode=mode, parallel=p,
+                            generator=torch.Generator().manual_seed(args.seed), **dict(opts))
+        lat = o.sample
         comp = mixture.classify(lat)
         if seq is None:
             seq, seq_comp = lat, comp
         r = {"sw": sliced_wasserstein(lat, true_a, seed=args.seed),
              "same_comp": float((comp == seq_comp).double().mean()),
              "spread": spread(mixture, lat, comp),
-             "rel_dev": rel_dev(lat, seq), "wall_s": time.perf_counter() - t0}
-        out[(mode, p, steps)] = r
-        log(f"gmm    {mode:>12} n={p} S={steps}: SW {r['sw']:.4f}  same comp {r['same_comp']:.4f}  "
-            f"spread {r['spread']:.4f}  rel dev {r['rel_dev']:.4f}  ({r['wall_s']:.1f} s)")
+             "rel_dev": rel_dev(lat, seq), "wall_s": time.perf_counter() - t0, "serial_rounds": o.stats.serial_rounds}
+        out[cfg] = r
+        log(f"gmm    {label(cfg):>28} n={p} S={steps}: SW {r['sw']:.4f}  same comp {r['same_comp']:.4f}  "
+            f"spread {r['spread']:.4f}  rel dev {r['rel_dev']:.4f}  rounds {r['serial_rounds']}  ({r['wall_s']:.1f} s)")
     return {"rows": out, "sw_floor": floor, "true_spread": true_spread, "n_samples": n}
 
 
@@ -256,12 +263,15 @@ def _row_line(label, n, rounds, speedup, d, m) -> str:
 
 def build(args, configs, dig, gmm) -> tuple:
     rows = []
-    for mode, n, steps in configs:
-        plan = make_plan(mode, steps, n)
-        d = dig["rows"][(mode, n, steps)] if dig else {}
-        m = gmm["rows"][(mode, n, steps)] if gmm else {}
-        rows.append({"mode": mode, "n": n, "steps": steps, "serial_rounds": plan.serial_rounds,
-                     "model_evals": plan.model_evals, "ideal_speedup": round(plan.ideal_speedup, 4),
+    for cfg in configs:
+        mode, n, steps, opts = cfg
+        d = dig["rows"][cfg] if dig else {}
+        m = gmm["rows"][cfg] if gmm else {}
+        # a static plan's rounds are fixed; the iterative modes' depend on the data (the digits run is reported)
+        rounds = make_plan(mode, steps, n).serial_rounds if mode not in ("picard", "parasolver") else \
+            (d or m)["serial_rounds"]
+        rows.append({"mode": label(cfg), "n": n, "steps": steps, "options": dict(opts), "serial_rounds": rounds,
+                     "ideal_speedup": round(steps / rounds, 4),
                      **{f"digits_{k}": v for k, v in d.items()}, **{f"gmm_{k}": v for k, v in m.items()}})
     head = ("| mode | n | serial rounds | ideal speedup | digits class acc | digits FD | digits rel. dev. "
             "| GMM sliced W2 | GMM same component | GMM spread | GMM rel. dev. |")
@@ -270,7 +280,7 @@ def build(args, configs, dig, gmm) -> tuple:
         real_d = {"class_acc": dig["classifier_test_acc"], "fd": dig["fd_floor"]} if dig else {}
         real_m = {"sw": gmm["sw_floor"], "spread": gmm["true_spread"]} if gmm else {}
         lines.append(_row_line("reference: real data", "-", "-", "-", real_d, real_m))
-    fine = ("sequential", 1, args.steps * args.fine_factor)
+    fine = ("sequential", 1, args.steps * args.fine_factor, ())
     fine_d, fine_m = (dig or {}).get("rows", {}).get(fine, {}), (gmm or {}).get("rows", {}).get(fine, {})
     if fine_d or fine_m:
         lines.append(_row_line(f"reference: sequential, {fine[2]} steps", 1, fine[2], "-", fine_d, fine_m))
@@ -280,7 +290,11 @@ def build(args, configs, dig, gmm) -> tuple:
         lines.append(_row_line(r["mode"], r["n"], r["serial_rounds"], f"{r['ideal_speedup']:.2f}x", d, m))
     notes = [f"S = {args.steps} DDIM steps (eta 0), local evaluator (all points of a round in one batched call; "
              f"the distributed evaluator gives the same samples), seed {args.seed}. rel. dev. = mean |x - x_seq| / "
-             f"|x_seq| against the {args.steps}-step sequential sample from the same noise."]
+             f"|x_seq| against the {args.steps}-step sequential sample from the same noise.",
+             "+extrapolate: drafts from extrapolated model outputs (drafts='extrapolate'); the other draft-and-refine "
+             "rows use the paper's jumps. picard and parasolver iterate to the tolerance shown with window p = n "
+             f"(parasolver: N = S/2 subintervals, M = 2 preconditioning); their serial rounds depend on the data: the "
+             f"digits run's are shown (ideal speedup = S / serial rounds)."]
     if fine_d or fine_m:
         notes.append(f"The second reference row is the sequential sampler at {fine[2]} steps: its rel. dev. is the "
                      f"size of the {args.steps}-step scheduler's own discretization error.")
@@ -307,10 +321,33 @@ def write_atomic(path: Path, text: str):
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def label(cfg) -> str:
+    mode, _, _, opts = cfg
+    o = dict(opts)
+    if o.get("drafts") == "extrapolate":
+        return f"{mode} +extrapolate"
+    return f"{mode} (tol {o['tolerance']:g})" if "tolerance" in o else mode
+
+
+def fine_config(args) -> list:
+    return [("sequential", 1, args.steps * args.fine_factor, ())] if args.fine_factor else []
+
+
+def make_configs(args) -> list:
+    """(mode, n, steps, options as a tuple of pairs) for every row of the table."""
+    S, tol = args.steps, args.tolerance
+    cfgs = [("sequential", 1, S, ())]
+    for drafts in ("jump", "extrapolate"):
+        cfgs += [(m, n, S, (("drafts", drafts),)) for m in ("aggressive", "conservative") for n in args.parallel]
+    cfgs += [("picard", n, S, (("tolerance", tol), ("window", n))) for n in args.parallel]
+    cfgs += [("parasolver", n, S, (("preconditioning", 2), ("subintervals", S // 2), ("tolerance", tol),
+                                   ("window", n))) for n in args.parallel]
+    return cfgs
+
+
 def run(args, log=print) -> tuple:
     torch.set_num_threads(args.threads)
-    configs = [("sequential", 1, args.steps)] + [(m, n, args.steps) for m in ("aggressive", "conservative")
-                                                 for n in args.parallel]
+    configs = make_configs(args)
     t0 = time.perf_counter()
     with torch.no_grad():
         dig = None if args.skip_digits else digits_part(args, configs, log)

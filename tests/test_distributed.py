@@ -107,3 +107,21 @@ def test_shipped_digits_and_a_diffusers_pipeline_on_two_ranks(tmp_path):
         row = rank0[f"sd-{mode}"]
         assert row["image_shape"] == [1, 32, 48, 3] and row["finite"] and row["rel_err"] <= 1e-5, row
         assert rank1[f"sd-{mode}-rank1"]["images_none"]  # only rank 0 decodes
+
+
+def test_all_gather_rejects_a_stacked_output_shape():
+    """gloo all-gathers by dim-0 concatenation; a stacked [world, ...] output is refused with a clear error."""
+    import torch
+    import torch.distributed as dist
+
+    from driffusion_rt.distributed import all_gather_rows
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        inp = torch.ones(2, 3)
+        with pytest.raises(ValueError, match=r"must concatenate 1 inputs \(2, 3\) along dim 0"):
+            all_gather_rows(torch.empty(1, 2, 3), inp)
+        out = torch.empty(2, 3)
+        all_gather_rows(out, inp)
+        assert torch.equal(out, inp)
+    finally:
+        dist.destroy_process_group()

@@ -85,9 +85,11 @@ def test_phase_times_come_from_cuda_events():
     model = tiny_unet()
     x = torch.randn(1, 4, 16, 16, device="cuda")
     with torch.no_grad():
-        st = Sampler(model)(DDIMScheduler(clip_sample=False), x, steps=10, mode="aggressive", parallel=2).stats
+        out = Sampler(model)(DDIMScheduler(clip_sample=False), x, steps=10, mode="aggressive", parallel=2)
+    st = out.stats
     assert st.phases["model"] > 0 and all(v >= 0 for v in st.phases.values())
     assert sum(st.phases.values()) <= st.wall_time * 1.05
+    assert out.host is not None and out.host.is_pinned() and torch.equal(out.cpu(), out.sample.cpu())
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs at least 2 visible GPUs")
