@@ -50,11 +50,6 @@ class Plan:
         """Sequential serial rounds (S) over this plan's, i.e. the speedup if only model calls cost time."""
         return self.steps / self.serial_rounds
 
-    @property
-    def max_width(self) -> int:
-        """The widest parallel model call of the plan (drafts per round)."""
-        return max([len(r.drafts) for r in self.rounds] + [1])
-
     def describe(self) -> str:
         lines = [f"plan: mode={self.mode} steps={self.steps} parallel={self.parallel} rounds={len(self.rounds)} "
                  f"serial_rounds={self.serial_rounds} model_evals={self.model_evals} "

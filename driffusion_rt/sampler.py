@@ -43,9 +43,6 @@ class SampleStats:
     ideal_speedup: float = 0.0       # the plan's S / serial_rounds
     phases: dict = field(default_factory=dict)  # seconds per phase: draft, model, comm, refine, check
 
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
 
 @dataclass
 class SampleOutput:

@@ -129,18 +129,6 @@ class Trajectory:
                 r = r * self.A[s]
         return w, r
 
-    def x0_coefficients(self, i: int) -> tuple:
-        """(p, q) with the clean-sample prediction x0_hat = p x_i + q o_i, from the levels at index i."""
-        a, b = self.in_alpha[i].item(), self.in_sigma[i].item()
-        d = self.input_divisor[i].item()
-        if self.prediction == "epsilon":    # x_in = a x0 + b eps
-            p, q = 1.0 / a, -b / a
-        elif self.prediction == "v_prediction":  # x0 = a x_in - b v
-            p, q = a, -b
-        else:                               # flow: x = (1 - s) x0 + s eps, o = eps - x0
-            p, q = 1.0, -b
-        return p / d, q
-
 
 # ---------------------------------------------------------------------------------------------- builders
 

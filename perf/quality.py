@@ -293,8 +293,8 @@ def build(args, configs, dig, gmm) -> tuple:
              f"|x_seq| against the {args.steps}-step sequential sample from the same noise.",
              "+extrapolate: drafts from extrapolated model outputs (drafts='extrapolate'); the other draft-and-refine "
              "rows use the paper's jumps. picard and parasolver iterate to the tolerance shown with window p = n "
-             f"(parasolver: N = S/2 subintervals, M = 2 preconditioning); their serial rounds depend on the data: the "
-             f"digits run's are shown (ideal speedup = S / serial rounds)."]
+             "(parasolver: N = S/2 subintervals, M = 2 preconditioning); their serial rounds depend on the data: the "
+             "digits run's are shown (ideal speedup = S / serial rounds)."]
     if fine_d or fine_m:
         notes.append(f"The second reference row is the sequential sampler at {fine[2]} steps: its rel. dev. is the "
                      f"size of the {args.steps}-step scheduler's own discretization error.")
