@@ -142,8 +142,12 @@ def test_quality_quick_writes_table(tmp_path):
     meta, md = quality.run(args, log=lambda *a: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["quality.json", "quality.md"]
     rows = json.loads((tmp_path / "quality.json").read_text())["rows"]
-    assert [(r["mode"], r["n"]) for r in rows] == [("sequential", 1)] + [
-        (m, n) for m in ("aggressive", "conservative") for n in (2, 4, 8)]
+    modes = ["sequential"] + [f"{m}{d}" for d in ("", " +extrapolate") for m in ("aggressive", "conservative")
+                              for _ in (2, 4, 8)] + [f"{m} (tol 0.05)" for m in ("picard", "parasolver") for _ in (2, 4, 8)]
+    assert [r["mode"] for r in rows] == modes
+    assert [r["n"] for r in rows] == [1] + [2, 4, 8] * 6
     assert rows[0]["digits_rel_dev"] == 0 and rows[0]["gmm_same_comp"] == 1
     assert all(0 <= r["digits_class_acc"] <= 1 and r["gmm_sw"] > 0 for r in rows)
-    assert (tmp_path / "quality.md").read_text() == md and md.count("\n| ") == 9  # 2 reference rows + 7
+    # a static plan's serial rounds are the plan's; the iterative modes report what they ran
+    assert [r["serial_rounds"] for r in rows[1:4]] == [6, 4, 3] and all(r["serial_rounds"] >= 1 for r in rows)
+    assert (tmp_path / "quality.md").read_text() == md and md.count("\n| ") == 2 + len(modes)  # + 2 reference rows
