@@ -12,7 +12,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["driffusion_rt", "driffusion_rt.kernels"],
+    packages=["driffusion_rt", "driffusion_rt.pipelines", "driffusion_rt.kernels"],
     package_dir={"driffusion_rt": "driffusion_rt", "driffusion_rt.kernels": "kernels"},
     package_data={"driffusion_rt": ["assets/*/*"]},
     install_requires=[

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .evaluator import Shared
-from .sampler import Sampler, SampleStats, sample
-from .trajectory import Trajectory
+from ..evaluator import Shared
+from ..sampler import Sampler, SampleStats, sample
+from ..trajectory import Trajectory
 
 FAMILIES = {  # pipeline class name -> family
     "StableDiffusionPipeline": "sd",
@@ -637,7 +637,7 @@ class DRiffusionPipeline:
     def sampler(self):
         """Built on first use, so a process group initialised after wrapping is picked up."""
         if self._sampler is None:
-            from .distributed import default_evaluator
+            from ..distributed import default_evaluator
             self._sampler = Sampler(self.model, default_evaluator(self.model))
         return self._sampler
 
