@@ -333,3 +333,29 @@ def test_option_errors(pipes):
         text_to_image(pipes["sd15"], PROMPT, steps=2, height=32, width=32, output_type="jpeg")
     with pytest.raises(ValueError, match="mode"):
         text_to_image(pipes["sd15"], PROMPT, steps=2, height=32, width=32, mode="fast")
+
+
+def test_family_registry(pipes):
+    """Families register themselves; bad registrations fail before changing the tables; an option a family does
+    not take names the families that do."""
+    from driffusion_rt.pipelines import FAMILIES, REGISTRY, SCHEDULERS, get_family, register
+    from driffusion_rt.pipelines.sd import StableDiffusion
+    assert list(REGISTRY) == ["sd", "sdxl", "sd3", "flux"] and get_family(pipes["sd21"]) is REGISTRY["sd"]
+    assert SCHEDULERS["sdxl"] == REGISTRY["sdxl"].schedulers and FAMILIES["FluxPipeline"] == "flux"
+
+    class Twice(StableDiffusion):
+        pipeline_classes = ("OtherPipeline",)
+
+    class UnknownScheduler(StableDiffusion):
+        name, pipeline_classes, schedulers = "sd-dpm", ("OtherPipeline",), ("ddim", "dpm")
+
+    with pytest.raises(ValueError, match="family 'sd' is registered twice"):
+        register(Twice())
+    with pytest.raises(ValueError, match=r"schedulers \['dpm'\]"):
+        register(UnknownScheduler())
+    assert "OtherPipeline" not in FAMILIES and "sd-dpm" not in REGISTRY
+    with pytest.raises(ValueError, match=r"max_sequence_length is not supported by the sdxl pipeline \(only sd3, "
+                                         r"flux\)"):
+        prepare(pipes["sdxl"], PROMPT, steps=2, height=32, width=32, max_sequence_length=8)
+    with pytest.raises(ValueError, match=r"clip_skip is not supported by the flux pipeline \(only sd, sdxl, sd3\)"):
+        prepare(pipes["flux"], PROMPT, steps=2, height=32, width=32, clip_skip=1)

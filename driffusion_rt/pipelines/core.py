@@ -1,59 +1,166 @@
-"""Text-to-image through the runtime: diffusers pipelines of the SD 1.5 / 2.1, SDXL, SD3 and Flux families.
+"""The family-independent part of `driffusion_rt.pipelines`: loading, the family registry, scheduler choice,
+request preparation, run, decode dispatch, text_to_image and DRiffusionPipeline.
 
-A request goes: encode the prompt once (the pipeline's own encode_prompt) -> draw the initial noise exactly as the
-pipeline's prepare_latents draws it (same generator calls, shape and dtype, but as unit noise: `sample()` applies
-init_noise_sigma) -> `driffusion_rt.sample` with a model adapter -> VAE decode (rank 0 only under torchrun).
-
-The adapters turn a pipeline's denoiser into the runtime's model call `model(x_in, t, **model_kwargs)`:
-x_in is [rows, ...] with rows = drafts x batch (already through scale_model_input), t one timestep per row.
-Classifier-free guidance happens inside the call (uncond and cond batched as one denoiser call, like the
-pipelines do); per-request tensors sit in model_kwargs with first dim == the latent batch B so the runtime
-repeats them for the drafts of a call, the negative and positive embeddings as separate entries so the
-repetition keeps them aligned. Tensors that are per-shape constants (Flux's img_ids / txt_ids, whose first
-dim is a token count that may equal B by chance) are wrapped in `Shared`, which the runtime never repeats.
-
-With mode="sequential" the result equals the plain pipeline call with the same seed and scheduler (tests:
-max relative error <= 1e-5 in float32). Not supported (raise or are simply not offered): callbacks
-(callback_on_step_end), custom `timesteps` / `sigmas`, IP adapters, cross/joint attention kwargs (LoRA scale),
-SDXL's denoising_end, SD3's skip-layer guidance, precomputed prompt embeddings, and schedulers the runtime cannot
-express as affine steps (multistep solvers such as PNDM or DPM-Solver: a pipeline that ships one gets the family's
-default scheduler instead, see `make_scheduler`).
-"""
+What differs between model families (adapter, prompt encoding, latent preparation, size rules, defaults, decode)
+lives in one module per family, each an instance of `Family` passed to `register`."""
+import dataclasses
 import inspect
 import json
-import math
 import os
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from ..evaluator import Shared
 from ..sampler import Sampler, SampleStats, sample
 from ..trajectory import Trajectory
 
-FAMILIES = {  # pipeline class name -> family
-    "StableDiffusionPipeline": "sd",
-    "StableDiffusionXLPipeline": "sdxl",
-    "StableDiffusion3Pipeline": "sd3",
-    "FluxPipeline": "flux",
-}
-SCHEDULERS = {  # names a --scheduler flag accepts, per family
-    "sd": ("ddim", "ddpm", "euler"),
-    "sdxl": ("ddim", "ddpm", "euler"),
-    "sd3": ("flow",),
-    "flux": ("flow",),
-}
-DEFAULT_SCHEDULER = {"sd": "ddim", "sdxl": "euler", "sd3": "flow", "flux": "flow"}
 SCHEDULER_CLASSES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "euler": "EulerDiscreteScheduler",
                      "flow": "FlowMatchEulerDiscreteScheduler"}
-DEFAULT_GUIDANCE = {"sd": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 3.5}  # the pipelines' own defaults
-DEFAULT_STEPS = {"sd": 50, "sdxl": 50, "sd3": 28, "flux": 28}
 OUTPUT_TYPES = ("latent", "pt", "np", "pil")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+# prepare's family-specific options and their defaults: a family lists the ones it takes in Family.options, the
+# others must stay at their default
+OPTIONS = {"clip_skip": None, "guidance_rescale": 0.0, "true_cfg_scale": 1.0, "max_sequence_length": None}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?$")
+
+
+# ---------------------------------------------------------------------------------------------- families
+
+
+class Family(ABC):
+    """One model family: everything about its pipelines that the shared code does not know.
+
+    Attributes: name ("sd"); pipeline_classes (diffusers class names it serves, subclasses count); schedulers (keys
+    of SCHEDULER_CLASSES the runtime can run for it) and default_scheduler (replaces a shipped one it cannot run);
+    default_steps and default_guidance (the pipelines' own defaults); options (the OPTIONS keys it takes).
+
+    A request is encode (prompt -> model_kwargs) -> prepare (initial noise drawn as the pipeline draws it, plus the
+    latent-geometry kwargs) -> timesteps_kwargs (set_timesteps options) -> the runtime with `adapter(pipe)` ->
+    decode. Room for what comes next without new hooks: video families return 5-D latents from prepare, frames
+    from decode and a `.frames` output_class (num_frames joins height / width as a size argument then); Wan 2.2's
+    two transformers are one adapter that picks per row by timestep (rows of one call can straddle the boundary);
+    ControlNet residuals and LoRA scales are per-request model_kwargs the adapter turns into its denoiser's
+    arguments; img2img is a prepare that encodes the image and a trajectory that starts at the strength's step."""
+    name: str
+    pipeline_classes: tuple
+    schedulers: tuple
+    default_scheduler: str
+    default_steps: int
+    default_guidance: float
+    options: tuple = ()
+
+    @abstractmethod
+    def output_class(self) -> type:
+        """The pipelines' own output class (a diffusers BaseOutput dataclass)."""
+
+    @abstractmethod
+    def adapter(self, pipe):
+        """The runtime model `model(x_in, t, **model_kwargs)` for the pipeline's denoiser (stateless)."""
+
+    @abstractmethod
+    def size_multiple(self, pipe) -> tuple:
+        """(m, why): height and width must be multiples of m, the pipeline's own rule, for the reason `why`."""
+
+    def default_size(self, pipe) -> tuple:
+        """(height, width) the pipeline uses when none is given."""
+        s = pipe.default_sample_size * int(pipe.vae_scale_factor)
+        return s, s
+
+    @abstractmethod
+    def encode(self, pipe, prompt, negative_prompt, *, batch, num_images, guidance_scale, height, width, device,
+               **options) -> dict:
+        """The per-request model_kwargs (prompt embeddings, guidance, added conditions): tensors with first dim
+        == batch are repeated for the drafts, `Shared` ones are not. options: the family's OPTIONS."""
+
+    @abstractmethod
+    def prepare(self, pipe, model_kwargs, *, batch, height, width, generator, latents, device) -> tuple:
+        """(x, extra_kwargs): the initial unit noise drawn exactly as the pipeline's prepare_latents draws it (or
+        the given `latents`, shape-checked), and model_kwargs that depend on the latent geometry."""
+
+    def timesteps_kwargs(self, pipe, scheduler, latents, steps) -> dict | None:
+        """Options of scheduler.set_timesteps the pipeline passes (e.g. the dynamic-shifting mu)."""
+        return None
+
+    @abstractmethod
+    def decode(self, pipe, latents, *, height, width, output_type, generator) -> tuple:
+        """The output_class fields, in order, for final latents and an output_type other than "latent"."""
+
+
+REGISTRY: dict = {}  # family name -> Family, in registration order
+# views of the registry, filled by register(): the tables callers (services, tests) read
+FAMILIES = {}  # pipeline class name -> family name
+SCHEDULERS = {}  # family name -> names a --scheduler flag accepts
+DEFAULT_SCHEDULER = {}
+DEFAULT_GUIDANCE = {}  # the pipelines' own defaults
+DEFAULT_STEPS = {}
+
+
+def register(family: Family) -> Family:
+    """Add a family (each family module calls this once when the package imports it)."""
+    if family.name in REGISTRY:
+        raise ValueError(f"family {family.name!r} is registered twice")
+    unknown = [s for s in family.schedulers if s not in SCHEDULER_CLASSES]
+    bad = [o for o in family.options if o not in OPTIONS]
+    if unknown or bad or family.default_scheduler not in family.schedulers:
+        raise ValueError(f"family {family.name!r}: schedulers {unknown} / options {bad} are not known, or its "
+                         f"default scheduler {family.default_scheduler!r} is not one of its schedulers")
+    REGISTRY[family.name] = family
+    FAMILIES.update({cls: family.name for cls in family.pipeline_classes})
+    SCHEDULERS[family.name] = tuple(family.schedulers)
+    DEFAULT_SCHEDULER[family.name] = family.default_scheduler
+    DEFAULT_GUIDANCE[family.name] = family.default_guidance
+    DEFAULT_STEPS[family.name] = family.default_steps
+    return family
+
+
+def _supported_families() -> str:
+    return ", ".join(f"{fam} ({cls})" for cls, fam in FAMILIES.items())
+
+
+def family_of_class(class_name, where: str = "the pipeline") -> str:
+    fam = FAMILIES.get(class_name)
+    if fam is None:
+        raise ValueError(f"unsupported pipeline family: {where} is a {class_name!r}; supported: "
+                         f"{_supported_families()}")
+    return fam
+
+
+def family_of(pipe) -> str:
+    """The family ("sd", "sdxl", "sd3", "flux") of a loaded pipeline (subclasses of a supported class count)."""
+    for cls in type(pipe).__mro__:
+        if cls.__name__ in FAMILIES:
+            return FAMILIES[cls.__name__]
+    return family_of_class(type(pipe).__name__)
+
+
+def get_family(pipe) -> Family:
+    """The registered Family of a loaded pipeline."""
+    return REGISTRY[family_of(pipe)]
+
+
+def model_adapter(pipe):
+    """The runtime model for a pipeline's denoiser (stateless: every per-request input is a model kwarg)."""
+    return get_family(pipe).adapter(pipe)
+
+
+def output_class(pipe):
+    """The pipeline's own output class (StableDiffusionPipelineOutput, ..., FluxPipelineOutput)."""
+    return get_family(pipe).output_class()
+
+
+def size_multiple(pipe) -> tuple:
+    """(m, why): height and width must be multiples of m, the pipeline's own rule, for the reason `why`."""
+    return get_family(pipe).size_multiple(pipe)
+
+
+def default_size(pipe) -> tuple:
+    return get_family(pipe).default_size(pipe)
+
+
+# ---------------------------------------------------------------------------------------------- loading
 
 
 def _dtype_keyword() -> str:
@@ -63,13 +170,6 @@ def _dtype_keyword() -> str:
         return "dtype"
     except ImportError:
         return "torch_dtype"
-
-
-def _supported_families() -> str:
-    return ", ".join(f"{fam} ({cls})" for cls, fam in FAMILIES.items())
-
-
-# ---------------------------------------------------------------------------------------------- loading
 
 
 def parse_dtype(dtype) -> torch.dtype:
@@ -106,22 +206,6 @@ def check_model_dir(path: str) -> dict:
         raise FileNotFoundError(f"model directory {path!r} is incomplete: component folder(s) {', '.join(missing)} "
                                 f"listed in model_index.json are missing or empty")
     return config
-
-
-def family_of_class(class_name, where: str = "the pipeline") -> str:
-    fam = FAMILIES.get(class_name)
-    if fam is None:
-        raise ValueError(f"unsupported pipeline family: {where} is a {class_name!r}; supported: "
-                         f"{_supported_families()}")
-    return fam
-
-
-def family_of(pipe) -> str:
-    """The family ("sd", "sdxl", "sd3", "flux") of a loaded pipeline (subclasses of a supported class count)."""
-    for cls in type(pipe).__mro__:
-        if cls.__name__ in FAMILIES:
-            return FAMILIES[cls.__name__]
-    return family_of_class(type(pipe).__name__)
 
 
 def load_pipeline(model: str, dtype=torch.float32, device="cpu"):
@@ -195,132 +279,16 @@ def make_scheduler(pipe, name: str | None = None):
     return cls.from_config(own.config, **extra)
 
 
-# ---------------------------------------------------------------------------------------------- adapters
+# ---------------------------------------------------------------------------------------------- guidance
 
 
-def _guide(out: torch.Tensor, scale: float) -> tuple:
+def guide(out: torch.Tensor, scale: float) -> tuple:
+    """Classifier-free guidance of one batched [uncond; cond] output: (guided, cond)."""
     uncond, cond = out.chunk(2)
     return uncond + scale * (cond - uncond), cond
 
 
-class UNetAdapter:
-    """UNet2DConditionModel (SD 1.5 / 2.1 / SDXL) as a runtime model, classifier-free guidance inside.
-
-    model_kwargs: prompt_embeds [B, L, D]; negative_prompt_embeds (present iff guidance is on); guidance_scale,
-    guidance_rescale (floats); SDXL: text_embeds / negative_text_embeds [B, P], time_ids / negative_time_ids
-    [B, 6]; timestep_cond [B, C] for UNets with time_cond_proj_dim."""
-
-    def __init__(self, unet):
-        self.unet = unet
-
-    @torch.no_grad()
-    def __call__(self, x, t, *, prompt_embeds, negative_prompt_embeds=None, guidance_scale=1.0, guidance_rescale=0.0,
-                 text_embeds=None, negative_text_embeds=None, time_ids=None, negative_time_ids=None,
-                 timestep_cond=None):
-        cfg = negative_prompt_embeds is not None
-        added = None
-        if text_embeds is not None:
-            added = {"text_embeds": text_embeds, "time_ids": time_ids}
-        if cfg:
-            x, t = torch.cat([x, x]), torch.cat([t, t])
-            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
-            if added is not None:
-                added = {"text_embeds": torch.cat([negative_text_embeds, text_embeds]),
-                         "time_ids": torch.cat([negative_time_ids, time_ids])}
-        out = self.unet(x, t, encoder_hidden_states=prompt_embeds, timestep_cond=timestep_cond,
-                        added_cond_kwargs=added, return_dict=False)[0]
-        if not cfg:
-            return out
-        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
-        out, cond = _guide(out, guidance_scale)
-        if guidance_rescale > 0.0:
-            out = rescale_noise_cfg(out, cond, guidance_rescale=guidance_rescale)
-        return out
-
-
-class SD3Adapter:
-    """SD3Transformer2DModel (flow matching) as a runtime model. model_kwargs: prompt_embeds, pooled_prompt_embeds,
-    and their negative_ versions (present iff guidance is on), guidance_scale."""
-
-    def __init__(self, transformer):
-        self.transformer = transformer
-
-    @torch.no_grad()
-    def __call__(self, x, t, *, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds=None,
-                 negative_pooled_prompt_embeds=None, guidance_scale=1.0):
-        cfg = negative_prompt_embeds is not None
-        if cfg:
-            x, t = torch.cat([x, x]), torch.cat([t, t])
-            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
-            pooled_prompt_embeds = torch.cat([negative_pooled_prompt_embeds, pooled_prompt_embeds])
-        out = self.transformer(hidden_states=x, timestep=t, encoder_hidden_states=prompt_embeds,
-                               pooled_projections=pooled_prompt_embeds, return_dict=False)[0]
-        return _guide(out, guidance_scale)[0] if cfg else out
-
-
-class FluxAdapter:
-    """FluxTransformer2DModel as a runtime model: packed latents [rows, tokens, C], timestep / 1000 as the Flux
-    pipeline passes it, the guidance embedding ([B] guidance values, guidance-distilled checkpoints), and true
-    classifier-free guidance (true_cfg_scale > 1 with a negative prompt: uncond and cond in one batched call,
-    where the pipeline makes two calls). model_kwargs: prompt_embeds, pooled_prompt_embeds, text_ids, img_ids
-    (Shared), guidance, negative_* (present iff true CFG is on), true_cfg_scale, and batched_cfg: whether uncond
-    and cond share their text ids and shapes, so they can be one batched call (decided once per request)."""
-
-    def __init__(self, transformer):
-        self.transformer = transformer
-
-    def _run(self, x, t, prompt_embeds, pooled, text_ids, img_ids, guidance):  # one FluxPipeline transformer call
-        return self.transformer(hidden_states=x, timestep=t.to(x.dtype) / 1000, guidance=guidance,
-                                pooled_projections=pooled, encoder_hidden_states=prompt_embeds,
-                                txt_ids=text_ids, img_ids=img_ids, return_dict=False)[0]
-
-    @torch.no_grad()
-    def __call__(self, x, t, *, prompt_embeds, pooled_prompt_embeds, text_ids, img_ids, guidance=None,
-                 negative_prompt_embeds=None, negative_pooled_prompt_embeds=None, negative_text_ids=None,
-                 true_cfg_scale=1.0, batched_cfg=False):
-        if negative_prompt_embeds is None:
-            return self._run(x, t, prompt_embeds, pooled_prompt_embeds, text_ids, img_ids, guidance)
-        if batched_cfg:
-            out = self._run(torch.cat([x, x]), torch.cat([t, t]),
-                            torch.cat([negative_prompt_embeds, prompt_embeds]),
-                            torch.cat([negative_pooled_prompt_embeds, pooled_prompt_embeds]), text_ids, img_ids,
-                            None if guidance is None else torch.cat([guidance, guidance]))
-            return _guide(out, true_cfg_scale)[0]
-        cond = self._run(x, t, prompt_embeds, pooled_prompt_embeds, text_ids, img_ids, guidance)
-        uncond = self._run(x, t, negative_prompt_embeds, negative_pooled_prompt_embeds, negative_text_ids, img_ids,
-                           guidance)
-        return uncond + true_cfg_scale * (cond - uncond)
-
-
-def model_adapter(pipe):
-    """The runtime model for a pipeline's denoiser (stateless: every per-request input is a model kwarg)."""
-    fam = family_of(pipe)
-    if fam in ("sd", "sdxl"):
-        return UNetAdapter(pipe.unet)
-    return SD3Adapter(pipe.transformer) if fam == "sd3" else FluxAdapter(pipe.transformer)
-
-
 # ---------------------------------------------------------------------------------------------- requests
-
-
-def size_multiple(pipe) -> tuple:
-    """(m, why): height and width must be multiples of m, the pipeline's own rule, for the reason `why`."""
-    fam, vsf = family_of(pipe), int(pipe.vae_scale_factor)
-    if fam in ("sd", "sdxl"):  # the SD / SDXL pipelines require multiples of 8
-        return math.lcm(8, vsf), f"multiples of 8 and of the VAE scale factor {vsf}"
-    if fam == "sd3":
-        p = int(pipe.transformer.config.patch_size)
-        return vsf * p, f"VAE scale factor {vsf} x transformer patch size {p}"
-    return vsf * 2, f"VAE scale factor {vsf} x 2 for the 2 x 2 latent packing"
-
-
-def default_size(pipe) -> tuple:
-    fam, vsf = family_of(pipe), int(pipe.vae_scale_factor)
-    if fam == "sd":
-        s = pipe.unet.config.sample_size
-        h, w = (s, s) if isinstance(s, int) else s[:2]
-        return h * vsf, w * vsf
-    return pipe.default_sample_size * vsf, pipe.default_sample_size * vsf
 
 
 def check_size(pipe, height, width) -> tuple:
@@ -362,7 +330,8 @@ def _batch(prompt) -> int:
     raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
 
 
-def _noise(shape, generator, device, dtype, latents):
+def draw_noise(shape, generator, device, dtype, latents):
+    """Unit noise as the pipelines' prepare_latents draws it (randn_tensor), or the given latents, shape-checked."""
     from diffusers.utils.torch_utils import randn_tensor
 
     if latents is not None:
@@ -374,6 +343,13 @@ def _noise(shape, generator, device, dtype, latents):
     return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 
 
+def _check_options(family: Family, options: dict):
+    for name, value in options.items():
+        if name not in family.options and value != OPTIONS[name]:
+            have = ", ".join(f.name for f in REGISTRY.values() if name in f.options)
+            raise ValueError(f"{name} is not supported by the {family.name} pipeline (only {have})")
+
+
 @torch.no_grad()
 def prepare(pipe, prompt, *, negative_prompt=None, steps=None, guidance_scale=None, height=None, width=None,
             num_images=1, generator=None, seed=None, scheduler=None, latents=None, eta=0.0, guidance_rescale=0.0,
@@ -382,26 +358,29 @@ def prepare(pipe, prompt, *, negative_prompt=None, steps=None, guidance_scale=No
 
     guidance_scale: classifier-free guidance for sd / sdxl / sd3 (on when > 1), the guidance *embedding* for
     flux (guidance-distilled checkpoints); flux's classifier-free guidance is true_cfg_scale > 1 with a
-    negative_prompt, as in FluxPipeline. guidance_rescale: sd / sdxl only. eta: DDIM only.
+    negative_prompt, as in FluxPipeline. guidance_rescale: sd / sdxl only. max_sequence_length: the T5 families
+    (sd3, flux). clip_skip: not flux. eta: DDIM only.
     generator (one torch.Generator, or a list with one per image for deterministic schedulers) or seed
     (a CPU generator seeded with it) as in `pipe(..., generator=torch.Generator().manual_seed(seed))`."""
-    fam = family_of(pipe)
+    family = get_family(pipe)
     if generator is not None and seed is not None:
         raise ValueError("pass either generator or seed, not both")
     if seed is not None:
         generator = torch.Generator().manual_seed(int(seed))
-    steps = DEFAULT_STEPS[fam] if steps is None else steps
+    steps = family.default_steps if steps is None else steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    guidance_scale = DEFAULT_GUIDANCE[fam] if guidance_scale is None else float(guidance_scale)
+    guidance_scale = family.default_guidance if guidance_scale is None else float(guidance_scale)
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
         raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}")
-    if guidance_rescale and fam not in ("sd", "sdxl"):
-        raise ValueError(f"guidance_rescale is not supported by the {fam} pipeline (only sd, sdxl)")
-    if true_cfg_scale != 1.0 and fam != "flux":
-        raise ValueError(f"true_cfg_scale is a Flux option; use guidance_scale for the {fam} family")
+    options = dict(clip_skip=clip_skip, guidance_rescale=guidance_rescale, true_cfg_scale=true_cfg_scale,
+                   max_sequence_length=max_sequence_length)
+    _check_options(family, options)
     height, width = check_size(pipe, height, width)
     sched = make_scheduler(pipe, scheduler)
+    step_kwargs = {"eta": float(eta)} if type(sched).__name__ == "DDIMScheduler" else {}
+    if eta and not step_kwargs:
+        raise ValueError(f"eta is a DDIM option; the scheduler is {type(sched).__name__}")
     batch = _batch(prompt) * num_images
     prompt = list(prompt) if isinstance(prompt, tuple) else prompt  # the pipelines test isinstance(prompt, list)
     if isinstance(negative_prompt, tuple):
@@ -409,95 +388,21 @@ def prepare(pipe, prompt, *, negative_prompt=None, steps=None, guidance_scale=No
     if isinstance(prompt, (list, tuple)) and isinstance(negative_prompt, str):
         negative_prompt = [negative_prompt] * len(prompt)  # the pipelines want matching types
     device = pipe._execution_device
-    vsf = int(pipe.vae_scale_factor)
-    seq = {} if max_sequence_length is None else {"max_sequence_length": int(max_sequence_length)}
-    if seq and fam not in ("sd3", "flux"):
-        raise ValueError(f"max_sequence_length is a T5 option (sd3, flux), not for the {fam} family")
-    timesteps_kwargs = None
-    kw = {}
 
-    if fam in ("sd", "sdxl"):
-        cfg = guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
-        if fam == "sd":
-            pos, neg = pipe.encode_prompt(prompt, device, num_images, cfg, negative_prompt, clip_skip=clip_skip)
-        else:
-            pos, neg, pooled, neg_pooled = pipe.encode_prompt(
-                prompt=prompt, device=device, num_images_per_prompt=num_images, do_classifier_free_guidance=cfg,
-                negative_prompt=negative_prompt, clip_skip=clip_skip)
-            proj = int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
-            ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=pos.dtype,
-                                         text_encoder_projection_dim=proj).to(device).repeat(batch, 1)
-            kw.update(text_embeds=pooled.to(device), time_ids=ids)
-            if cfg:  # the pipeline's default negative time ids equal the positive ones
-                kw.update(negative_text_embeds=neg_pooled.to(device), negative_time_ids=ids)
-        kw.update(prompt_embeds=pos.to(device), guidance_scale=guidance_scale, guidance_rescale=float(guidance_rescale))
-        if cfg:
-            kw["negative_prompt_embeds"] = neg.to(device)
-        if pipe.unet.config.time_cond_proj_dim is not None:
-            w = torch.tensor(guidance_scale - 1).repeat(batch)
-            kw["timestep_cond"] = pipe.get_guidance_scale_embedding(
-                w, embedding_dim=pipe.unet.config.time_cond_proj_dim).to(device=device, dtype=pos.dtype)
-        shape = (batch, pipe.unet.config.in_channels, height // vsf, width // vsf)
-        x = _noise(shape, generator, device, pos.dtype, latents)
-
-    elif fam == "sd3":
-        cfg = guidance_scale > 1
-        pos, neg, pooled, neg_pooled = pipe.encode_prompt(
-            prompt=prompt, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=num_images,
-            do_classifier_free_guidance=cfg, negative_prompt=negative_prompt, clip_skip=clip_skip, **seq)
-        kw.update(prompt_embeds=pos, pooled_prompt_embeds=pooled, guidance_scale=guidance_scale)
-        if cfg:
-            kw.update(negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled)
-        shape = (batch, pipe.transformer.config.in_channels, height // vsf, width // vsf)
-        x = _noise(shape, generator, device, pos.dtype, latents)
-        c = sched.config
-        if c.get("use_dynamic_shifting", None):
-            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-            p = pipe.transformer.config.patch_size
-            mu = calculate_shift((shape[2] // p) * (shape[3] // p), c.get("base_image_seq_len", 256),
-                                 c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5), c.get("max_shift", 1.16))
-            timesteps_kwargs = {"mu": mu}
-
-    else:  # flux
-        if clip_skip is not None:
-            raise ValueError("clip_skip is not supported by the flux pipeline")
-        pos, pooled, text_ids = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device,
-                                                   num_images_per_prompt=num_images, **seq)
-        kw.update(prompt_embeds=pos, pooled_prompt_embeds=pooled, text_ids=Shared(text_ids))
-        if true_cfg_scale > 1 and negative_prompt is not None:
-            neg, neg_pooled, neg_ids = pipe.encode_prompt(prompt=negative_prompt, prompt_2=None, device=device,
-                                                          num_images_per_prompt=num_images, **seq)
-            kw.update(negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled,
-                      negative_text_ids=Shared(neg_ids), true_cfg_scale=float(true_cfg_scale),
-                      batched_cfg=neg.shape == pos.shape and torch.equal(neg_ids, text_ids))
-        ch = pipe.transformer.config.in_channels // 4
-        h, w = 2 * (height // (vsf * 2)), 2 * (width // (vsf * 2))
-        if latents is None:
-            x = pipe._pack_latents(_noise((batch, ch, h, w), generator, device, pos.dtype, None), batch, ch, h, w)
-        else:
-            x = _noise((batch, (h // 2) * (w // 2), ch * 4), generator, device, pos.dtype, latents)
-        kw["img_ids"] = Shared(pipe._prepare_latent_image_ids(batch, h // 2, w // 2, device, pos.dtype))
-        if pipe.transformer.config.guidance_embeds:
-            kw["guidance"] = torch.full([batch], guidance_scale, device=device, dtype=torch.float32)
-        c = sched.config
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-        mu = calculate_shift(x.shape[1], c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                             c.get("base_shift", 0.5), c.get("max_shift", 1.15))
-        timesteps_kwargs = {"mu": mu}
-        if not c.get("use_flow_sigmas", False):
-            timesteps_kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps).tolist()
-
-    step_kwargs = {"eta": float(eta)} if type(sched).__name__ == "DDIMScheduler" else {}
-    if eta and not step_kwargs:
-        raise ValueError(f"eta is a DDIM option; the scheduler is {type(sched).__name__}")
-    traj = Trajectory.from_scheduler(sched, steps, timesteps_kwargs, **step_kwargs)
+    kw = family.encode(pipe, prompt, negative_prompt, batch=batch, num_images=num_images,
+                       guidance_scale=guidance_scale, height=height, width=width, device=device,
+                       **{name: options[name] for name in family.options})
+    x, geometry = family.prepare(pipe, kw, batch=batch, height=height, width=width, generator=generator,
+                                 latents=latents, device=device)
+    kw.update(geometry)
+    traj = Trajectory.from_scheduler(sched, steps, family.timesteps_kwargs(pipe, sched, x, steps), **step_kwargs)
     run_gen = generator
     if isinstance(generator, list):
         if any(traj.noisy):
             raise ValueError(f"a list of generators works only with deterministic schedulers; "
                              f"{traj.scheduler_name} draws noise at every step: pass one torch.Generator")
         run_gen = None
-    return Request(fam, height, width, steps, x, kw, traj, run_gen, generator, step_kwargs)
+    return Request(family.name, height, width, steps, x, kw, traj, run_gen, generator, step_kwargs)
 
 
 @torch.no_grad()
@@ -518,14 +423,17 @@ def run(pipe, request: Request, *, mode="aggressive", parallel=None, sampler=Non
 # ---------------------------------------------------------------------------------------------- decoding
 
 
-def output_class(pipe):
-    """The pipeline's own output class (StableDiffusionPipelineOutput, ..., FluxPipelineOutput)."""
-    from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
-    from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
-    from diffusers.pipelines.stable_diffusion_3.pipeline_output import StableDiffusion3PipelineOutput
-    from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
-    return {"sd": StableDiffusionPipelineOutput, "sdxl": StableDiffusionXLPipelineOutput,
-            "sd3": StableDiffusion3PipelineOutput, "flux": FluxPipelineOutput}[family_of(pipe)]
+def _check_output_type(output_type):
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+
+
+def _empty_fields(cls) -> tuple:
+    return (None,) * len(dataclasses.fields(cls))
+
+
+def _output(cls, fields: tuple):
+    return cls(**{f.name: v for f, v in zip(dataclasses.fields(cls), fields)})
 
 
 @torch.no_grad()
@@ -534,45 +442,16 @@ def decode(pipe, latents, *, height, width, output_type="pil", generator=None, r
     its output class (`.images`; SD also `.nsfw_content_detected`), or a tuple with return_dict=False.
 
     output_type: "latent" (the latents as they are, Flux's packed), "pt", "np" or "pil". Call it on one rank."""
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-    fam, vae = family_of(pipe), pipe.vae
-    nsfw = None
+    _check_output_type(output_type)
+    family = get_family(pipe)
+    cls = family.output_class()
     if output_type == "latent":
-        image = latents
-    elif fam == "sd":
-        image = vae.decode(latents / vae.config.scaling_factor, return_dict=False, generator=generator)[0]
-        image, nsfw = pipe.run_safety_checker(image, latents.device, latents.dtype)
-        denorm = [True] * image.shape[0] if nsfw is None else [not n for n in nsfw]
-        image = pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=denorm)
-    elif fam == "sdxl":
-        upcast = vae.dtype == torch.float16 and vae.config.force_upcast
-        if upcast:
-            vae.to(dtype=torch.float32)
-            latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
-        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-        if mean is not None and std is not None:
-            mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
-            std = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
-            latents = latents * std / vae.config.scaling_factor + mean
-        else:
-            latents = latents / vae.config.scaling_factor
-        image = vae.decode(latents.to(vae.device), return_dict=False)[0]
-        if upcast:
-            vae.to(dtype=torch.float16)
-        if getattr(pipe, "watermark", None) is not None:
-            image = pipe.watermark.apply_watermark(image)
-        image = pipe.image_processor.postprocess(image, output_type=output_type)
+        fields = (latents,) + _empty_fields(cls)[1:]
     else:
-        if fam == "flux":
-            latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
-        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
-        image = vae.decode(latents.to(vae.device), return_dict=False)[0]
-        image = pipe.image_processor.postprocess(image, output_type=output_type)
+        fields = family.decode(pipe, latents, height=height, width=width, output_type=output_type,
+                               generator=generator)
     pipe.maybe_free_model_hooks()
-    if fam == "sd":
-        return output_class(pipe)(images=image, nsfw_content_detected=nsfw) if return_dict else (image, nsfw)
-    return output_class(pipe)(images=image) if return_dict else (image,)
+    return _output(cls, fields) if return_dict else fields
 
 
 def _is_rank0() -> bool:
@@ -593,12 +472,11 @@ def text_to_image(pipe, prompt, *, negative_prompt=None, steps=None, guidance_sc
     `pipe(prompt, ..., generator=torch.Generator().manual_seed(seed))` with the same scheduler. See `prepare`
     for the per-family meaning of guidance_scale / true_cfg_scale, `run` for sampler / sample_kwargs; progress
     shows a bar of rounds on rank 0."""
+    _check_output_type(output_type)
     req = prepare(pipe, prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale,
                   height=height, width=width, num_images=num_images, generator=generator, seed=seed,
                   scheduler=scheduler, latents=latents, eta=eta, guidance_rescale=guidance_rescale,
                   true_cfg_scale=true_cfg_scale, max_sequence_length=max_sequence_length, clip_skip=clip_skip)
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
     out = run(pipe, req, mode=mode, parallel=parallel, sampler=sampler, progress=progress, **sample_kwargs)
     images = None
     if _is_rank0():
@@ -647,8 +525,7 @@ class DRiffusionPipeline:
                  guidance_rescale=0.0, true_cfg_scale=1.0, max_sequence_length=None, clip_skip=None, latents=None):
         if prompt is None:
             raise ValueError("prompt is required (precomputed prompt embeddings are not supported)")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        _check_output_type(output_type)
         req = prepare(self.pipe, prompt, negative_prompt=negative_prompt, steps=num_inference_steps,
                       guidance_scale=guidance_scale, height=height, width=width, num_images=num_images_per_prompt,
                       generator=generator, scheduler=self.scheduler, latents=latents, eta=eta,
@@ -658,10 +535,7 @@ class DRiffusionPipeline:
                   progress=self.progress, **self.sample_kwargs)
         self.last_stats = out.stats
         if not _is_rank0():
-            fam = req.family
-            none = (None, None) if fam == "sd" else (None,)
-            return none if not return_dict else (
-                output_class(self.pipe)(images=None, nsfw_content_detected=None) if fam == "sd"
-                else output_class(self.pipe)(images=None))
+            cls = output_class(self.pipe)
+            return _output(cls, _empty_fields(cls)) if return_dict else _empty_fields(cls)
         return decode(self.pipe, out.sample, height=req.height, width=req.width, output_type=output_type,
                       generator=req.decode_generator, return_dict=return_dict)
