@@ -2,7 +2,8 @@
 from .evaluator import Shared
 from .gmm import GaussianMixture, GaussianMixtureModel
 from .plan import MODES, Plan, Round, make_plan
-from .sampler import NonFiniteOutputError, SampleOutput, SampleStats, Sampler, sample
+from .results import NonFiniteOutputError, SampleOutput, SampleStats
+from .sampler import Sampler, sample
 from .trajectory import Trajectory, UnsupportedScheduler
 
 __all__ = ["sample", "Sampler", "SampleOutput", "SampleStats", "Trajectory", "UnsupportedScheduler", "make_plan",

@@ -58,7 +58,8 @@ class ModelCall:
         self.kwargs = model_kwargs or {}
         dev = latent.device
         self.scaled = bool((traj.input_divisor != 1).any())
-        self.divisor = traj.input_divisor.to(dev, latent.dtype)
+        # float32 (float64 data: float64) like the scheduler's own divisor: never rounded to the latent's half type
+        self.divisor = traj.input_divisor.to(dev, torch.float64 if latent.dtype == torch.float64 else torch.float32)
         self.timesteps = traj.timesteps.to(dev)
         self._t, self._d, self._kw, self._x = {}, {}, {}, {}
 

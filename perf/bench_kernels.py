@@ -85,19 +85,24 @@ def time_ms(fn, warmup: int, repeats: int, cuda: bool) -> float:
     return statistics.median(times)
 
 
+def _rows(r, device):
+    return torch.tensor(list(r), dtype=torch.long, device=device)
+
+
 def draft_cases(shape, k, dtype, device):
-    """Callables for one draft case: 2 inputs (x_t and the model output), k drafts."""
-    x, eps = torch.randn(2, *shape, device=device).to(dtype).unbind(0)
+    """Callables for one draft case: 2 inputs (x_t and the model output), k drafts, as one combine call."""
+    arena = torch.randn(2 + k, *shape, device=device).to(dtype)
     coef = torch.randn(k, 2, device=device)
-    out = torch.empty(k, *shape, device=device, dtype=dtype)
+    out, inp = _rows(range(2, 2 + k), device), _rows(range(2), device)
+    x, eps = arena[0], arena[1]
 
     def fused():
         with kernels.backend("triton"):
-            return kernels.draft(out, [x, eps], coef)
+            return kernels.combine(arena, out, inp, coef)[2:]
 
     def fallback():
         with kernels.backend("torch"):
-            return kernels.draft(out, [x, eps], coef)
+            return kernels.combine(arena, out, inp, coef)[2:]
 
     def unfused():  # what a straightforward implementation writes
         return torch.stack([coef[r, 0] * x + coef[r, 1] * eps for r in range(k)])
@@ -106,24 +111,24 @@ def draft_cases(shape, k, dtype, device):
 
 
 def refine_cases(shape, m, dtype, device):
-    """Callables for one refine case: m stack rows and 1 noise row into a fresh output."""
-    stack = torch.randn(m, *shape, device=device).to(dtype)
-    noise = torch.randn(1, *shape, device=device).to(dtype)
-    w, wz = torch.randn(m, device=device), torch.randn(1, device=device)
-    out = torch.empty(shape, device=device, dtype=dtype)
+    """Callables for one refine case: m stack rows and 1 noise row into a fresh output row, as one combine call."""
+    arena = torch.randn(m + 2, *shape, device=device).to(dtype)
+    w = torch.randn(1, m + 1, device=device)
+    out_row, inp = _rows([m + 1], device), _rows(range(m + 1), device)
+    stack, noise = arena[:m], arena[m]
 
     def fused():
         with kernels.backend("triton"):
-            return kernels.refine(out, stack, w, noise, wz)
+            return kernels.combine(arena, out_row, inp, w)[m + 1]
 
     def fallback():
         with kernels.backend("torch"):
-            return kernels.refine(out, stack, w, noise, wz)
+            return kernels.combine(arena, out_row, inp, w)[m + 1]
 
     def unfused():
-        return out.copy_(sum(w[r] * stack[r] for r in range(m)) + wz[0] * noise[0])
+        return sum(w[0, r] * stack[r] for r in range(m)) + w[0, m] * noise
 
-    return {"fused": fused, "fallback": fallback, "unfused": unfused}, (m + 2) * out.numel() * out.element_size()
+    return {"fused": fused, "fallback": fallback, "unfused": unfused}, (m + 2) * noise.numel() * noise.element_size()
 
 
 def check(impls, dtype):
