@@ -53,7 +53,9 @@ class ModelCall:
     """One model call on c trajectory points of a latent batch B: model(x / divisor, t, **kwargs) -> [c, B, ...]."""
 
     def __init__(self, model, traj, latent: torch.Tensor, model_kwargs: dict | None, graphs=None):
-        self.model, self.traj, self.graphs = model, traj, graphs
+        # a model that cannot be captured (it syncs with the host) says so with `cuda_graphs = False`
+        self.model, self.traj = model, traj
+        self.graphs = graphs if getattr(model, "cuda_graphs", True) else None
         self.batch, self.shape = latent.shape[0], tuple(latent.shape)
         self.kwargs = model_kwargs or {}
         dev = latent.device
@@ -91,7 +93,10 @@ class ModelCall:
         if self.scaled:
             x = self._scaled_input(x, idx)
         t, kw = self._t_rows(idx), self._kwargs(c)
-        y = self.graphs(self.forward, x, t, kw) if self.graphs is not None else self.forward(x, t, **kw)
+        if self.graphs is not None:
+            y = self.graphs(self.forward, x, t, kw, getattr(self.model, "tensor_scalars", False))
+        else:
+            y = self.forward(x, t, **kw)
         if tuple(y.shape) != tuple(x.shape):
             raise ModelOutputError(f"model output shape {tuple(y.shape)} differs from its input {tuple(x.shape)} "
                                    f"(timesteps {self._t_rows(idx).tolist()[:: self.batch]})")

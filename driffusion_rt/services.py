@@ -205,11 +205,13 @@ class ToyService:
         if name not in SCHEDULERS:
             raise RequestError(f"scheduler {name!r} is not one of {', '.join(SCHEDULERS)}")
         traj = Trajectory.from_scheduler(builtin_scheduler(name), steps)
-        if self.name == "gmm":
+        kw = None
+        if self.name == "gmm":  # the trajectory is a model input: a graph captured for one request serves the next
             self.model.inner = GaussianMixtureModel(self.mixture, traj)
+            kw = GaussianMixtureModel.table_kwargs(traj, self.device)
         gen = torch.Generator().manual_seed(seed)
         x = torch.randn(num or 4, *self.mixture.shape, generator=gen).to(self.device, self.dtype)
-        return Request(spec, traj, steps, x, None, gen)
+        return Request(spec, traj, steps, x, kw, gen)
 
     check = request
 

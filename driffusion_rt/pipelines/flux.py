@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from ..evaluator import Shared
-from .core import Family, draw_noise, guide, register
+from .core import Family, cfg, draw_noise, guide, register
 
 
 class FluxAdapter:
@@ -14,6 +14,8 @@ class FluxAdapter:
     where the pipeline makes two calls). model_kwargs: prompt_embeds, pooled_prompt_embeds, text_ids, img_ids
     (Shared), guidance, negative_* (present iff true CFG is on), true_cfg_scale, and batched_cfg: whether uncond
     and cond share their text ids and shapes, so they can be one batched call (decided once per request)."""
+
+    tensor_scalars = True  # float kwargs may arrive as 0-d device tensors (CUDA graphs): no host sync on them
 
     def __init__(self, transformer):
         self.transformer = transformer
@@ -38,7 +40,7 @@ class FluxAdapter:
         cond = self._run(x, t, prompt_embeds, pooled_prompt_embeds, text_ids, img_ids, guidance)
         uncond = self._run(x, t, negative_prompt_embeds, negative_pooled_prompt_embeds, negative_text_ids, img_ids,
                            guidance)
-        return uncond + true_cfg_scale * (cond - uncond)
+        return cfg(uncond, cond, true_cfg_scale)
 
 
 class Flux(Family):

@@ -3,21 +3,24 @@ import math
 
 import torch
 
-from .core import Family, draw_noise, guide, register
+from .core import Family, draw_noise, guide, register, rescale
 
 
 class UNetAdapter:
     """UNet2DConditionModel (SD 1.5 / 2.1 / SDXL) as a runtime model, classifier-free guidance inside.
 
     model_kwargs: prompt_embeds [B, L, D]; negative_prompt_embeds (present iff guidance is on); guidance_scale,
-    guidance_rescale (floats); SDXL: text_embeds / negative_text_embeds [B, P], time_ids / negative_time_ids
-    [B, 6]; timestep_cond [B, C] for UNets with time_cond_proj_dim."""
+    guidance_rescale (floats, 0-d tensors under CUDA graphs; guidance_rescale present iff it is on); SDXL:
+    text_embeds / negative_text_embeds [B, P], time_ids / negative_time_ids [B, 6]; timestep_cond [B, C] for UNets
+    with time_cond_proj_dim."""
+
+    tensor_scalars = True  # float kwargs may arrive as 0-d device tensors (CUDA graphs): no host sync on them
 
     def __init__(self, unet):
         self.unet = unet
 
     @torch.no_grad()
-    def __call__(self, x, t, *, prompt_embeds, negative_prompt_embeds=None, guidance_scale=1.0, guidance_rescale=0.0,
+    def __call__(self, x, t, *, prompt_embeds, negative_prompt_embeds=None, guidance_scale=1.0, guidance_rescale=None,
                  text_embeds=None, negative_text_embeds=None, time_ids=None, negative_time_ids=None,
                  timestep_cond=None):
         cfg = negative_prompt_embeds is not None
@@ -34,10 +37,10 @@ class UNetAdapter:
                         added_cond_kwargs=added, return_dict=False)[0]
         if not cfg:
             return out
-        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
         out, cond = guide(out, guidance_scale)
-        if guidance_rescale > 0.0:
-            out = rescale_noise_cfg(out, cond, guidance_rescale=guidance_rescale)
+        # on or off is decided by the kwarg's presence (host side): a tensor factor must not be compared here
+        if guidance_rescale is not None and (isinstance(guidance_rescale, torch.Tensor) or guidance_rescale > 0.0):
+            out = rescale(out, cond, guidance_rescale)
         return out
 
 
@@ -92,7 +95,9 @@ class StableDiffusion(Family):
 
 def unet_kwargs(pipe, pos, neg, cfg, batch, guidance_scale, guidance_rescale, device) -> dict:
     """The UNetAdapter kwargs every UNet family shares: embeddings, guidance, the guidance-embedding timestep_cond."""
-    kw = dict(prompt_embeds=pos.to(device), guidance_scale=guidance_scale, guidance_rescale=float(guidance_rescale))
+    kw = dict(prompt_embeds=pos.to(device), guidance_scale=guidance_scale)
+    if guidance_rescale > 0:  # absent when off, so the adapter decides without reading a (graph-time) tensor
+        kw["guidance_rescale"] = float(guidance_rescale)
     if cfg:
         kw["negative_prompt_embeds"] = neg.to(device)
     if pipe.unet.config.time_cond_proj_dim is not None:

@@ -8,6 +8,8 @@ class SD3Adapter:
     """SD3Transformer2DModel (flow matching) as a runtime model. model_kwargs: prompt_embeds, pooled_prompt_embeds,
     and their negative_ versions (present iff guidance is on), guidance_scale."""
 
+    tensor_scalars = True  # float kwargs may arrive as 0-d device tensors (CUDA graphs): no host sync on them
+
     def __init__(self, transformer):
         self.transformer = transformer
 
