@@ -1,4 +1,5 @@
 """driffusion_rt: DRiffusion draft-and-refine parallel sampling for diffusers models."""
+from . import _source_tree  # noqa: F401  (first: driffusion_rt.kernels when imported from a source checkout)
 from .evaluator import Shared
 from .gmm import GaussianMixture, GaussianMixtureModel
 from .plan import MODES, Plan, Round, make_plan
