@@ -54,3 +54,83 @@ def test_bench_drafts_table(tmp_path):
     ddpm = [row for row in rows if row["scheduler"].startswith("DDPM")]
     assert all(row["ratio"] == 1.0 for row in ddpm)  # stochastic steps: extrapolation falls back to jumps
     assert "| DDIM epsilon | aggressive |" in (tmp_path / "drafts.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- gpu_monitor
+
+
+class FakeNVML:
+    """A pynvml stand-in: devices by UUID, a per-device memory reading, power not supported on every device."""
+
+    class NVMLError(Exception):
+        pass
+
+    class NVMLError_NotSupported(NVMLError):  # noqa: N801 (pynvml's name)
+        pass
+
+    def __init__(self, uuids):
+        self.uuids, self.inits, self.shutdowns = uuids, 0, 0
+
+    def nvmlInit(self):
+        self.inits += 1
+
+    def nvmlShutdown(self):
+        self.shutdowns += 1
+
+    def nvmlDeviceGetCount(self):
+        return len(self.uuids)
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return i
+
+    def nvmlDeviceGetUUID(self, h):
+        return self.uuids[h].encode()  # older pynvml returns bytes
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return type("Mem", (), {"used": (h + 1) * 2**30})()
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        return type("Util", (), {"gpu": 10 * (h + 1)})()
+
+    def nvmlDeviceGetPowerUsage(self, h):
+        raise self.NVMLError_NotSupported("power readings are not supported")
+
+
+@pytest.fixture
+def monitor_module(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "perf"))
+    import gpu_monitor
+    monkeypatch.setattr(gpu_monitor, "_allocator_peak_mb", lambda device: 123.0)
+    return gpu_monitor
+
+
+def test_gpu_monitor_matches_the_nvml_device_by_uuid(monkeypatch, monitor_module):
+    import torch
+    nv = FakeNVML(["GPU-aaaa-1111", "GPU-BBBB-2222", "GPU-cccc-3333"])
+    monkeypatch.setitem(sys.modules, "pynvml", nv)
+    # torch's cuda:0 under CUDA_VISIBLE_DEVICES=1 is NVML's device 1: the index must not be used
+    monkeypatch.setattr(monitor_module, "torch_uuid", lambda device: monitor_module.normalise_uuid("bbbb-2222"))
+    mon = monitor_module.GpuMonitor(torch.device("cuda", 0), period=0.01)
+    for _ in range(2):
+        with mon:
+            pass
+    s = mon.summary()
+    assert s["gpu_nvml_used_max_mb"] == 2 * 1024 and s["gpu_util_mean_pct"] == 20
+    assert s["gpu_unsupported"] == ["power"] and "gpu_power_mean_w" not in s  # dropped alone
+    assert s["gpu_peak_allocated_mb"] == 123.0
+    assert nv.inits == nv.shutdowns == 2  # NVML shut down after every window
+
+
+def test_gpu_monitor_without_a_matching_device_keeps_the_allocator_numbers(monkeypatch, monitor_module):
+    import torch
+    nv = FakeNVML(["GPU-aaaa"])
+    monkeypatch.setitem(sys.modules, "pynvml", nv)
+    monkeypatch.setattr(monitor_module, "torch_uuid", lambda device: "ffff")
+    mon = monitor_module.GpuMonitor(torch.device("cuda", 0))
+    with mon:
+        pass
+    s = mon.summary()
+    assert "no NVML device has torch's UUID ffff" in s["gpu_note"] and "aaaa" in s["gpu_note"]
+    assert "gpu_nvml_used_max_mb" not in s and s["gpu_peak_allocated_mb"] == 123.0
+    assert nv.inits == nv.shutdowns == 1
+    assert monitor_module.GpuMonitor(torch.device("cpu")).summary() == {"gpu_note": "no GPU"}
