@@ -37,11 +37,27 @@ def test_bench_latency_writes_rows_with_the_documented_fields(tmp_path):
     assert (tmp_path / "latency.png").stat().st_size > 0
 
 
+@pytest.mark.slow
+def test_bench_latency_one_rank_batches_the_drafts(tmp_path):
+    """--ranks 1: n above the ranks, the local evaluator evaluates a round's drafts in one call."""
+    r = run("bench_latency.py", "--model", "fixed", "--modes", "aggressive", "--parallel", "2", "4", "--ranks", "1",
+            "--out", str(tmp_path), "--steps", "6", "--repeats", "1", "--warmup", "0", "--model-cost", "0.005")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((tmp_path / "latency.json").read_text())["rows"]
+    assert {(row["mode"], row["parallel"], row["ranks"]) for row in rows} == {
+        ("sequential", 1, 1), ("aggressive", 2, 1), ("aggressive", 4, 1)}
+    agg4 = next(row for row in rows if row["parallel"] == 4)
+    assert agg4["serial_rounds"] == 3 and agg4["backend"] == "local"  # 1 + ceil(5 / 4) rounds, one process
+    assert "| fixed | aggressive | 4 | 1 |" in r.stdout
+
+
 def test_bench_kernels_on_cpu_times_the_fallback_only(tmp_path):
     r = run("bench_kernels.py", "--sizes", "1x4x8x8", "--k", "2", "--m", "2", "--repeats", "2", "--warmup", "1",
             "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "NOT performance numbers" in r.stdout
+    rows = json.loads(next(tmp_path.glob("bench_kernels_cpu_*.json")).read_text())["results"]
+    assert rows and all(row["copy_GBps"] > 0 and row["fallback_copy_pct"] > 0 for row in rows)
     assert list(tmp_path.glob("bench_kernels_cpu_*.json")) and list(tmp_path.glob("bench_kernels_cpu_*.csv"))
 
 
