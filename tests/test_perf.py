@@ -150,3 +150,36 @@ def test_gpu_monitor_without_a_matching_device_keeps_the_allocator_numbers(monke
     assert "gpu_nvml_used_max_mb" not in s and s["gpu_peak_allocated_mb"] == 123.0
     assert nv.inits == nv.shutdowns == 1
     assert monitor_module.GpuMonitor(torch.device("cpu")).summary() == {"gpu_note": "no GPU"}
+
+
+# ---------------------------------------------------------------------------------------------- gpu_proof
+
+
+@pytest.mark.slow
+def test_gpu_proof_cpu_dry_run_runs_every_section(tmp_path):
+    """The proof's flow on CPU with tiny sizes, so a run on a GPU is never wasted on a typo."""
+    r = run("gpu_proof.py", "--cpu-dry-run", "--out", str(tmp_path), timeout=900)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    checks = json.loads((tmp_path / "gpu_cpu_dry_run.json").read_text())
+    names = [c["name"] for c in checks]
+    assert len(names) == len(set(names))
+    assert all(c["status"] in ("PASS", "INFO") for c in checks), [c for c in checks if c["status"] == "FAIL"]
+    for section in ("environment", "kernels.", "pipelines.", "staging.", "models.", "sd15.", "nccl.", "cli.",
+                    "nvml.", "scope."):
+        assert any(n.startswith(section) for n in names), section
+    for kind in ("sd15", "sdxl", "sd3", "flux"):
+        assert f"pipelines.{kind}.float32.sequential_eq_diffusers" in names
+    assert {"sd15.latency.sequential.n1", "sd15.latency.aggressive.n4", "sd15.latency.conservative.n2"} <= set(names)
+    for line in r.stdout.splitlines():  # one line per check: name: STATUS numbers
+        if line.split(":")[0] in names:
+            assert line.split(": ", 1)[1].split(" ")[0] in ("PASS", "INFO"), line
+    md = (tmp_path / "gpu_cpu_dry_run.md").read_text()
+    assert "CPU dry run" in md and "| staging.ddpm_aggressive_n4_cpu_generator | PASS |" in md
+
+
+def test_gpu_proof_without_a_gpu_says_how_to_dry_run(tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: this checks the message a GPU-less machine prints")
+    r = run("gpu_proof.py", "--out", str(tmp_path), "--only", "environment", timeout=300)
+    assert r.returncode == 2 and "--cpu-dry-run" in r.stderr and not list(tmp_path.iterdir())
