@@ -86,8 +86,9 @@ TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=
 def parser():
     p = argparse.ArgumentParser(prog="python perf/gpu_proof.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.path.join(HERE, "results", "gpu_proof"),
-                   help="directory for gpu_<device>.md and .json (created; default perf/results/gpu_proof)")
+    p.add_argument("--out", default=os.path.join(HERE, "results"),
+                   help="directory for gpu_<device>.md and .json (created; default perf/results, where they are "
+                        "committed; the dry run's gpu_cpu_dry_run.* are git-ignored)")
     p.add_argument("--cpu-dry-run", action="store_true",
                    help="run the same flow on CPU with tiny sizes (checks that need a GPU report INFO)")
     p.add_argument("--only", nargs="+", choices=SECTIONS, default=None, help="run these sections only")
