@@ -11,8 +11,8 @@ evicted). Non-tensor kwargs are baked into a graph and keyed by value, except fo
 true_cfg_scale, ...) reach the captured call as 0-d float64 tensors on the latent's device, refilled before each
 replay, so a new guidance value replays the graph already captured. Such a model must accept those tensors without a
 host sync (no `if scale > 1:` on them: such decisions go in non-float kwargs, keyed by value). A model that cannot be
-captured at all declares `cuda_graphs = False` (evaluator.ModelCall then runs it eagerly). Written against the documented
-torch.cuda.CUDAGraph / torch.cuda.graph API; perf/gpu_proof.py checks graphs on == off on a GPU.
+captured at all declares `cuda_graphs = False` (evaluator.ModelCall then runs it eagerly). Written against the
+documented torch.cuda.CUDAGraph / torch.cuda.graph API; perf/gpu_proof.py checks graphs on == off on a GPU.
 """
 from collections import OrderedDict
 

@@ -237,7 +237,8 @@ def main(argv=None):
     timer = (f"median of {repeats} CUDA-graph replays of {args.graph_launches} launches each (CUDA events)" if cuda
              else f"median of {repeats} calls (perf_counter)")
     print(f"device: {device_name} ({device.type}), dtype {str(dtype).replace('torch.', '')}, {timer} after {warmup} "
-          f"warmup, torch threads {torch.get_num_threads()}" + (f", L2 {l2_bytes(device) / 2**20:.0f} MiB" if cuda else ""))
+          f"warmup, torch threads {torch.get_num_threads()}"
+          + (f", L2 {l2_bytes(device) / 2**20:.0f} MiB" if cuda else ""))
     print(f"GB/s = {BYTES_DOC} / median time; copy = a device-to-device copy of the same bytes (half read, half "
           f"written) in the same run")
     print("  ".join(h.rjust(w) for h, w in zip(header, widths)))

@@ -5,8 +5,8 @@
 
 For each model and each n, one torchrun job of n ranks (or of --ranks R ranks, each evaluating ceil(n / R) drafts
 of a round as one batched call; R = 1 is the local evaluator, draft-and-refine on a single device) runs every mode:
-warm-up, then --repeats timed requests. The sequential baseline is mode=sequential on one rank. Reported per (model, mode, n): median latency and spread,
-speedup over sequential, the plan's ideal speedup, efficiency = speedup / ideal, the per-round time of each phase
+warm-up, then --repeats timed requests. The sequential baseline is mode=sequential on one rank. Reported per
+(model, mode, n): median latency and spread, speedup over sequential, the plan's ideal speedup, efficiency = speedup / ideal, the per-round time of each phase
 (draft, model, comm, refine) and the runtime overhead per serial round (wall time minus model time). On GPUs it
 also samples NVML memory/utilisation/power per rank and reports the extra device memory over sequential.
 Writes latency.json, latency.csv and latency.png (latency vs n with the ideal 1/n and 2/(n+1) curves) to --out.
@@ -153,7 +153,8 @@ def worker(args):
 
 def launch(model, n, ranks, args, result):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", __file__,
-           "--worker", result, "--worker-parallel", str(n), "--model", model, "--modes", *args.modes, "--steps", str(args.steps),
+           "--worker", result, "--worker-parallel", str(n), "--model", model, "--modes", *args.modes,
+           "--steps", str(args.steps),
            "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--model-cost", str(args.model_cost),
            "--threads", str(args.threads), "--drafts", args.drafts]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
@@ -165,11 +166,12 @@ def launch(model, n, ranks, args, result):
 
 
 def table(rows) -> str:
-    cols = [("model", "{}"), ("mode", "{}"), ("parallel", "{}"), ("ranks", "{}"), ("latency_s", "{:.3f}"), ("speedup", "{:.2f}x"),
-            ("ideal_speedup", "{:.2f}x"), ("efficiency", "{:.3f}"), ("overhead_ms_per_serial_round", "{:.2f}"),
+    cols = [("model", "{}"), ("mode", "{}"), ("parallel", "{}"), ("ranks", "{}"), ("latency_s", "{:.3f}"),
+            ("speedup", "{:.2f}x"), ("ideal_speedup", "{:.2f}x"), ("efficiency", "{:.3f}"),
+            ("overhead_ms_per_serial_round", "{:.2f}"),
             ("comm_ms_per_round", "{:.2f}"), ("draft_ms_per_round", "{:.3f}"), ("refine_ms_per_round", "{:.3f}")]
-    head = ["model", "mode", "n", "ranks", "latency s (median)", "speedup", "ideal", "efficiency", "overhead ms/serial round",
-            "comm ms/round", "draft ms/round", "refine ms/round"]
+    head = ["model", "mode", "n", "ranks", "latency s (median)", "speedup", "ideal", "efficiency",
+            "overhead ms/serial round", "comm ms/round", "draft ms/round", "refine ms/round"]
     if any("extra_device_mb" in r for r in rows):
         cols += [("extra_device_mb", "{:+.0f}"), ("gpu_util_mean_pct", "{:.0f}")]
         head += ["extra device MB vs sequential", "GPU util %"]

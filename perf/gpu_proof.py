@@ -43,7 +43,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import math
 import os
 import platform
 import re
@@ -183,7 +182,7 @@ def write_reports(proof, out_dir, wall_s) -> tuple:
     if sd:
         lines += ["", "## SD 1.5-size UNet on one device (local evaluator, CUDA graphs on)", "",
                   "| mode | n | latency ms | speedup | ideal | efficiency | serial rounds | overhead us/round "
-                  "(events) | peak MB | extra MB (allocator) | extra MB (NVML) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "(events) | peak MB | extra MB (allocator) | extra MB (NVML) |", "|---" * 11 + "|"]
         for c in sd:
             lines.append("| {mode} | {n} | {ms} | {sp} | {ideal} | {eff} | {rounds} | {ovh} | {peak} | {extra} | "
                          "{nvml} |".format(
@@ -420,7 +419,6 @@ def pipelines_section(proof):
             err = rel_err(lat, ref)
             stol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}.get(dtype, 1e-4)
             proof.record(f"{name}.sequential_eq_diffusers", err <= stol, rel_err=err, tol=stol)
-            del pipe, on, off
 
 
 # ---------------------------------------------------------------------------------------------- staging
@@ -606,7 +604,6 @@ def sd15_section(proof):
             t_g = cuda_time_ms(proof, lambda: graphed(states, idx, out), iters=10 if proof.cuda else 2)
             proof.record(f"sd15.call.width{w}", None, eager_ms=t_e, graphed_ms=t_g, eager_ms_per_draft=t_e / w,
                          graphed_ms_per_draft=t_g / w, graph_gain=t_e / t_g, unet_batch=2 * w)
-            del states, out, eager, graphed
     sync(proof)
 
     # latency on one device: sequential vs aggressive / conservative with the local evaluator, graphs on
@@ -630,7 +627,8 @@ def sd15_section(proof):
         ph = {k: statistics.mean(o.stats.phases[k] for o in outs) for k in st.phases}
         lat = statistics.median(times)
         row = dict(mode=mode, n=n, latency_ms=lat * 1e3, serial_rounds=st.serial_rounds, model_evals=st.model_evals,
-                   ideal=st.ideal_speedup, overhead_us_per_round=(ph["draft"] + ph["comm"] + ph["refine"]) / rounds * 1e6,
+                   ideal=st.ideal_speedup,
+                   overhead_us_per_round=(ph["draft"] + ph["comm"] + ph["refine"]) / rounds * 1e6,
                    wall_minus_model_us_per_serial_round=(statistics.mean(times) - ph["model"]) / st.serial_rounds * 1e6,
                    model_ms_per_serial_round=ph["model"] / st.serial_rounds * 1e3, rounds=rounds,
                    finite=bool(torch.isfinite(outs[-1].sample).all()))
@@ -655,7 +653,6 @@ def sd15_section(proof):
         ovh = [c["overhead_us_per_round"] for c in proof.checks if c["name"].startswith("sd15.latency.")]
         proof.record("sd15.overhead_target", None, max_us_per_round=max(ovh),
                      target=f"<= 100 us per round: {'met' if max(ovh) <= 100 else 'NOT met'}")
-    del sampler, unet, model
 
 
 # ---------------------------------------------------------------------------------------------- nccl
@@ -696,7 +693,8 @@ def nccl_section(proof):
         dist.broadcast(buf[1:3], 0)
         gathered = torch.zeros(6, 3, device=dev)
         all_gather_rows(gathered[2:4], buf[1:3])
-        ok = torch.equal(gathered[2:4], buf[1:3]) and bool((gathered[:2] == 0).all()) and bool((gathered[4:] == 0).all())
+        untouched = bool((gathered[:2] == 0).all()) and bool((gathered[4:] == 0).all())
+        ok = torch.equal(gathered[2:4], buf[1:3]) and untouched
         dist.barrier(**({"device_ids": [dev.index]} if backend == "nccl" else {}))
         sync(proof)
         proof.record("nccl.broadcast_allgather_slices_barrier", ok, backend=backend)

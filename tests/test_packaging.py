@@ -26,7 +26,8 @@ from driffusion_rt import kernels
 pkg_dir = driffusion_rt.__path__[0]
 print("PACKAGE", os.path.realpath(pkg_dir))
 print("KERNELS", os.path.realpath(kernels.__file__))
-print("PATHFINDER", importlib.machinery.PathFinder.find_spec("driffusion_rt.kernels", driffusion_rt.__path__) is not None)
+spec = importlib.machinery.PathFinder.find_spec("driffusion_rt.kernels", driffusion_rt.__path__)
+print("PATHFINDER", spec is not None)
 arena = torch.arange(6.0).view(3, 2)
 kernels.combine(arena, torch.tensor([2]), torch.tensor([0, 1]), torch.tensor([[1.0, 10.0]]))
 print("COMBINE", arena[2].tolist())

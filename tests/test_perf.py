@@ -183,3 +183,13 @@ def test_gpu_proof_without_a_gpu_says_how_to_dry_run(tmp_path):
         pytest.skip("a GPU is visible: this checks the message a GPU-less machine prints")
     r = run("gpu_proof.py", "--out", str(tmp_path), "--only", "environment", timeout=300)
     assert r.returncode == 2 and "--cpu-dry-run" in r.stderr and not list(tmp_path.iterdir())
+
+
+def test_gpu_selfcheck_without_a_gpu_fails_before_installing_anything():
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: this checks what a GPU-less machine prints")
+    r = subprocess.run(["bash", os.path.join(ROOT, "perf", "gpu_selfcheck.sh")], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, PYTHON=sys.executable))
+    assert r.returncode == 1 and "torch.cuda.is_available() is False" in r.stdout
+    assert "install" not in r.stdout
