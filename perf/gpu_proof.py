@@ -17,7 +17,7 @@ perf/results/gpu_<device>.md / .json. Sections (--only / --skip take their names
   staging      pinned noise rows survive copies queued behind torch.cuda._sleep; DDPM aggressive n = 4 with a CPU
                generator equals the same run with synchronised draws
   models       the fixed-cost and Gaussian-mixture models with graphs on (equal to eager, the device sleep replays),
-               the gmm service across requests of different schedulers
+               the gmm service across requests of different schedulers, the shipped digits model
   sd15         an SD 1.5-size UNet (its real config, random fp16 weights, CFG, 512 x 512): model-call time at widths
                1 2 4 8 eager and graphed; latency of sequential and aggressive / conservative n = 2 4 on one device
                (local evaluator); speedup, ideal, efficiency, runtime overhead per round from CUDA events; peak and
@@ -556,6 +556,20 @@ def models_section(proof):
         caps.append(on._graphs.captures)
     proof.record("models.gmm_service_across_schedulers", max(errs) <= 1e-5 and caps[-1] == caps[0],
                  rel_errs=errs, captures=caps)
+
+    # the shipped digits model (generate's default) with graphs on == off
+    service = services.load_service("digits", dev)
+    got = []
+    for graphs in (True, False):
+        req = service.request({"steps": steps, "seed": 0, "prompt": "07"})
+        s = Sampler(service.model, cuda_graphs=graphs)
+        got.append(s(req.scheduler, req.latent, steps=req.steps, mode="aggressive", parallel=2,
+                     model_kwargs=req.model_kwargs, generator=req.generator).sample)
+        if graphs:
+            captures = s._graphs.captures
+    err = rel_err(got[0], got[1])
+    proof.record("models.digits_graphs", err <= 1e-5 and (captures > 0 or not proof.cuda), rel_err=err,
+                 bitwise=torch.equal(got[0], got[1]), captures=captures)
 
 
 # ---------------------------------------------------------------------------------------------- sd15
