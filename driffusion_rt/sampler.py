@@ -14,6 +14,7 @@ outputs. Drafts and refines are `kernels.combine` calls with row numbers and wei
 import contextlib
 import math
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -31,6 +32,9 @@ from .rounds import DRAFT_RULES, round_weights
 from .trajectory import Trajectory
 
 ALL_MODES = MODES + parasolver.MODES
+# Stochastic schedulers keep the sequential sample's spread (within 5%) from this many model calls per parallel
+# evaluation on; below it their noise amplifies draft errors (perf/bench_spread.py, perf/results/spread.md).
+STOCHASTIC_CALLS_PER_N = 8
 
 
 class LRU(OrderedDict):
@@ -219,6 +223,8 @@ class Sampler:
         if isinstance(scheduler, Trajectory) and (traj.num_inference_steps != steps or traj.start != start):
             raise ValueError(f"the trajectory was built for steps={traj.num_inference_steps}, start={traj.start}; "
                              f"got steps={steps}, start={start}")
+        if mode in ("aggressive", "conservative") and parallel > 1 and traj.draws and self.ev.rank == 0:
+            _warn_spread(traj, parallel)
         with _device_scope(x.device):
             if iterative:
                 cfg = parasolver.IterativeConfig.make(mode, traj.steps, parallel, subintervals, preconditioning,
@@ -321,6 +327,19 @@ class Sampler:
                         f"non-finite model output in round {r} at timestep {traj.timesteps[j].item():g} "
                         f"(trajectory index {j} of {traj.steps})")
                 e -= len(points)
+
+
+def _warn_spread(traj: Trajectory, parallel: int):
+    """A stochastic scheduler with too few model calls per parallel evaluation: say so, and what would be safe."""
+    if traj.steps >= STOCHASTIC_CALLS_PER_N * parallel:
+        return
+    safe_n = traj.steps // STOCHASTIC_CALLS_PER_N
+    warnings.warn(
+        f"{traj.scheduler_name} draws noise during sampling; with {traj.steps} model calls and parallel={parallel} "
+        f"({traj.steps / parallel:.1f} per parallel evaluation, below {STOCHASTIC_CALLS_PER_N}) the parallel modes "
+        f"amplify draft errors and the sample's spread grows: use parallel <= {max(safe_n, 1)}"
+        + ("" if safe_n >= 2 else " (i.e. sequential)") + f", or >= {STOCHASTIC_CALLS_PER_N * parallel} model calls "
+        f"(perf/results/spread.md)", stacklevel=3)
 
 
 def sample(model, scheduler, x, *, steps, mode="aggressive", parallel=None, generator=None, model_kwargs=None,
