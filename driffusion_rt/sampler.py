@@ -12,7 +12,6 @@ outputs. Drafts and refines are `kernels.combine` calls with row numbers and wei
 (trajectory, plan, draft rule, rank) from rounds.py; nothing is allocated per round.
 """
 import contextlib
-import math
 import time
 import warnings
 from collections import OrderedDict
