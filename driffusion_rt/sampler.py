@@ -12,6 +12,7 @@ outputs. Drafts and refines are `kernels.combine` calls with row numbers and wei
 (trajectory, plan, draft rule, rank) from rounds.py; nothing is allocated per round.
 """
 import contextlib
+import os
 import time
 import warnings
 from collections import OrderedDict
@@ -34,6 +35,9 @@ ALL_MODES = MODES + parasolver.MODES
 # Stochastic schedulers keep the sequential sample's spread (within 5%) from this many model calls per parallel
 # evaluation on; below it their noise amplifies draft errors (perf/bench_spread.py, perf/results/spread.md).
 STOCHASTIC_CALLS_PER_N = 8
+# Every rank refines the same rows with the same weights and noise, so ranks hold the same anchor bit for bit by
+# construction. DRIFFUSION_CHECK_SYNC=k checks that every k rounds (one all-gather of a checksum), for debugging.
+CHECK_SYNC = int(os.environ.get("DRIFFUSION_CHECK_SYNC", "0") or 0)
 
 
 class LRU(OrderedDict):
@@ -275,6 +279,8 @@ class Sampler:
                 stats.batch_widths.append(k)
             clock.start("refine")
             kernels.combine(rows, tab.refine.out, tab.refine.inp, tab.refine.coef)
+            if CHECK_SYNC and (r + 1) % CHECK_SYNC == 0:
+                ev.check_in_step(rows[lay.block(1 - tab.block)], f"after round {r} (anchor {i + rnd.advance})")
             if bar is not None:
                 bar.update()
         clock.round(None)

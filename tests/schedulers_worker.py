@@ -32,6 +32,18 @@ def main(path):
                 dist.all_gather(every, a)
                 rows.append(dict(scheduler=name, mode=mode, rank=info.rank, bitwise=bool(torch.equal(a, ref)),
                                  ranks_agree=all(torch.equal(e, a) for e in every)))
+        # the debug check itself: equal bits pass, one flipped bit on one rank fails on every rank
+        ev = default_evaluator(None)
+        t = torch.linspace(0, 1, 17, dtype=torch.float32)
+        ev.check_in_step(t, "in the test")
+        if info.rank == 1:
+            t.view(torch.int32)[5] ^= 1
+        try:
+            ev.check_in_step(t, "in the test")
+            caught = ""
+        except RuntimeError as e:
+            caught = str(e)
+        rows.append(dict(scheduler="check", mode="-", rank=info.rank, bitwise=True, ranks_agree=True, caught=caught))
     gathered = [None] * info.world
     dist.all_gather_object(gathered, rows)
     if info.rank == 0:

@@ -130,11 +130,14 @@ def test_two_gloo_ranks_equal_the_local_evaluator_for_multistep_and_stochastic(t
     out = tmp_path / "schedulers.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(HERE, "schedulers_worker.py"), str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,  # checksum of the anchors every round
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", DRIFFUSION_CHECK_SYNC="1"))
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(out.read_text())
+    checks = [row for row in rows if row["scheduler"] == "check"]
+    rows = [row for row in rows if row["scheduler"] != "check"]
     assert {row["scheduler"] for row in rows} == {"dpm++2m", "unipc", "ddpm", "euler-a", "sasolver"}
     assert len(rows) == 2 * 5 * 2  # ranks x schedulers x modes
     for row in rows:  # the Gaussian-mixture model is evaluated row by row: batching cannot change its bits
         assert row["bitwise"] and row["ranks_agree"], row
+    assert len(checks) == 2 and all("ranks hold different bits in the test (checksums" in c["caught"] for c in checks)
