@@ -134,3 +134,6 @@ class LocalEvaluator:
     def gather(self, gathered, send) -> torch.Tensor:
         """Collect every rank's chunk into `gathered` [world * chunk, B, ...] (nothing to do on one process)."""
         return gathered
+
+    def check_in_step(self, t: torch.Tensor, where: str):
+        """Debug check that every rank holds the same bits of `t` (one process: nothing to compare)."""

@@ -12,8 +12,9 @@ outputs. Drafts and refines are `kernels.combine` calls with row numbers and wei
 (trajectory, plan, draft rule, rank) from rounds.py; nothing is allocated per round.
 """
 import contextlib
-import math
+import os
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -31,6 +32,12 @@ from .rounds import DRAFT_RULES, round_weights
 from .trajectory import Trajectory
 
 ALL_MODES = MODES + parasolver.MODES
+# Stochastic schedulers keep the sequential sample's spread (within 5%) from this many model calls per parallel
+# evaluation on; below it their noise amplifies draft errors (perf/bench_spread.py, perf/results/spread.md).
+STOCHASTIC_CALLS_PER_N = 8
+# Every rank refines the same rows with the same weights and noise, so ranks hold the same anchor bit for bit by
+# construction. DRIFFUSION_CHECK_SYNC=k checks that every k rounds (one all-gather of a checksum), for debugging.
+CHECK_SYNC = int(os.environ.get("DRIFFUSION_CHECK_SYNC", "0") or 0)
 
 
 class LRU(OrderedDict):
@@ -219,6 +226,8 @@ class Sampler:
         if isinstance(scheduler, Trajectory) and (traj.num_inference_steps != steps or traj.start != start):
             raise ValueError(f"the trajectory was built for steps={traj.num_inference_steps}, start={traj.start}; "
                              f"got steps={steps}, start={start}")
+        if mode in ("aggressive", "conservative") and parallel > 1 and traj.draws and self.ev.rank == 0:
+            _warn_spread(traj, parallel)
         with _device_scope(x.device):
             if iterative:
                 cfg = parasolver.IterativeConfig.make(mode, traj.steps, parallel, subintervals, preconditioning,
@@ -270,6 +279,8 @@ class Sampler:
                 stats.batch_widths.append(k)
             clock.start("refine")
             kernels.combine(rows, tab.refine.out, tab.refine.inp, tab.refine.coef)
+            if CHECK_SYNC and (r + 1) % CHECK_SYNC == 0:
+                ev.check_in_step(rows[lay.block(1 - tab.block)], f"after round {r} (anchor {i + rnd.advance})")
             if bar is not None:
                 bar.update()
         clock.round(None)
@@ -321,6 +332,19 @@ class Sampler:
                         f"non-finite model output in round {r} at timestep {traj.timesteps[j].item():g} "
                         f"(trajectory index {j} of {traj.steps})")
                 e -= len(points)
+
+
+def _warn_spread(traj: Trajectory, parallel: int):
+    """A stochastic scheduler with too few model calls per parallel evaluation: say so, and what would be safe."""
+    if traj.steps >= STOCHASTIC_CALLS_PER_N * parallel:
+        return
+    safe_n = traj.steps // STOCHASTIC_CALLS_PER_N
+    warnings.warn(
+        f"{traj.scheduler_name} draws noise during sampling; with {traj.steps} model calls and parallel={parallel} "
+        f"({traj.steps / parallel:.1f} per parallel evaluation, below {STOCHASTIC_CALLS_PER_N}) the parallel modes "
+        f"amplify draft errors and the sample's spread grows: use parallel <= {max(safe_n, 1)}"
+        + ("" if safe_n >= 2 else " (i.e. sequential)") + f", or >= {STOCHASTIC_CALLS_PER_N * parallel} model calls "
+        f"(perf/results/spread.md)", stacklevel=3)
 
 
 def sample(model, scheduler, x, *, steps, mode="aggressive", parallel=None, generator=None, model_kwargs=None,

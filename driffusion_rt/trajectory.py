@@ -193,12 +193,13 @@ def _check_options(scheduler, steps, step_kwargs) -> tuple:
     train = _config(scheduler, "num_train_timesteps", None)
     if train is not None and not name.startswith("FlowMatch") and steps > train:
         raise ValueError(f"steps={steps} exceeds the scheduler's num_train_timesteps={train}")
+    takes = inspect.signature(type(scheduler).__init__).parameters  # from_config keeps keys a class ignores
     for flag in NONLINEAR_FLAGS:
-        if _config(scheduler, flag, False):
+        if flag in takes and _config(scheduler, flag, False):
             raise UnsupportedScheduler(
                 f"{name} has {flag}=True, which makes a step nonlinear in the model output; turn it off with "
                 f"`scheduler = {name}.from_config(scheduler.config, {flag}=False)` (SD-family configs have it off)")
-    vt = _config(scheduler, "variance_type")
+    vt = _config(scheduler, "variance_type") if "variance_type" in takes else None
     if vt in LEARNED_VARIANCE:
         raise UnsupportedScheduler(f"{name} variance_type={vt!r} needs a model-predicted variance, which is not "
                                    f"affine in the model output; use variance_type='fixed_small' (or omit it)")

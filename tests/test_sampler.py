@@ -43,7 +43,7 @@ def test_n1_equals_sequential(case_id, scheduler, step_kwargs):
     steps, x = 11, noise()
     model = gmm(scheduler, steps, case_id, **step_kwargs)
     seq = run(model, scheduler, x, steps, "sequential", 1, case_id, **step_kwargs).sample
-    for mode in ("aggressive", "conservative"):
+    for mode in ("aggressive", "conservative", "picard", "parasolver"):  # iterative: a window of one, exact
         out = run(model, scheduler, x, steps, mode, 1, case_id, **step_kwargs).sample
         assert rel_err(out, seq) <= 1e-12, mode
 
@@ -60,6 +60,10 @@ def test_x_independent_model_equals_sequential_in_every_mode(case_id, scheduler,
     for mode in ("aggressive", "conservative"):
         for n in (2, 3, 4, 8):
             out = run(model, scheduler, x, steps, mode, n, case_id, **step_kwargs).sample
+            assert rel_err(out, seq) <= 1e-10, (mode, n)
+    for mode in ("picard", "parasolver"):  # windows of n, iterated to tolerance 0
+        for n in (2, 4):
+            out = run(model, scheduler, x, steps, mode, n, case_id, tolerance=0.0, **step_kwargs).sample
             assert rel_err(out, seq) <= 1e-10, (mode, n)
 
 

@@ -15,16 +15,16 @@ dim is a token count that may equal B by chance) are wrapped in `Shared`, which 
 With mode="sequential" the result equals the plain pipeline call with the same seed and scheduler (tests:
 max relative error <= 1e-5 in float32). Not supported (raise or are simply not offered): callbacks
 (callback_on_step_end), custom `timesteps` / `sigmas`, IP adapters, cross/joint attention kwargs (LoRA scale),
-SDXL's denoising_end, SD3's skip-layer guidance, precomputed prompt embeddings, and schedulers the runtime cannot
-express as affine steps (multistep solvers such as PNDM or DPM-Solver: a pipeline that ships one gets the family's
-default scheduler instead, see `make_scheduler`).
+SDXL's denoising_end, SD3's skip-layer guidance, precomputed prompt embeddings. A pipeline keeps its own scheduler
+(PNDM, DPM-Solver, UniPC, ...: every affine one runs); one the runtime cannot run is replaced by the family's
+default with a warning, see `make_scheduler`.
 
 Layout: `core` holds what every family shares (loading, the registry, scheduler choice, prepare / run / decode,
 text_to_image, DRiffusionPipeline); each family is one module defining a `core.Family` and registering it. A new
 family is a new module plus its line in the import list below (the order there is the order of error messages).
 """
 from .core import (DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, DTYPES, FAMILIES, OPTIONS, OUTPUT_TYPES,
-                   REGISTRY, SCHEDULER_CLASSES, SCHEDULERS, DRiffusionPipeline, Family, Request, check_model_dir,
+                   REGISTRY, SCHEDULERS, DRiffusionPipeline, Family, Request, check_model_dir,
                    check_size, decode, default_size, draw_noise, family_of, family_of_class, get_family, guide,
                    load_pipeline, make_scheduler, model_adapter, output_class, parse_dtype, prepare, register, run,
                    size_multiple, text_to_image)
@@ -37,5 +37,5 @@ __all__ = ["DRiffusionPipeline", "text_to_image", "prepare", "run", "decode", "R
            "check_model_dir", "parse_dtype", "make_scheduler", "check_size", "size_multiple", "default_size",
            "family_of", "family_of_class", "get_family", "model_adapter", "output_class", "Family", "register",
            "guide", "draw_noise", "UNetAdapter", "SD3Adapter", "FluxAdapter", "REGISTRY", "FAMILIES", "SCHEDULERS",
-           "SCHEDULER_CLASSES", "DEFAULT_SCHEDULER", "DEFAULT_GUIDANCE", "DEFAULT_STEPS", "OPTIONS", "OUTPUT_TYPES",
+           "DEFAULT_SCHEDULER", "DEFAULT_GUIDANCE", "DEFAULT_STEPS", "OPTIONS", "OUTPUT_TYPES",
            "DTYPES"]

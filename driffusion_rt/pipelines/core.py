@@ -8,16 +8,16 @@ import inspect
 import json
 import os
 import re
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
 
+from .. import schedulers as named
 from ..sampler import Sampler, SampleStats, sample
-from ..trajectory import Trajectory
+from ..trajectory import Trajectory, UnsupportedScheduler
 
-SCHEDULER_CLASSES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "euler": "EulerDiscreteScheduler",
-                     "flow": "FlowMatchEulerDiscreteScheduler"}
 OUTPUT_TYPES = ("latent", "pt", "np", "pil")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -33,8 +33,9 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*
 class Family(ABC):
     """One model family: everything about its pipelines that the shared code does not know.
 
-    Attributes: name ("sd"); pipeline_classes (diffusers class names it serves, subclasses count); schedulers (keys
-    of SCHEDULER_CLASSES the runtime can run for it) and default_scheduler (replaces a shipped one it cannot run);
+    Attributes: name ("sd"); pipeline_classes (diffusers class names it serves, subclasses count); schedulers (the
+    short names of driffusion_rt.schedulers that fit it) and default_scheduler (replaces a shipped scheduler the
+    runtime cannot run, with a warning);
     default_steps and default_guidance (the pipelines' own defaults); options (the OPTIONS keys it takes).
 
     A request is encode (prompt -> model_kwargs) -> prepare (initial noise drawn as the pipeline draws it, plus the
@@ -102,7 +103,7 @@ def register(family: Family) -> Family:
     """Add a family (each family module calls this once when the package imports it)."""
     if family.name in REGISTRY:
         raise ValueError(f"family {family.name!r} is registered twice")
-    unknown = [s for s in family.schedulers if s not in SCHEDULER_CLASSES]
+    unknown = [s for s in family.schedulers if s not in named.NAMES]
     bad = [o for o in family.options if o not in OPTIONS]
     if unknown or bad or family.default_scheduler not in family.schedulers:
         raise ValueError(f"family {family.name!r}: schedulers {unknown} / options {bad} are not known, or its "
@@ -248,35 +249,36 @@ def load_pipeline(model: str, dtype=torch.float32, device="cpu"):
 
 
 def make_scheduler(pipe, name: str | None = None):
-    """The scheduler for a request: `name` is one of SCHEDULERS[family] or None.
+    """The scheduler for a request: `name` is one of SCHEDULERS[family] (a short name of driffusion_rt.schedulers,
+    built from the pipeline's scheduler config, so it keeps the checkpoint's schedule) or None: the pipeline's own
+    scheduler, as shipped (with clip_sample / thresholding switched off, and a warning, if they were on: the
+    runtime cannot run them). Whether the runtime can run it is decided when its trajectory is probed (prepare)."""
+    own, fam = pipe.scheduler, family_of(pipe)
+    if name is not None:
+        if name not in SCHEDULERS[fam]:
+            raise ValueError(f"scheduler {name!r} is not supported for the {fam} family; supported: "
+                             f"{', '.join(SCHEDULERS[fam])}")
+        return named.build(name, own.config)
+    on = [k for k in named.NONLINEAR_OFF if own.config.get(k, False)]
+    if not on:
+        return own
+    warnings.warn(f"{type(own).__name__} has {', '.join(f'{k}=True' for k in on)}, which the runtime cannot run "
+                  f"(nonlinear steps); sampling with {' and '.join(f'{k}=False' for k in on)}", stacklevel=3)
+    return type(own).from_config(own.config, **{k: False for k in on})
 
-    A named scheduler is built with `XScheduler.from_config(pipe.scheduler.config)` (clip_sample and thresholding
-    off), so it keeps the checkpoint's betas, prediction type and spacing. None keeps the pipeline's own scheduler
-    when the runtime supports its class (rebuilt with clip_sample / thresholding off if they were on), and
-    otherwise uses the family default (DEFAULT_SCHEDULER: e.g. SD 1.5 checkpoints ship PNDM, which is multistep)."""
-    import diffusers
 
-    fam = family_of(pipe)
-    allowed = SCHEDULERS[fam]
-    own = pipe.scheduler
-    if name is None:
-        own_name = {v: k for k, v in SCHEDULER_CLASSES.items()}.get(type(own).__name__)
-        if own_name in allowed:
-            cfg = own.config
-            if not cfg.get("clip_sample", False) and not cfg.get("thresholding", False):
-                return own
-            name = own_name
-        else:
-            name = DEFAULT_SCHEDULER[fam]
-    if name not in allowed:
-        raise ValueError(f"scheduler {name!r} is not supported for the {fam} family; supported: {', '.join(allowed)}")
-    cls = getattr(diffusers, SCHEDULER_CLASSES[name])
-    extra = {}
-    params = inspect.signature(cls.__init__).parameters
-    for flag in ("clip_sample", "thresholding"):
-        if flag in params:
-            extra[flag] = False
-    return cls.from_config(own.config, **extra)
+def _trajectory(pipe, family, sched, named_scheduler, steps, timesteps_kwargs, step_kwargs):
+    """The probed trajectory; a shipped scheduler the runtime cannot run is replaced by the family default,
+    announced with a warning (a named one is an error)."""
+    try:
+        return sched, Trajectory.from_scheduler(sched, steps, timesteps_kwargs, **step_kwargs)
+    except UnsupportedScheduler as e:
+        if named_scheduler is not None:
+            raise
+        warnings.warn(f"the pipeline's {type(sched).__name__} cannot run through the runtime ({e}); using "
+                      f"{family.default_scheduler!r} instead", stacklevel=3)
+        sched = named.build(family.default_scheduler, sched.config)
+        return sched, Trajectory.from_scheduler(sched, steps, timesteps_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- guidance
@@ -402,9 +404,9 @@ def prepare(pipe, prompt, *, negative_prompt=None, steps=None, guidance_scale=No
     _check_options(family, options)
     height, width = check_size(pipe, height, width)
     sched = make_scheduler(pipe, scheduler)
-    step_kwargs = {"eta": float(eta)} if type(sched).__name__ == "DDIMScheduler" else {}
+    step_kwargs = {"eta": float(eta)} if "eta" in inspect.signature(sched.step).parameters else {}
     if eta and not step_kwargs:
-        raise ValueError(f"eta is a DDIM option; the scheduler is {type(sched).__name__}")
+        raise ValueError(f"eta is an option of DDIM-type schedulers; the scheduler is {type(sched).__name__}")
     batch = _batch(prompt) * num_images
     prompt = list(prompt) if isinstance(prompt, tuple) else prompt  # the pipelines test isinstance(prompt, list)
     if isinstance(negative_prompt, tuple):
@@ -419,7 +421,8 @@ def prepare(pipe, prompt, *, negative_prompt=None, steps=None, guidance_scale=No
     x, geometry = family.prepare(pipe, kw, batch=batch, height=height, width=width, generator=generator,
                                  latents=latents, device=device)
     kw.update(geometry)
-    traj = Trajectory.from_scheduler(sched, steps, family.timesteps_kwargs(pipe, sched, x, steps), **step_kwargs)
+    sched, traj = _trajectory(pipe, family, sched, scheduler, steps, family.timesteps_kwargs(pipe, sched, x, steps),
+                              step_kwargs)
     run_gen = generator
     if isinstance(generator, list):
         if any(traj.noisy):

@@ -3,6 +3,7 @@ import math
 
 import torch
 
+from .. import schedulers as named
 from .core import Family, draw_noise, guide, register, rescale
 
 
@@ -47,7 +48,7 @@ class UNetAdapter:
 class StableDiffusion(Family):
     name = "sd"
     pipeline_classes = ("StableDiffusionPipeline",)
-    schedulers = ("ddim", "ddpm", "euler")
+    schedulers = tuple(named.VP)
     default_scheduler = "ddim"
     default_steps = 50
     default_guidance = 7.5

@@ -29,7 +29,7 @@ class SD3Adapter:
 class StableDiffusion3(Family):
     name = "sd3"
     pipeline_classes = ("StableDiffusion3Pipeline",)
-    schedulers = ("flow",)
+    schedulers = ("flow", "flow-unipc", "flow-dpm++2m")
     default_scheduler = "flow"
     default_steps = 28
     default_guidance = 7.0

@@ -2,6 +2,7 @@
 conditions; decode with the VAE's latent mean / std, fp16 upcast and watermark as the pipeline does."""
 import torch
 
+from .. import schedulers as named
 from .core import Family, register
 from .sd import StableDiffusion, unet_kwargs
 
@@ -9,7 +10,7 @@ from .sd import StableDiffusion, unet_kwargs
 class StableDiffusionXL(StableDiffusion):
     name = "sdxl"
     pipeline_classes = ("StableDiffusionXLPipeline",)
-    schedulers = ("ddim", "ddpm", "euler")
+    schedulers = tuple(named.VP)
     default_scheduler = "euler"
     default_steps = 50
     default_guidance = 5.0
