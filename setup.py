@@ -28,8 +28,11 @@ setup(
     ],
     extras_require={
         "serve": ["starlette>=0.37", "uvicorn>=0.29"],
+        # video pipelines: Wan's transformer needs accelerate to load, Wan's prompt cleaning ftfy; MP4 output
+        "video": ["accelerate>=0.30", "ftfy>=6.1", "imageio>=2.31", "imageio-ffmpeg>=0.4.9"],
         "test": ["pytest>=8", "scikit-learn>=1.3", "scipy>=1.10", "sentencepiece>=0.2", "protobuf>=4",
-                 "starlette>=0.37", "uvicorn>=0.29", "matplotlib>=3.7"],
+                 "starlette>=0.37", "uvicorn>=0.29", "matplotlib>=3.7", "accelerate>=0.30", "ftfy>=6.1",
+                 "imageio>=2.31", "imageio-ffmpeg>=0.4.9"],
         "perf": ["matplotlib>=3.7", "scikit-learn>=1.3", "scipy>=1.10"],
     },
     entry_points={"console_scripts": ["driffusion-generate=driffusion_rt.generate:main",

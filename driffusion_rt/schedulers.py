@@ -64,5 +64,7 @@ def build(name: str, config, allowed=None):
     config = dict(config)
     if name in FLOW and "shift" in config and "flow_shift" in params:
         config.setdefault("flow_shift", config["shift"])  # FlowMatchEuler's shift is UniPC's / DPM's flow_shift
+    if name in FLOW and "flow_shift" in config and "shift" in params:
+        config.setdefault("shift", config["flow_shift"])  # and the reverse (Wan ships UniPC with a flow_shift)
     extra = {k: v for k, v in {**NONLINEAR_OFF, **implied}.items() if k in params}
     return cls.from_config(config, **extra)

@@ -1,4 +1,5 @@
-"""Text-to-image through the runtime: diffusers pipelines of the SD 1.5 / 2.1, SDXL, SD3 and Flux families.
+"""Text-to-image through the runtime: diffusers pipelines of the SD 1.5 / 2.1, SDXL, SD3 and Flux families; and
+text-to-video: Wan 2.1 / 2.2 (and Wan image-to-video), HunyuanVideo 1.5 and LTX-Video (video.py, `text_to_video`).
 
 A request goes: encode the prompt once (the pipeline's own encode_prompt) -> draw the initial noise exactly as the
 pipeline's prepare_latents draws it (same generator calls, shape and dtype, but as unit noise: `sample()` applies
@@ -29,13 +30,22 @@ from .core import (DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, DTYPES, F
                    load_pipeline, make_scheduler, model_adapter, output_class, parse_dtype, prepare, register, run,
                    size_multiple, text_to_image)
 from . import sd, sdxl, sd3, flux  # noqa: E402,F401  the family registry's import list: each module registers itself
+from . import wan, hunyuan_video15, ltx  # noqa: E402,F401  video families (video.py: what they share)
 from .flux import FluxAdapter
+from .hunyuan_video15 import HunyuanVideo15Adapter
+from .ltx import LTXAdapter
 from .sd import UNetAdapter
 from .sd3 import SD3Adapter
+from .video import (DRiffusionVideoPipeline, VideoFamily, VideoRequest, VideoStats, DecodeStats, check_frames,
+                    decode_video, default_fps, prepare_video, text_to_video, video_sampler)
+from .wan import WanAdapter
 
 __all__ = ["DRiffusionPipeline", "text_to_image", "prepare", "run", "decode", "Request", "load_pipeline",
            "check_model_dir", "parse_dtype", "make_scheduler", "check_size", "size_multiple", "default_size",
            "family_of", "family_of_class", "get_family", "model_adapter", "output_class", "Family", "register",
            "guide", "draw_noise", "UNetAdapter", "SD3Adapter", "FluxAdapter", "REGISTRY", "FAMILIES", "SCHEDULERS",
+           "text_to_video", "prepare_video", "decode_video", "check_frames", "default_fps", "video_sampler",
+           "DRiffusionVideoPipeline", "VideoFamily", "VideoRequest", "VideoStats", "DecodeStats", "WanAdapter",
+           "HunyuanVideo15Adapter", "LTXAdapter",
            "DEFAULT_SCHEDULER", "DEFAULT_GUIDANCE", "DEFAULT_STEPS", "OPTIONS", "OUTPUT_TYPES",
            "DTYPES"]

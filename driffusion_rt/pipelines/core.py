@@ -389,6 +389,9 @@ def prepare(pipe, prompt, *, negative_prompt=None, steps=None, guidance_scale=No
     generator (one torch.Generator, or a list with one per image for deterministic schedulers) or seed
     (a CPU generator seeded with it) as in `pipe(..., generator=torch.Generator().manual_seed(seed))`."""
     family = get_family(pipe)
+    if getattr(family, "video", False):
+        raise ValueError(f"the {family.name} pipeline ({type(pipe).__name__}) makes videos: use text_to_video / "
+                         f"prepare_video (driffusion_rt.pipelines.video)")
     if generator is not None and seed is not None:
         raise ValueError("pass either generator or seed, not both")
     if seed is not None:
@@ -524,6 +527,13 @@ class DRiffusionPipeline:
     not accepted (TypeError). One persistent `Sampler` serves every call (buffers, CUDA graphs). Under torchrun
     every rank calls it; only rank 0 decodes (the other ranks get images=None). sample_kwargs: further options
     of `driffusion_rt.sample` (e.g. drafts=). Other attributes are forwarded to the wrapped pipeline."""
+
+    def __new__(cls, pipe, *args, **kwargs):
+        """A video pipeline gets the video wrapper (video.DRiffusionVideoPipeline: num_frames, `.frames`)."""
+        if cls is DRiffusionPipeline and getattr(get_family(pipe), "video", False):
+            from .video import DRiffusionVideoPipeline
+            cls = DRiffusionVideoPipeline
+        return super().__new__(cls)
 
     def __init__(self, pipe, mode="aggressive", parallel=None, scheduler=None, progress=False, **sample_kwargs):
         family_of(pipe)
