@@ -309,3 +309,31 @@ def test_named_flow_schedulers_keep_wans_flow_shift(vpipes):
     assert make_scheduler(pipe) is pipe.scheduler and pipe.scheduler.config.flow_shift == 3.0
     assert make_scheduler(pipe, "flow").config.shift == 3.0
     assert make_scheduler(pipe, "flow-dpm++2m").config.flow_shift == 3.0
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_equal_the_local_evaluator(video_dirs, tmp_path):
+    """Per family: 2 ranks (gloo) give the latents of a local evaluator; only rank 0 decodes."""
+    import json
+    import os
+    import subprocess
+    import sys
+    kinds = ["wan22", "hunyuan15", "ltx"]
+    out = tmp_path / "video.json"
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "video_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker, str(out),
+           *[f"{k}={video_dirs[k]}" for k in kinds]]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [row for rank in (0, 1) for row in json.loads((tmp_path / f"video.json.rank{rank}").read_text())]
+    runs = [row for row in rows if row["mode"] != "wrapper"]
+    assert len(runs) == len(kinds) * 2 * 2  # kinds x modes x ranks
+    for row in runs:
+        plan = make_plan(row["mode"], STEPS, 2)
+        assert row["rel_err"] <= 1e-5 and row["serial_rounds"] == plan.serial_rounds, row
+        print(f"\n[video 2 ranks] {row['kind']} {row['mode']} rank {row['rank']}: rel err {row['rel_err']:.1e}")
+    for row in rows:
+        if row["mode"] == "wrapper":
+            assert (row["frames"] == [1, 9, 32, 64 if row["kind"] == "ltx" else 32, 3]) == (row["rank"] == 0), row
+            assert (row["decode"] == "cpu-rss") == (row["rank"] == 0), row
