@@ -2,8 +2,9 @@
 `torchrun --nproc_per_node=N -m driffusion_rt.generate`.
 
 With no --model it samples the small digits model shipped in the package (no network, no GPU) and writes one PNG
-grid. --model also takes a diffusers pipeline directory or hub id (SD 1.5 / 2.1, SDXL, SD3, Flux), or the built-in
-test models gmm (analytic Gaussian mixture) and fixed (a model costing --model-cost seconds per call).
+grid. --model also takes a diffusers pipeline directory or hub id (SD 1.5 / 2.1, SDXL, SD3, Flux; video: Wan 2.1 /
+2.2, HunyuanVideo 1.5, LTX-Video, written as MP4), or the built-in test models gmm (analytic Gaussian mixture) and
+fixed (a model costing --model-cost seconds per call).
 Every rank loads its model replica once; rank 0 prints progress and the measured-versus-ideal table and writes the
 outputs, atomically and only when the run succeeds.
 """
@@ -21,7 +22,7 @@ from .distributed import DEFAULT_TIMEOUT_S, default_evaluator, maybe_init_dist
 from .outputs import atomic_write
 from .parasolver import MODES as ITERATIVE_MODES
 from .plan import MODES
-from . import services
+from . import services, video_service
 from .sampler import DRAFT_RULES, Sampler
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -54,9 +55,15 @@ def parser() -> argparse.ArgumentParser:
                         "Flux 3.5 as its guidance embedding)")
     p.add_argument("--height", type=int, default=None, help="pipelines: image height in pixels (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="pipelines: image width in pixels (default: the model's)")
+    p.add_argument("--num-frames", type=int, default=None,
+                   help="video pipelines: frames per video, as the VAE takes them (Wan and HunyuanVideo 1.5: 4k+1, "
+                        "LTX: 8k+1; default: the model's); the output is an MP4")
+    p.add_argument("--fps", type=int, default=None,
+                   help="video pipelines: frames per second of the MP4 (default: the model's, e.g. Wan 2.1 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and of stochastic steps")
     p.add_argument("--num-images", type=int, default=None,
-                   help="images per request (default: one per prompt digit for digits, 1 for pipelines, 4 for gmm)")
+                   help="images (videos) per request (default: one per prompt digit for digits, 1 for pipelines, 4 "
+                        "for gmm)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="model and latent dtype")
     p.add_argument("--out", default=".", help="directory for the images and the run's JSON (created if missing)")
     it = p.add_argument_group("picard / parasolver")
@@ -90,6 +97,15 @@ def check_args(p, args):
         p.error(f"--timeout must be > 0 seconds, got {args.timeout}")
     if args.model in ("gmm", "fixed", "digits") and (args.height or args.width or args.negative_prompt):
         p.error(f"--height, --width and --negative-prompt apply to diffusers pipelines, not --model {args.model}")
+    for name in ("num_frames", "fps"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    try:  # video flags on a model that makes images (built-in, or a pipeline directory by its model index)
+        video_service.check_kind(args.model, [f"--{n.replace('_', '-')}" for n in ("num_frames", "fps")
+                                              if getattr(args, n) is not None])
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
 
 
 def report(plan, stats) -> str:
@@ -127,7 +143,8 @@ def main(argv=None) -> int:
     try:
         t0 = time.perf_counter()
         service = services.load_service(args.model, device, getattr(torch, args.dtype), args.model_cost)
-        sampler = Sampler(service.model, default_evaluator(service.model), cuda_graphs=not args.no_cuda_graphs)
+        sampler = Sampler(service.model, default_evaluator(service.model),
+                          cuda_graphs=not args.no_cuda_graphs and getattr(service.model, "cuda_graphs", True))
         load_s = time.perf_counter() - t0
         spec = request_spec(args)
         options = services.sampling_options(spec)
@@ -152,7 +169,8 @@ def main(argv=None) -> int:
             os.makedirs(args.out, exist_ok=True)
             stem = f"{service.name}-{args.mode}-n{out.stats.parallel}-s{out.stats.steps}-seed{args.seed}"
             files = save(service, out, req, args.out, stem)
-            files.append(write_run(args, info, service.name, out, load_s, stem, files))
+            files.append(write_run(args, info, service.name, out, load_s, stem, files,
+                                   getattr(req, "output_stats", None)))
             print("wrote " + ", ".join(files))
     except (ValueError, FileNotFoundError) as e:  # bad input: every rank sees the same, so every rank stops
         if rank == 0:
@@ -167,7 +185,10 @@ def main(argv=None) -> int:
 
 
 def save(service, out, req, out_dir, stem) -> list:
-    """PNG images (one: <stem>.png, several: <stem>-<i>.png), or the latents for models without images."""
+    """PNG images (one: <stem>.png, several: <stem>-<i>.png), MP4s for video pipelines, or the latents for models
+    without images."""
+    if getattr(service, "video", False):
+        return service.save(out, req, out_dir, stem)
     images = service.images(out, req)
     if not images:
         return [atomic_write(os.path.join(out_dir, f"{stem}.pt"), lambda f: torch.save(out.cpu(), f))]
@@ -176,14 +197,14 @@ def save(service, out, req, out_dir, stem) -> list:
             for n, im in zip(names, images)]
 
 
-def write_run(args, info, name, out, load_s, stem, files) -> str:
+def write_run(args, info, name, out, load_s, stem, files, output_stats=None) -> str:
     st = out.stats
     run = {"model": name, "model_arg": args.model, "mode": st.mode, "parallel": st.parallel, "steps": st.steps,
            "seed": args.seed, "ranks": info.world if info else 1, "backend": info.backend if info else "local",
            "drafts": args.drafts, "load_s": load_s, "latency_s": st.wall_time, "phases_s": st.phases,
            "serial_rounds": st.serial_rounds, "serial_rounds_plan": out.plan.serial_rounds if out.plan else None,
            "model_evals": st.model_evals, "ideal_speedup": st.ideal_speedup, "batch_widths": st.batch_widths,
-           "files": [os.path.basename(f) for f in files], "args": vars(args)}
+           "files": [os.path.basename(f) for f in files], "args": vars(args), **(output_stats or {})}
     path = os.path.join(args.out, f"{stem}.json")
     return atomic_write(path, lambda f: f.write(json.dumps(run, indent=2).encode()))
 

@@ -4,10 +4,12 @@
     curl -s localhost:8000/generate -d '{"prompt": "2026", "steps": 30, "mode": "aggressive"}' -o digits.png
 
 POST /generate takes a JSON request (the fields of driffusion_rt.services: prompt, negative_prompt, steps,
-guidance_scale, height, width, seed, num_images, scheduler, mode, parallel, drafts, ...) plus "response": "png"
-(the default: the first image as image/png, stats in X-Driffusion-* headers) or "base64" (JSON with every image
-as base64 PNG and the stats). GET /health reports readiness. Requests are served one at a time in arrival order.
-The server binds 127.0.0.1 unless --host names another address and --allow-remote says so explicitly.
+guidance_scale, height, width, seed, num_images, scheduler, mode, parallel, drafts, ...; video pipelines also
+num_frames and fps) plus "response": "png" (the default for image models: the first image as image/png, stats in
+X-Driffusion-* headers), "mp4" (the default for video models: the first video as video/mp4, stats in headers) or
+"base64" (JSON with every image as base64 PNG, or every video as base64 MP4, and the stats). GET /health reports
+readiness. Requests are served one at a time in arrival order. The server binds 127.0.0.1 unless --host names
+another address and --allow-remote says so explicitly.
 """
 import argparse
 import asyncio
@@ -53,18 +55,30 @@ def make_app(engine: Engine):
             return JSONResponse({"error": f"request body is not JSON: {e}"}, status_code=400)
         if not isinstance(spec, dict):
             return JSONResponse({"error": "request body must be a JSON object"}, status_code=400)
-        kind = spec.pop("response", "png")
-        if kind not in ("png", "base64"):
-            return JSONResponse({"error": f"response must be 'png' or 'base64', got {kind!r}"}, status_code=400)
+        video = getattr(engine.service, "video", False)
+        kinds = ("mp4", "base64") if video else ("png", "base64")
+        kind = spec.pop("response", kinds[0])
+        if kind not in kinds:
+            return JSONResponse({"error": f"response must be {' or '.join(map(repr, kinds))} for "
+                                          f"{'video' if video else 'image'} model {engine.service.name}, got "
+                                          f"{kind!r}"}, status_code=400)
         result = await asyncio.wrap_future(engine.submit(spec))
         if not result.ok:
             return JSONResponse({"error": result.error}, status_code=422)
         if not result.images:
             return JSONResponse({"error": f"model {engine.service.name} produces no images"}, status_code=422)
-        if kind == "base64":
+        if video:
+            from .video_service import mp4_bytes
+            fps = result.stats["fps"]
+            if kind == "base64":
+                videos = [base64.b64encode(mp4_bytes(v, fps)).decode() for v in result.images]
+                return JSONResponse({"videos": videos, "stats": result.stats})
+        elif kind == "base64":
             images = [base64.b64encode(png_bytes(im)).decode() for im in result.images]
             return JSONResponse({"images": images, "stats": result.stats})
         headers = {f"X-Driffusion-{k.replace('_', '-')}": str(v) for k, v in result.stats.items()}
+        if video:
+            return Response(mp4_bytes(result.images[0], fps), media_type="video/mp4", headers=headers)
         return Response(png_bytes(result.images[0]), media_type="image/png", headers=headers)
 
     async def health(request: Request):
@@ -95,6 +109,7 @@ def parser():
     p.add_argument("--max-steps", type=int, default=lim.steps, help="most sampling steps accepted")
     p.add_argument("--max-images", type=int, default=lim.images, help="most images per request")
     p.add_argument("--max-parallel", type=int, default=lim.parallel, help="largest parallel n accepted")
+    p.add_argument("--max-frames", type=int, default=lim.frames, help="most frames per video accepted")
     return p
 
 
@@ -104,12 +119,13 @@ def main(argv=None) -> int:
     if args.host not in LOOPBACK and not args.allow_remote:
         p.error(f"--host {args.host} is not a loopback address; the server has no authentication, so binding it "
                 f"needs --allow-remote")
-    for name in ("max_prompt_chars", "max_side", "max_steps", "max_images", "max_parallel"):
+    for name in ("max_prompt_chars", "max_side", "max_steps", "max_images", "max_parallel", "max_frames"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_requests < 0 or not 0 <= args.port < 65536:
         p.error("--max-requests must be >= 0 and --port in 0..65535")
-    limits = services.Limits(args.max_prompt_chars, args.max_side, args.max_steps, args.max_images, args.max_parallel)
+    limits = services.Limits(args.max_prompt_chars, args.max_side, args.max_steps, args.max_images, args.max_parallel,
+                             args.max_frames)
     from .distributed import maybe_init_dist
     info = maybe_init_dist(args.timeout)
     device = info.device if info else torch.device("cpu")

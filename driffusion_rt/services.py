@@ -16,7 +16,7 @@ from .sampler import DRAFT_RULES
 SCHEDULERS = ("ddim", "ddpm", "euler", "flow")
 BUILTIN = ("digits", "gmm", "fixed")
 MODEL_KEYS = ("prompt", "negative_prompt", "steps", "guidance_scale", "height", "width", "seed", "num_images",
-              "scheduler")
+              "scheduler", "num_frames", "fps")  # num_frames, fps: video pipelines only (video_service.py)
 SAMPLING_KEYS = ("mode", "parallel", "drafts", "subintervals", "preconditioning", "window", "tolerance")
 
 
@@ -32,9 +32,10 @@ class Limits:
     steps: int | None = 200
     images: int | None = 16        # images per request (num_images, or digits in a digits prompt)
     parallel: int | None = 64
+    frames: int | None = 257       # frames per video (video pipelines)
 
 
-NO_LIMITS = Limits(None, None, None, None, None)
+NO_LIMITS = Limits(None, None, None, None, None, None)
 
 
 @dataclass
@@ -86,6 +87,10 @@ def sampling_options(spec: dict, limits: Limits = NO_LIMITS) -> dict:
 
 
 def _common(spec, limits: Limits, default_steps: int) -> tuple:
+    for key in ("num_frames", "fps"):  # a video service checks these itself and passes the rest here
+        if spec.get(key) is not None:
+            from .video_service import video_families
+            raise RequestError(f"{key} applies to video pipelines ({video_families()}); this model makes images")
     steps = _int(spec, "steps", 1, limits.steps, default_steps)
     seed = _int(spec, "seed", 0, 2**63 - 1, 0)
     num = _int(spec, "num_images", 1, limits.images)
@@ -243,4 +248,8 @@ def load_service(model: str, device, dtype=torch.float32, cost: float = 0.04):
         return DigitsService(device, dtype)
     if model in ("gmm", "fixed"):
         return ToyService(model, device, dtype, cost)
-    return PipelineService(model, device, dtype)
+    service = PipelineService(model, device, dtype)
+    if getattr(service.p.get_family(service.pipe), "video", False):
+        from .video_service import VideoService
+        return VideoService(service)
+    return service

@@ -20,7 +20,7 @@ PROMPTS = ["a photo of a red cat", "a blue house"]
 SEQ = {"max_sequence_length": tv.T5_MAX_LEN}
 STEPS = 6
 FAMILY = {"wan21": "wan", "wan22": "wan", "wan22-5b": "wan", "wan21-i2v": "wan", "wan22-5b-i2v": "wan",
-          "hunyuan15": "hunyuan-video-1.5", "ltx": "ltx"}
+          "wan22-i2v": "wan", "hunyuan15": "hunyuan-video-1.5", "ltx": "ltx"}
 
 
 def rel_err(a, b) -> float:
@@ -72,6 +72,7 @@ PARITY = [
     ("wan22-5b-expand", "wan22-5b", {}, None, 4.0, dict(guidance_scale=2.0)),
     ("wan21-i2v", "wan21-i2v", {}, None, 4.0, dict(image=image((10, 200, 30)))),
     ("wan22-5b-i2v", "wan22-5b-i2v", {}, None, 4.0, dict(image=image((10, 200, 30)))),
+    ("wan22-i2v-two-experts", "wan22-i2v", dict(guidance_scale_2=2.5), None, 4.0, dict(guidance_scale_2=1.5)),
     ("hunyuan15-own-guider", "hunyuan15", dict(negative_prompt="ugly"), None, None, dict(guidance_scale=2.0)),
     ("hunyuan15-flow-unipc", "hunyuan15", {}, "flow-unipc", None, None),
     ("ltx-own-rescale", "ltx", dict(negative_prompt="ugly", guidance_rescale=0.6), None, 4.0,

@@ -93,6 +93,14 @@ def build_wan21_i2v(directory: str) -> str:
         transformer=_wan_transformer(in_channels=36, image_dim=4)), directory)
 
 
+def build_wan22_i2v(directory: str) -> str:
+    """Wan 2.2 A14B I2V: two experts on the image-conditioned input, no CLIP image encoder."""
+    return _save(WanImageToVideoPipeline(
+        tokenizer=tp.t5_tokenizer(), text_encoder=_t5(), vae=_wan_vae(), scheduler=_wan_scheduler(),
+        transformer=_wan_transformer(0, in_channels=36), transformer_2=_wan_transformer(7, in_channels=36),
+        boundary_ratio=0.9), directory)
+
+
 def qwen2_tokenizer() -> Qwen2Tokenizer:
     """Byte-level BPE over the 256 byte symbols (no merges), with the chat markers and a minimal chat template."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
@@ -184,6 +192,7 @@ BUILDERS = {
     "wan22-5b": build_wan22_ti2v,
     "wan21-i2v": build_wan21_i2v,
     "wan22-5b-i2v": build_wan22_ti2v_i2v,
+    "wan22-i2v": build_wan22_i2v,
     "hunyuan15": build_hunyuan15,
     "ltx": build_ltx,
 }
