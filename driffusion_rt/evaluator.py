@@ -33,6 +33,38 @@ class Shared:
         self.value = value
 
 
+class PerStep:
+    """Marks a model kwarg that depends on the trajectory index: `table` is [S, ...], row j its value at index j.
+    The model receives the rows of the call's points, one per latent batch row (like the timesteps), so points at
+    different indices in one call each get their own (e.g. ControlNet's conditioning scale, which
+    control_guidance_start / end switch on and off by step)."""
+    __slots__ = ("table",)
+
+    def __init__(self, table: torch.Tensor):
+        self.table = table
+
+
+class Static:
+    """Marks a model kwarg that a CUDA graph bakes in, keyed by its value (a captured call is reused only for the
+    same value), where the model must read it on the host: e.g. a LoRA scale, which sets module state before the
+    forward. Floats left bare reach a captured call of a `tensor_scalars` model as 0-d device tensors instead. The
+    model unwraps `.value`."""
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __repr__(self):
+        return f"Static({self.value!r})"
+
+
+def attention_kwargs(kwargs: dict | None) -> dict | None:
+    """A cross_attention_kwargs / joint_attention_kwargs model kwarg with its Static values unwrapped."""
+    if kwargs is None:
+        return None
+    return {k: v.value if isinstance(v, Static) else v for k, v in kwargs.items()}
+
+
 def tile(value, batch: int, times: int):
     """Repeat tensors (also inside dicts/lists) whose first dim is the latent batch, for `times` points per call.
     `Shared` values are unwrapped, never repeated."""
@@ -59,11 +91,12 @@ class ModelCall:
         self.batch, self.shape = latent.shape[0], tuple(latent.shape)
         self.kwargs = model_kwargs or {}
         dev = latent.device
+        self.per_step = {k: v.table.to(dev) for k, v in self.kwargs.items() if isinstance(v, PerStep)}
         self.scaled = bool((traj.input_divisor != 1).any())
         # float32 (float64 data: float64) like the scheduler's own divisor: never rounded to the latent's half type
         self.divisor = traj.input_divisor.to(dev, torch.float64 if latent.dtype == torch.float64 else torch.float32)
         self.timesteps = traj.timesteps.to(dev)
-        self._t, self._d, self._kw, self._x = {}, {}, {}, {}
+        self._t, self._d, self._kw, self._x, self._p = {}, {}, {}, {}, {}
 
     def _t_rows(self, idx: tuple) -> torch.Tensor:
         if idx not in self._t:  # one timestep per batch row, built once per distinct index tuple
@@ -84,6 +117,12 @@ class ModelCall:
             self._kw[c] = tile(self.kwargs, self.batch, c)
         return self._kw[c]
 
+    def _per_step(self, idx: tuple) -> dict:
+        """The PerStep kwargs' rows for these points, built once per distinct index tuple."""
+        if idx not in self._p:
+            self._p[idx] = {k: v[list(idx)].repeat_interleave(self.batch, dim=0) for k, v in self.per_step.items()}
+        return self._p[idx]
+
     def forward(self, x, t, **kwargs) -> torch.Tensor:
         return _as_tensor(self.model(x, t, **kwargs))
 
@@ -93,6 +132,8 @@ class ModelCall:
         if self.scaled:
             x = self._scaled_input(x, idx)
         t, kw = self._t_rows(idx), self._kwargs(c)
+        if self.per_step:
+            kw = {**kw, **self._per_step(idx)}
         if self.graphs is not None:
             y = self.graphs(self.forward, x, t, kw, getattr(self.model, "tensor_scalars", False))
         else:

@@ -198,7 +198,7 @@ class Sampler:
         return self._tables[key]
 
     def __call__(self, scheduler, x, *, steps, mode="aggressive", parallel=None, generator=None,
-                 model_kwargs=None, timesteps_kwargs=None, progress=False, drafts="jump", start=0,
+                 model_kwargs=None, timesteps_kwargs=None, progress=False, drafts="jump", start=0, blend=None,
                  subintervals=None, preconditioning=None, window=None, tolerance=None, **step_kwargs) -> SampleOutput:
         if mode not in ALL_MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(ALL_MODES)}")
@@ -216,6 +216,9 @@ class Sampler:
         iterative = mode in parasolver.MODES
         if iterative and drafts != "jump":
             raise ValueError(f"drafts={drafts!r} applies to the draft-and-refine modes, not mode={mode!r}")
+        if iterative and blend is not None:
+            raise ValueError(f"a blend (inpainting with a 4-channel denoiser) runs in modes {', '.join(MODES)}, "
+                             f"not mode={mode!r}")
         if not iterative:
             extra = {k: v for k, v in dict(subintervals=subintervals, preconditioning=preconditioning, window=window,
                                            tolerance=tolerance).items() if v is not None}
@@ -233,12 +236,17 @@ class Sampler:
                 cfg = parasolver.IterativeConfig.make(mode, traj.steps, parallel, subintervals, preconditioning,
                                                       window, tolerance)
                 return parasolver.run(self, traj, x, mode, parallel, cfg, generator, model_kwargs)
-            return self.run(make_plan(mode, traj.steps, parallel), traj, x, generator, model_kwargs, progress, drafts)
+            return self.run(make_plan(mode, traj.steps, parallel), traj, x, generator, model_kwargs, progress, drafts,
+                            blend)
 
     @torch.no_grad()  # sampling never needs gradients: no autograd graph per model call, whatever the model
     def run(self, plan: Plan, traj: Trajectory, x, generator=None, model_kwargs=None, progress=False,
-            drafts="jump") -> SampleOutput:
-        """Execute `plan`; every rank calls this with the same plan, trajectory and latent shape."""
+            drafts="jump", blend=None) -> SampleOutput:
+        """Execute `plan`; every rank calls this with the same plan, trajectory and latent shape.
+
+        blend: None, or `blend(states, idx)` applied in place to every state a combine produces (this rank's
+        drafts and each refined anchor) with their trajectory indices; elementwise and the same on every rank
+        (inpainting: x_j <- m x_j + (1 - m) noised(init, j), see driffusion_rt/blend.py)."""
         ev = self.ev
         lay, tables = self.tables(traj, plan, drafts, x)
         arena = self.arena(x, lay, plan)
@@ -266,6 +274,8 @@ class Sampler:
             if k:
                 if tab.draft is not None:
                     kernels.combine(rows, tab.draft.out, tab.draft.inp, tab.draft.coef)
+                    if blend is not None:
+                        blend(rows[lay.drafts: lay.drafts + len(tab.own)], tab.own)
                 gathered = rows[lay.gathered: lay.gathered + ev.world * tab.chunk]
                 send = ev.send_buffer(gathered)
                 clock.start("model")
@@ -279,6 +289,9 @@ class Sampler:
                 stats.batch_widths.append(k)
             clock.start("refine")
             kernels.combine(rows, tab.refine.out, tab.refine.inp, tab.refine.coef)
+            if blend is not None:
+                nxt = lay.block(1 - tab.block)
+                blend(rows[nxt: nxt + 1], (i + rnd.advance,))
             if CHECK_SYNC and (r + 1) % CHECK_SYNC == 0:
                 ev.check_in_step(rows[lay.block(1 - tab.block)], f"after round {r} (anchor {i + rnd.advance})")
             if bar is not None:
@@ -348,14 +361,16 @@ def _warn_spread(traj: Trajectory, parallel: int):
 
 
 def sample(model, scheduler, x, *, steps, mode="aggressive", parallel=None, generator=None, model_kwargs=None,
-           timesteps_kwargs=None, progress=False, drafts="jump", start=0, subintervals=None, preconditioning=None,
-           window=None, tolerance=None, **step_kwargs) -> SampleOutput:
+           timesteps_kwargs=None, progress=False, drafts="jump", start=0, blend=None, subintervals=None,
+           preconditioning=None, window=None, tolerance=None, **step_kwargs) -> SampleOutput:
     """Sample with draft-and-refine parallelism. Returns `.sample` (the final latent) and `.stats`.
 
     model(x_in, t, **model_kwargs) sees what a diffusers loop gives it: x_in = scale_model_input(x, t), one
     timestep per batch row. scheduler: any diffusers scheduler whose step is affine (probed, see trajectory.py).
     x is unit-variance noise [B, ...] (init_noise_sigma is applied here), or with start=k > 0 the noised state at
-    timestep index k (img2img: what scheduler.add_noise gives; the run covers timesteps[k:]). mode is sequential,
+    timestep index k (img2img: what scheduler.add_noise gives; the run covers timesteps[k:]; see
+    driffusion_rt.strength for diffusers' `strength` convention). blend: an elementwise map applied to every state
+    the run produces (inpainting, driffusion_rt.blend.MaskBlend; not in picard / parasolver). mode is sequential,
     aggressive or conservative; parallel (n) defaults to the world size (1 outside torchrun). step_kwargs are the
     scheduler's step options (e.g. eta for DDIM); timesteps_kwargs go to set_timesteps (e.g. mu for Flux).
     drafts="jump" drafts with the scheduler's chain at the anchor's output (the paper's jumps); "extrapolate"
@@ -370,5 +385,5 @@ def sample(model, scheduler, x, *, steps, mode="aggressive", parallel=None, gene
     """
     return Sampler(model, default_evaluator(model))(
         scheduler, x, steps=steps, mode=mode, parallel=parallel, generator=generator, model_kwargs=model_kwargs,
-        timesteps_kwargs=timesteps_kwargs, progress=progress, drafts=drafts, start=start, subintervals=subintervals,
-        preconditioning=preconditioning, window=window, tolerance=tolerance, **step_kwargs)
+        timesteps_kwargs=timesteps_kwargs, progress=progress, drafts=drafts, start=start, blend=blend,
+        subintervals=subintervals, preconditioning=preconditioning, window=window, tolerance=tolerance, **step_kwargs)

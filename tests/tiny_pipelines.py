@@ -214,3 +214,66 @@ def build_unsupported(directory: str) -> str:
     unet = UNet2DModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=3, out_channels=3,
                        down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, norm_num_groups=4)
     return _save(DDPMPipeline(unet=unet, scheduler=DDPMScheduler()), directory)
+
+
+# ---------------------------------------------------------------------------------------------- image tasks
+
+
+def build_controlnet(directory: str, sdxl: bool = False, seed: int = 0) -> str:
+    """A ControlNetModel matching the tiny SD (or SDXL) UNet, saved with save_pretrained; returns the directory.
+    Its zero convolutions get random weights (a trained ControlNet's are not zero either), so its residuals
+    change the output and tests can see whether they are applied."""
+    from diffusers import ControlNetModel
+    extra = {}
+    if sdxl:
+        extra = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
+                     projection_class_embeddings_input_dim=6 * 8 + 32)
+    torch.manual_seed(seed)
+    net = ControlNetModel(block_out_channels=(8, 16), layers_per_block=1, in_channels=4,
+                          down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), norm_num_groups=4,
+                          cross_attention_dim=64 if sdxl else 32, attention_head_dim=4,
+                          conditioning_embedding_out_channels=(8, 16), **extra)
+    with torch.no_grad():
+        for conv in list(net.controlnet_down_blocks) + [net.controlnet_mid_block]:
+            conv.weight.normal_(0.0, 0.3)
+            conv.bias.normal_(0.0, 0.3)
+    net.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def build_sd_inpaint(directory: str) -> str:
+    """An SD inpainting pipeline whose UNet takes 9 channels (latents, mask, masked image latents), like
+    stable-diffusion-inpainting; PNDM as the checkpoint ships."""
+    from diffusers import StableDiffusionInpaintPipeline
+    tokenizer = clip_tokenizer(os.path.join(directory, "_tok"))
+    torch.manual_seed(2)
+    text_encoder = CLIPTextModel(_clip_config(len(tokenizer)))
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=9,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                                cross_attention_dim=32, attention_head_dim=4)
+    sched = PNDMScheduler(skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, **SD_BETAS)
+    pipe = StableDiffusionInpaintPipeline(vae=_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                          scheduler=sched, safety_checker=None, feature_extractor=None,
+                                          requires_safety_checker=False)
+    return _save(pipe, directory)
+
+
+def image(seed: int, height: int = 32, width: int = 32, mode: str = "RGB"):
+    """A deterministic smooth PIL test image (low-frequency noise, so the VAE sees structure)."""
+    import numpy as np
+    from PIL import Image
+    g = np.random.default_rng(seed)
+    small = g.uniform(0, 255, size=(height // 8 + 1, width // 8 + 1, 3))
+    arr = np.asarray(Image.fromarray(small.astype(np.uint8)).resize((width, height), Image.BILINEAR))
+    im = Image.fromarray(arr)
+    return im.convert(mode)
+
+
+def mask(height: int = 32, width: int = 32, box=(8, 8, 24, 20)):
+    """A binary PIL mask: white (repaint) inside box = (left, top, right, bottom), black elsewhere."""
+    from PIL import Image, ImageDraw
+    m = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(m).rectangle(box, fill=255)
+    return m

@@ -49,3 +49,5 @@ __all__ = ["DRiffusionPipeline", "text_to_image", "prepare", "run", "decode", "R
            "HunyuanVideo15Adapter", "LTXAdapter",
            "DEFAULT_SCHEDULER", "DEFAULT_GUIDANCE", "DEFAULT_STEPS", "OPTIONS", "OUTPUT_TYPES",
            "DTYPES"]
+from .conditioning import (TASKS, control, control_to_image, for_task, from_call, image_to_image, img2img,  # noqa: E402
+                           inpaint, inpainting, lora_scale_of, read_image, task_of)

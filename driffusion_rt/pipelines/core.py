@@ -23,7 +23,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 # prepare's family-specific options and their defaults: a family lists the ones it takes in Family.options, the
 # others must stay at their default
-OPTIONS = {"clip_skip": None, "guidance_rescale": 0.0, "true_cfg_scale": 1.0, "max_sequence_length": None}
+OPTIONS = {"clip_skip": None, "guidance_rescale": 0.0, "true_cfg_scale": 1.0, "max_sequence_length": None,
+           "lora_scale": None}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?$")
 
 
@@ -44,7 +45,11 @@ class Family(ABC):
     from decode and a `.frames` output_class (num_frames joins height / width as a size argument then); Wan 2.2's
     two transformers are one adapter that picks per row by timestep (rows of one call can straddle the boundary);
     ControlNet residuals and LoRA scales are per-request model_kwargs the adapter turns into its denoiser's
-    arguments; img2img is a prepare that encodes the image and a trajectory that starts at the strength's step."""
+    arguments; img2img is a prepare that encodes the image and a trajectory that starts at the strength's step.
+
+    Image tasks (conditioning.py): pipeline_classes may map each class name to its task ("text2img", "img2img",
+    "inpaint", "controlnet"); a family that takes images defines encode_image(pipe, image, generator, task=...)
+    and strength_rule / img2img_size_from_image (Flux also pack(pipe, latents))."""
     name: str
     pipeline_classes: tuple
     schedulers: tuple
@@ -267,18 +272,18 @@ def make_scheduler(pipe, name: str | None = None):
     return type(own).from_config(own.config, **{k: False for k in on})
 
 
-def _trajectory(pipe, family, sched, named_scheduler, steps, timesteps_kwargs, step_kwargs):
-    """The probed trajectory; a shipped scheduler the runtime cannot run is replaced by the family default,
-    announced with a warning (a named one is an error)."""
+def _trajectory(pipe, family, sched, named_scheduler, steps, timesteps_kwargs, step_kwargs, start=0):
+    """The probed trajectory (from index `start`: img2img); a shipped scheduler the runtime cannot run is replaced
+    by the family default, announced with a warning (a named one is an error)."""
     try:
-        return sched, Trajectory.from_scheduler(sched, steps, timesteps_kwargs, **step_kwargs)
+        return sched, Trajectory.from_scheduler(sched, steps, timesteps_kwargs, start, **step_kwargs)
     except UnsupportedScheduler as e:
         if named_scheduler is not None:
             raise
         warnings.warn(f"the pipeline's {type(sched).__name__} cannot run through the runtime ({e}); using "
                       f"{family.default_scheduler!r} instead", stacklevel=3)
         sched = named.build(family.default_scheduler, sched.config)
-        return sched, Trajectory.from_scheduler(sched, steps, timesteps_kwargs)
+        return sched, Trajectory.from_scheduler(sched, steps, timesteps_kwargs, start)
 
 
 # ---------------------------------------------------------------------------------------------- guidance
@@ -346,6 +351,7 @@ class Request:
     generator: torch.Generator | None  # continues after the initial draw: the stochastic steps' noise
     decode_generator: object = None
     step_kwargs: dict = field(default_factory=dict)
+    blend: object = None           # inpainting's per-step mask blend (driffusion_rt.blend.MaskBlend) or None
 
 
 def _batch(prompt) -> int:
@@ -379,13 +385,17 @@ def _check_options(family: Family, options: dict):
 @torch.no_grad()
 def prepare(pipe, prompt, *, negative_prompt=None, steps=None, guidance_scale=None, height=None, width=None,
             num_images=1, generator=None, seed=None, scheduler=None, latents=None, eta=0.0, guidance_rescale=0.0,
-            true_cfg_scale=1.0, max_sequence_length=None, clip_skip=None) -> Request:
+            true_cfg_scale=1.0, max_sequence_length=None, clip_skip=None, lora_scale=None,
+            conditioning=None) -> Request:
     """Encode the prompt and draw the initial noise the way the pipeline's __call__ does.
 
     guidance_scale: classifier-free guidance for sd / sdxl / sd3 (on when > 1), the guidance *embedding* for
     flux (guidance-distilled checkpoints); flux's classifier-free guidance is true_cfg_scale > 1 with a
     negative_prompt, as in FluxPipeline. guidance_rescale: sd / sdxl only. max_sequence_length: the T5 families
-    (sd3, flux). clip_skip: not flux. eta: DDIM only.
+    (sd3, flux). clip_skip: not flux. eta: DDIM only. lora_scale: the scale of the pipeline's loaded LoRA
+    weights for this request (diffusers' cross_attention_kwargs / joint_attention_kwargs {"scale": s}).
+    conditioning: an image task's inputs (driffusion_rt.pipelines.conditioning: img2img, inpainting,
+    ControlNet), validated when it was made; it starts the run from the image (strength) or adds its inputs.
     generator (one torch.Generator, or a list with one per image for deterministic schedulers) or seed
     (a CPU generator seeded with it) as in `pipe(..., generator=torch.Generator().manual_seed(seed))`."""
     family = get_family(pipe)
@@ -403,14 +413,17 @@ def prepare(pipe, prompt, *, negative_prompt=None, steps=None, guidance_scale=No
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
         raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}")
     options = dict(clip_skip=clip_skip, guidance_rescale=guidance_rescale, true_cfg_scale=true_cfg_scale,
-                   max_sequence_length=max_sequence_length)
+                   max_sequence_length=max_sequence_length, lora_scale=lora_scale)
     _check_options(family, options)
+    batch = _batch(prompt) * num_images
+    if conditioning is not None:  # the image's size is the default, and what only the task can check
+        height, width = conditioning.begin(pipe, family, height=height, width=width, steps=steps, batch=batch,
+                                           num_images=num_images, latents=latents)
     height, width = check_size(pipe, height, width)
     sched = make_scheduler(pipe, scheduler)
     step_kwargs = {"eta": float(eta)} if "eta" in inspect.signature(sched.step).parameters else {}
     if eta and not step_kwargs:
         raise ValueError(f"eta is an option of DDIM-type schedulers; the scheduler is {type(sched).__name__}")
-    batch = _batch(prompt) * num_images
     prompt = list(prompt) if isinstance(prompt, tuple) else prompt  # the pipelines test isinstance(prompt, list)
     if isinstance(negative_prompt, tuple):
         negative_prompt = list(negative_prompt)
@@ -421,18 +434,24 @@ def prepare(pipe, prompt, *, negative_prompt=None, steps=None, guidance_scale=No
     kw = family.encode(pipe, prompt, negative_prompt, batch=batch, num_images=num_images,
                        guidance_scale=guidance_scale, height=height, width=width, device=device,
                        **{name: options[name] for name in family.options})
-    x, geometry = family.prepare(pipe, kw, batch=batch, height=height, width=width, generator=generator,
-                                 latents=latents, device=device)
-    kw.update(geometry)
-    sched, traj = _trajectory(pipe, family, sched, scheduler, steps, family.timesteps_kwargs(pipe, sched, x, steps),
-                              step_kwargs)
+    blend = None
+    if conditioning is not None:
+        x, sched, traj, blend = conditioning.prepare(pipe, family, kw, sched=sched, named_scheduler=scheduler,
+                                                     steps=steps, step_kwargs=step_kwargs, batch=batch, height=height,
+                                                     width=width, generator=generator, latents=latents, device=device)
+    else:
+        x, geometry = family.prepare(pipe, kw, batch=batch, height=height, width=width, generator=generator,
+                                     latents=latents, device=device)
+        kw.update(geometry)
+        sched, traj = _trajectory(pipe, family, sched, scheduler, steps,
+                                  family.timesteps_kwargs(pipe, sched, x, steps), step_kwargs)
     run_gen = generator
     if isinstance(generator, list):
         if any(traj.noisy):
             raise ValueError(f"a list of generators works only with deterministic schedulers; "
                              f"{traj.scheduler_name} draws noise at every step: pass one torch.Generator")
         run_gen = None
-    return Request(family.name, height, width, steps, x, kw, traj, run_gen, generator, step_kwargs)
+    return Request(family.name, height, width, steps, x, kw, traj, run_gen, generator, step_kwargs, blend)
 
 
 @torch.no_grad()
@@ -443,8 +462,10 @@ def run(pipe, request: Request, *, mode="aggressive", parallel=None, sampler=Non
     then live across requests); None runs `driffusion_rt.sample` (a fresh one). sample_kwargs: further options
     of `sample` (e.g. drafts=). A request drawing per-step noise (DDPM, DDIM eta > 0) consumes its generator:
     prepare a new request to repeat it."""
-    opts = dict(steps=request.steps, mode=mode, parallel=parallel, generator=request.generator,
-                model_kwargs=request.model_kwargs, progress=progress, **sample_kwargs)
+    opts = dict(steps=request.steps, start=request.trajectory.start, mode=mode, parallel=parallel,
+                generator=request.generator, model_kwargs=request.model_kwargs, progress=progress, **sample_kwargs)
+    if request.blend is not None:
+        opts["blend"] = request.blend
     if sampler is not None:
         return sampler(request.trajectory, request.latents, **opts)
     return sample(model_adapter(pipe), request.trajectory, request.latents, **opts)
@@ -493,20 +514,23 @@ def _is_rank0() -> bool:
 def text_to_image(pipe, prompt, *, negative_prompt=None, steps=None, guidance_scale=None, height=None, width=None,
                   num_images=1, seed=None, generator=None, scheduler=None, mode="aggressive", parallel=None,
                   output_type="pil", eta=0.0, guidance_rescale=0.0, true_cfg_scale=1.0, max_sequence_length=None,
-                  clip_skip=None, latents=None, progress=False, sampler=None, **sample_kwargs) -> tuple:
+                  clip_skip=None, latents=None, progress=False, sampler=None, lora_scale=None, conditioning=None,
+                  **sample_kwargs) -> tuple:
     """Generate images from a prompt through the draft-and-refine runtime. Returns (images, stats).
 
     images: as the pipeline returns them for output_type ("pil": list of PIL images, "np": [N, H, W, 3] floats,
     "pt": [N, 3, H, W], "latent": the final latents). stats: the run's SampleStats. Under torchrun every rank
     calls this; only rank 0 decodes, the other ranks get images=None. mode="sequential" equals
     `pipe(prompt, ..., generator=torch.Generator().manual_seed(seed))` with the same scheduler. See `prepare`
-    for the per-family meaning of guidance_scale / true_cfg_scale, `run` for sampler / sample_kwargs; progress
-    shows a bar of rounds on rank 0."""
+    for the per-family meaning of guidance_scale / true_cfg_scale and for lora_scale / conditioning (the image
+    tasks' functions in driffusion_rt.pipelines.conditioning call this with it), `run` for sampler /
+    sample_kwargs; progress shows a bar of rounds on rank 0."""
     _check_output_type(output_type)
     req = prepare(pipe, prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale,
                   height=height, width=width, num_images=num_images, generator=generator, seed=seed,
                   scheduler=scheduler, latents=latents, eta=eta, guidance_rescale=guidance_rescale,
-                  true_cfg_scale=true_cfg_scale, max_sequence_length=max_sequence_length, clip_skip=clip_skip)
+                  true_cfg_scale=true_cfg_scale, max_sequence_length=max_sequence_length, clip_skip=clip_skip,
+                  lora_scale=lora_scale, conditioning=conditioning)
     out = run(pipe, req, mode=mode, parallel=parallel, sampler=sampler, progress=progress, **sample_kwargs)
     images = None
     if _is_rank0():
@@ -526,7 +550,12 @@ class DRiffusionPipeline:
     a tuple with return_dict=False). Arguments the runtime cannot honour (callbacks, custom timesteps, ...) are
     not accepted (TypeError). One persistent `Sampler` serves every call (buffers, CUDA graphs). Under torchrun
     every rank calls it; only rank 0 decodes (the other ranks get images=None). sample_kwargs: further options
-    of `driffusion_rt.sample` (e.g. drafts=). Other attributes are forwarded to the wrapped pipeline."""
+    of `driffusion_rt.sample` (e.g. drafts=). Other attributes are forwarded to the wrapped pipeline.
+
+    Image pipelines take their own image arguments too: Img2Img pipelines `image` and `strength`, inpainting
+    pipelines `image`, `mask_image` and `strength`, ControlNet pipelines `image` (the control image(s)),
+    controlnet_conditioning_scale, guess_mode, control_guidance_start / end; the per-call LoRA scale is
+    `cross_attention_kwargs={"scale": s}` (SD, SDXL) or `joint_attention_kwargs={"scale": s}` (SD3, Flux)."""
 
     def __new__(cls, pipe, *args, **kwargs):
         """A video pipeline gets the video wrapper (video.DRiffusionVideoPipeline: num_frames, `.frames`)."""
@@ -559,15 +588,25 @@ class DRiffusionPipeline:
     @torch.no_grad()
     def __call__(self, prompt=None, negative_prompt=None, num_inference_steps=None, guidance_scale=None, height=None,
                  width=None, num_images_per_prompt=1, generator=None, output_type="pil", return_dict=True, eta=0.0,
-                 guidance_rescale=0.0, true_cfg_scale=1.0, max_sequence_length=None, clip_skip=None, latents=None):
+                 guidance_rescale=0.0, true_cfg_scale=1.0, max_sequence_length=None, clip_skip=None, latents=None,
+                 image=None, strength=None, mask_image=None, controlnet_conditioning_scale=1.0, guess_mode=False,
+                 control_guidance_start=0.0, control_guidance_end=1.0, cross_attention_kwargs=None,
+                 joint_attention_kwargs=None):
+        from . import conditioning as cond
         if prompt is None:
             raise ValueError("prompt is required (precomputed prompt embeddings are not supported)")
         _check_output_type(output_type)
+        inputs = cond.from_call(self.pipe, image=image, strength=strength, mask_image=mask_image,
+                                controlnet_conditioning_scale=controlnet_conditioning_scale, guess_mode=guess_mode,
+                                control_guidance_start=control_guidance_start,
+                                control_guidance_end=control_guidance_end)
+        lora_scale = cond.lora_scale_of(self.pipe, cross_attention_kwargs, joint_attention_kwargs)
         req = prepare(self.pipe, prompt, negative_prompt=negative_prompt, steps=num_inference_steps,
                       guidance_scale=guidance_scale, height=height, width=width, num_images=num_images_per_prompt,
                       generator=generator, scheduler=self.scheduler, latents=latents, eta=eta,
                       guidance_rescale=guidance_rescale, true_cfg_scale=true_cfg_scale,
-                      max_sequence_length=max_sequence_length, clip_skip=clip_skip)
+                      max_sequence_length=max_sequence_length, clip_skip=clip_skip, lora_scale=lora_scale,
+                      conditioning=inputs)
         out = run(self.pipe, req, mode=self.mode, parallel=self.parallel, sampler=self.sampler,
                   progress=self.progress, **self.sample_kwargs)
         self.last_stats = out.stats

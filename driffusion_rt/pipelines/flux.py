@@ -1,9 +1,9 @@
-"""Flux.1 (FluxPipeline): FluxTransformer2DModel on 2 x 2-packed latents, flow matching with dynamic shifting, a
+"""Flux.1 (FluxPipeline, FluxImg2ImgPipeline): FluxTransformer2DModel on 2 x 2-packed latents, flow matching with dynamic shifting, a
 guidance embedding (guidance-distilled checkpoints) and optional true classifier-free guidance."""
 import numpy as np
 import torch
 
-from ..evaluator import Shared
+from ..evaluator import Shared, Static, attention_kwargs
 from .core import Family, cfg, draw_noise, guide, register
 
 
@@ -13,33 +13,37 @@ class FluxAdapter:
     classifier-free guidance (true_cfg_scale > 1 with a negative prompt: uncond and cond in one batched call,
     where the pipeline makes two calls). model_kwargs: prompt_embeds, pooled_prompt_embeds, text_ids, img_ids
     (Shared), guidance, negative_* (present iff true CFG is on), true_cfg_scale, and batched_cfg: whether uncond
-    and cond share their text ids and shapes, so they can be one batched call (decided once per request)."""
+    and cond share their text ids and shapes, so they can be one batched call (decided once per request);
+    joint_attention_kwargs ({"scale": Static(s)}: the LoRA scale)."""
 
     tensor_scalars = True  # float kwargs may arrive as 0-d device tensors (CUDA graphs): no host sync on them
 
     def __init__(self, transformer):
         self.transformer = transformer
 
-    def _run(self, x, t, prompt_embeds, pooled, text_ids, img_ids, guidance):  # one FluxPipeline transformer call
+    def _run(self, x, t, prompt_embeds, pooled, text_ids, img_ids, guidance, attention=None):
+        """One FluxPipeline transformer call (attention: joint_attention_kwargs)."""
         return self.transformer(hidden_states=x, timestep=t.to(x.dtype) / 1000, guidance=guidance,
                                 pooled_projections=pooled, encoder_hidden_states=prompt_embeds,
-                                txt_ids=text_ids, img_ids=img_ids, return_dict=False)[0]
+                                txt_ids=text_ids, img_ids=img_ids, joint_attention_kwargs=attention,
+                                return_dict=False)[0]
 
     @torch.no_grad()
     def __call__(self, x, t, *, prompt_embeds, pooled_prompt_embeds, text_ids, img_ids, guidance=None,
                  negative_prompt_embeds=None, negative_pooled_prompt_embeds=None, negative_text_ids=None,
-                 true_cfg_scale=1.0, batched_cfg=False):
+                 true_cfg_scale=1.0, batched_cfg=False, joint_attention_kwargs=None):
+        att = attention_kwargs(joint_attention_kwargs)
         if negative_prompt_embeds is None:
-            return self._run(x, t, prompt_embeds, pooled_prompt_embeds, text_ids, img_ids, guidance)
+            return self._run(x, t, prompt_embeds, pooled_prompt_embeds, text_ids, img_ids, guidance, att)
         if batched_cfg:
             out = self._run(torch.cat([x, x]), torch.cat([t, t]),
                             torch.cat([negative_prompt_embeds, prompt_embeds]),
                             torch.cat([negative_pooled_prompt_embeds, pooled_prompt_embeds]), text_ids, img_ids,
-                            None if guidance is None else torch.cat([guidance, guidance]))
+                            None if guidance is None else torch.cat([guidance, guidance]), att)
             return guide(out, true_cfg_scale)[0]
-        cond = self._run(x, t, prompt_embeds, pooled_prompt_embeds, text_ids, img_ids, guidance)
+        cond = self._run(x, t, prompt_embeds, pooled_prompt_embeds, text_ids, img_ids, guidance, att)
         uncond = self._run(x, t, negative_prompt_embeds, negative_pooled_prompt_embeds, negative_text_ids, img_ids,
-                           guidance)
+                           guidance, att)
         return cfg(uncond, cond, true_cfg_scale)
 
 
@@ -47,12 +51,15 @@ class Flux(Family):
     """guidance_scale is the guidance *embedding*; classifier-free guidance is true_cfg_scale > 1 with a
     negative prompt, as in FluxPipeline."""
     name = "flux"
-    pipeline_classes = ("FluxPipeline",)
+    pipeline_classes = {"FluxPipeline": "text2img", "FluxImg2ImgPipeline": "img2img"}
     schedulers = ("flow",)
     default_scheduler = "flow"
     default_steps = 28
     default_guidance = 3.5
-    options = ("true_cfg_scale", "max_sequence_length")
+    options = ("true_cfg_scale", "max_sequence_length", "lora_scale")
+    lora_kwargs = "joint_attention_kwargs"  # the call argument diffusers users pass the LoRA scale in
+    strength_rule = "float"          # img2img keeps steps * strength steps, start index truncated
+    img2img_size_from_image = False  # img2img: the image is resized to height / width (default: the model's size)
 
     def output_class(self):
         from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
@@ -66,14 +73,17 @@ class Flux(Family):
         return vsf * 2, f"VAE scale factor {vsf} x 2 for the 2 x 2 latent packing"
 
     def encode(self, pipe, prompt, negative_prompt, *, batch, num_images, guidance_scale, height, width, device,
-               true_cfg_scale, max_sequence_length):
+               true_cfg_scale, max_sequence_length, lora_scale):
         seq = {} if max_sequence_length is None else {"max_sequence_length": int(max_sequence_length)}
         pos, pooled, text_ids = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device,
-                                                   num_images_per_prompt=num_images, **seq)
+                                                   num_images_per_prompt=num_images, lora_scale=lora_scale, **seq)
         kw = dict(prompt_embeds=pos, pooled_prompt_embeds=pooled, text_ids=Shared(text_ids))
+        if lora_scale is not None:
+            kw["joint_attention_kwargs"] = {"scale": Static(float(lora_scale))}
         if true_cfg_scale > 1 and negative_prompt is not None:
             neg, neg_pooled, neg_ids = pipe.encode_prompt(prompt=negative_prompt, prompt_2=None, device=device,
-                                                          num_images_per_prompt=num_images, **seq)
+                                                          num_images_per_prompt=num_images, lora_scale=lora_scale,
+                                                          **seq)
             kw.update(negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled,
                       negative_text_ids=Shared(neg_ids), true_cfg_scale=float(true_cfg_scale),
                       batched_cfg=neg.shape == pos.shape and torch.equal(neg_ids, text_ids))
@@ -101,6 +111,21 @@ class Flux(Family):
         if not c.get("use_flow_sigmas", False):
             kw["sigmas"] = np.linspace(1.0, 1 / steps, steps).tolist()
         return kw
+
+    def encode_image(self, pipe, image, generator, *, task="img2img"):
+        """The VAE latents of a preprocessed image batch (unpacked), shifted and scaled as the img2img pipeline does."""
+        from .sd import retrieve
+        vae = pipe.vae
+        if isinstance(generator, list):
+            lat = torch.cat([retrieve(vae.encode(image[i: i + 1]), g) for i, g in enumerate(generator)])
+        else:
+            lat = retrieve(vae.encode(image), generator)
+        return (lat - vae.config.shift_factor) * vae.config.scaling_factor
+
+    def pack(self, pipe, latents):
+        """[B, C, h, w] latents -> the transformer's packed [B, (h / 2) (w / 2), 4 C]."""
+        b, c, h, w = latents.shape
+        return pipe._pack_latents(latents, b, c, h, w)
 
     def decode(self, pipe, latents, *, height, width, output_type, generator):
         vae = pipe.vae

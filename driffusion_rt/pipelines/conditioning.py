@@ -1,0 +1,517 @@
+"""Image tasks through the runtime: img2img, inpainting and ControlNet, with the semantics of diffusers' pipelines.
+
+A pipeline's task comes from its class: each family maps the classes it serves to "text2img", "img2img",
+"inpaint" or "controlnet" (`task_of`; `for_task` builds another task's pipeline from the same components). A
+task's inputs are read and checked into one object before any work (`img2img`, `inpainting`, `control`, or
+`from_call` with a wrapped pipeline's own argument names); `core.prepare` calls it twice: `begin` (output size and
+the checks that need the step count and batch) and, after the prompt is encoded, `prepare` (start state, trajectory,
+extra model kwargs, and the mask blend of inpainting with a 4-channel UNet).
+
+Under torchrun the image is VAE-encoded on rank 0 only (it draws from the request's generator, as the pipelines
+do); the states built from it are broadcast, so every rank starts from rank 0's tensors.
+
+    image_to_image(pipe, prompt, image, strength=0.6)          # any sd / sdxl / sd3 / flux pipeline
+    inpaint(pipe, prompt, image, mask_image)                    # sd / sdxl (4- or 9-channel UNet)
+    control_to_image(cn_pipe, prompt, control_image)            # a (Multi)ControlNet sd / sdxl pipeline
+"""
+import dataclasses
+import inspect
+import io
+import numbers
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..evaluator import PerStep
+from ..strength import check_strength, kept_steps, noised
+from .core import (FAMILIES, REGISTRY, _is_rank0, _trajectory, family_of, get_family, text_to_image)
+
+TASKS = ("text2img", "img2img", "inpaint", "controlnet")
+TASK_NAMES = {"img2img": "img2img", "inpaint": "inpainting", "controlnet": "ControlNet"}
+
+
+# ---------------------------------------------------------------------------------------------- tasks
+
+
+def _classes(family) -> dict:
+    c = family.pipeline_classes
+    return dict(c) if isinstance(c, dict) else {name: "text2img" for name in c}
+
+
+def task_of(pipe) -> str:
+    """The task of a loaded pipeline: "text2img", "img2img", "inpaint" or "controlnet" (by its class)."""
+    for cls in type(pipe).__mro__:
+        fam = FAMILIES.get(cls.__name__)
+        if fam is not None:
+            return _classes(REGISTRY[fam])[cls.__name__]
+    family_of(pipe)  # raises: unsupported family
+    return "text2img"
+
+
+def task_class(family, task: str) -> str | None:
+    """The diffusers class name serving `task` in a family, None when the family has none."""
+    return next((name for name, t in _classes(family).items() if t == task), None)
+
+
+def _families_with(task: str) -> str:
+    return ", ".join(f.name for f in REGISTRY.values() if task_class(f, task) is not None)
+
+
+def _require(family, task: str):
+    if task_class(family, task) is None:
+        raise ValueError(f"{TASK_NAMES[task]} is supported for the {_families_with(task)} families; the "
+                         f"{family.name} pipeline has none")
+
+
+def for_task(pipe, task: str, **components):
+    """The family's pipeline for `task` on `pipe`'s components (diffusers' from_pipe: no weights are copied).
+    components: what the task adds, e.g. controlnet=ControlNetModel (or a list of them) for "controlnet"."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    family = get_family(pipe)
+    if task != "text2img":
+        _require(family, task)
+    if task_of(pipe) == task and not components:
+        return pipe
+    import diffusers
+    return getattr(diffusers, task_class(family, task)).from_pipe(pipe, **components)
+
+
+def default_strength(pipe, task: str) -> float:
+    """The strength the pipeline's own __call__ defaults to (SD img2img 0.8, SDXL img2img 0.3, SD3 / Flux 0.6,
+    inpainting SD 1.0, SDXL 0.9999)."""
+    import diffusers
+    cls = type(pipe) if task_of(pipe) == task else getattr(diffusers, task_class(get_family(pipe), task))
+    return float(inspect.signature(cls.__call__).parameters["strength"].default)
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+
+def open_image(source, what: str = "image"):
+    """A PIL image (RGB) from a path or encoded bytes (PNG, JPEG, ...); ValueError naming `what` otherwise."""
+    import PIL.Image
+    label = f"{what} {source!r}" if isinstance(source, (str, os.PathLike)) else what
+    try:
+        with PIL.Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as im:
+            im.load()
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as e:
+        raise ValueError(f"{label} cannot be read as an image: {type(e).__name__}: {e}") from None
+
+
+def read_image(value, what: str = "image"):
+    """An image input as the pipelines' image processors take it: a PIL image, a path (opened here), an array
+    [H, W, C] / [B, H, W, C] or a tensor [C, H, W] / [B, C, H, W], or a non-empty list of them."""
+    import PIL.Image
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError(f"{what} is an empty list")
+        return [read_image(v, f"{what}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, (str, os.PathLike, bytes, bytearray)):
+        return open_image(value, what)
+    if isinstance(value, PIL.Image.Image):
+        return value
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        if value.ndim not in (3, 4) or 0 in value.shape:
+            raise ValueError(f"{what} must be [H, W, C] / [B, H, W, C] (array) or [C, H, W] / [B, C, H, W] "
+                             f"(tensor), got shape {tuple(value.shape)}")
+        return value
+    raise ValueError(f"{what} must be a PIL image, a path, a numpy array or a torch tensor (or a list of them), "
+                     f"got {type(value).__name__}")
+
+
+def _first(image):
+    return image[0] if isinstance(image, list) else image
+
+
+def _count(image) -> int:
+    """Images in an input (a list, or the batch dim of a 4-D array / tensor)."""
+    if isinstance(image, list):
+        return len(image)
+    return image.shape[0] if isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 4 else 1
+
+
+def _size(processor, image, height=None, width=None) -> tuple:
+    """(height, width) the processor resizes `image` to (its own size, rounded down to the processor's factor,
+    where height / width are None)."""
+    return tuple(processor.get_default_height_width(_first(image), height, width))
+
+
+def _check_batch(n: int, batch: int, what: str):
+    if batch % n:
+        raise ValueError(f"{n} {what}s cannot be spread over {batch} images per request: pass one, or a number "
+                         f"that divides the number of images (prompts x images per prompt)")
+
+
+def _mask_processor(pipe):
+    """The inpainting pipelines' mask processor (binarized grayscale in [0, 1]); a text-to-image pipeline has
+    none, so it is built the same way."""
+    proc = getattr(pipe, "mask_processor", None)
+    if proc is None:
+        from diffusers.image_processor import VaeImageProcessor
+        proc = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor, do_normalize=False, do_binarize=True,
+                                 do_convert_grayscale=True)
+    return proc
+
+
+def _control_processor(pipe):
+    return pipe.control_image_processor
+
+
+# ---------------------------------------------------------------------------------------------- shared parts
+
+
+def _share(tensors: list) -> list:
+    """Rank 0's tensors on every rank (one broadcast each under torchrun; nothing otherwise)."""
+    from ..distributed import current
+    if current() is None:
+        return tensors
+    import torch.distributed as dist
+    from ..distributed import _collective
+    out = [t.contiguous() for t in tensors]
+    for t in out:
+        _collective("broadcast", dist.broadcast, t, 0)
+    return out
+
+
+def _encode(pipe, family, image, generator, batch, dtype, task):
+    """VAE latents of a preprocessed image batch, expanded to the request's batch as the pipelines expand them
+    (the whole batch repeated; img2img with one generator per image expands the images first, inpainting
+    encodes them as given). Only rank 0 runs the VAE (its samples draw from the generator); the others get
+    zeros of the same shape, which the caller's broadcast overwrites."""
+    n, vae = image.shape[0], pipe.vae
+    if image.shape[1] == vae.config.latent_channels:  # already latents, as the pipelines accept them
+        lat = image.to(dtype)
+    else:
+        if isinstance(generator, list) and n < batch and task == "img2img":
+            image, n = torch.cat([image] * (batch // n)), batch
+        vsf = int(pipe.vae_scale_factor)
+        if _is_rank0():
+            lat = family.encode_image(pipe, image, generator, task=task).to(dtype)
+        else:
+            lat = torch.zeros(n, vae.config.latent_channels, image.shape[2] // vsf, image.shape[3] // vsf,
+                              dtype=dtype, device=image.device)
+    return torch.cat([lat] * (batch // lat.shape[0])) if lat.shape[0] < batch else lat
+
+
+def _noise(shape, generator, device, dtype):
+    from diffusers.utils.torch_utils import randn_tensor
+    return randn_tensor(tuple(shape), generator=generator, device=device, dtype=dtype)
+
+
+def _geometry(pipe, family, kw, batch, height, width, device):
+    """(shape-only latent, geometry kwargs) of the request, from the family's prepare with a throwaway generator
+    (the request's generator must not be touched: the pipelines draw from it only for the image and noise)."""
+    like, geometry = family.prepare(pipe, kw, batch=batch, height=height, width=width,
+                                    generator=torch.Generator().manual_seed(0), latents=None, device=device)
+    return like, geometry
+
+
+def _from_start(pipe, family, sched, named_scheduler, steps, tkw, step_kwargs, t_start):
+    """The trajectory over timesteps[t_start * order:], the start index the pipelines' get_timesteps computes
+    (re-probed if the scheduler had to be replaced by one of another order)."""
+    order = lambda s: int(getattr(s, "order", 1))  # noqa: E731
+    new, traj = _trajectory(pipe, family, sched, named_scheduler, steps, tkw, step_kwargs, t_start * order(sched))
+    if order(new) != order(sched):
+        from ..trajectory import Trajectory
+        traj = Trajectory.from_scheduler(new, steps, tkw, t_start * order(new), **step_kwargs)
+    return new, traj
+
+
+def _given_state(traj):
+    """A trajectory whose start state is given as is: with start 0 (strength 1) the sampler would otherwise
+    scale it by init_noise_sigma, which the img2img pipelines never apply to their noised image."""
+    return traj if traj.start or traj.init_noise_sigma == 1.0 else dataclasses.replace(traj, init_noise_sigma=1.0)
+
+
+# ---------------------------------------------------------------------------------------------- img2img
+
+
+@dataclass
+class Img2Img:
+    """img2img inputs: the init image and the strength (the fraction of the schedule run on it)."""
+    image: object
+    strength: float
+    task = "img2img"
+
+    def begin(self, pipe, family, *, height, width, steps, batch, num_images, latents):
+        if latents is not None:
+            raise ValueError("latents cannot be given with an init image: img2img starts from the image, noised to "
+                             "the strength's level")
+        kept_steps(steps, self.strength, family.strength_rule)
+        _check_batch(_count(self.image), batch, "init image")
+        if family.img2img_size_from_image:  # SD / SDXL img2img: the image's own size unless asked otherwise
+            height, width = _size(pipe.image_processor, self.image, height, width)
+        return height, width
+
+    def prepare(self, pipe, family, kw, *, sched, named_scheduler, steps, step_kwargs, batch, height, width,
+                generator, latents, device):
+        like, geometry = _geometry(pipe, family, kw, batch, height, width, device)
+        kw.update(geometry)
+        tkw = family.timesteps_kwargs(pipe, sched, like, steps)
+        t_start, _ = kept_steps(steps, self.strength, family.strength_rule)
+        sched, traj = _from_start(pipe, family, sched, named_scheduler, steps, tkw, step_kwargs, t_start)
+        dtype = kw["prompt_embeds"].dtype
+        image = pipe.image_processor.preprocess(self.image, height=height, width=width)
+        image = image.to(torch.float32).to(device=device, dtype=dtype)
+        init = _encode(pipe, family, image, generator, batch, dtype, "img2img")
+        noise = _noise(init.shape, generator, device, dtype)
+        x = noised(sched, steps, traj.start, init, noise, tkw)
+        if hasattr(family, "pack"):
+            x = family.pack(pipe, x)
+        x, = _share([x])
+        return x, sched, _given_state(traj), None
+
+
+# ---------------------------------------------------------------------------------------------- inpainting
+
+
+@dataclass
+class Inpaint:
+    """Inpainting inputs: the image, its mask (white / 1: repaint) and the strength."""
+    image: object
+    mask: object
+    strength: float
+    task = "inpaint"
+
+    def begin(self, pipe, family, *, height, width, steps, batch, num_images, latents):
+        if latents is not None:
+            raise ValueError("latents cannot be given with inpainting: it starts from the image (noise where "
+                             "strength is 1)")
+        kept_steps(steps, self.strength, family.strength_rule)
+        _check_batch(_count(self.image), batch, "image")
+        _check_batch(_count(self.mask), batch, "mask image")
+        if pipe.unet.config.in_channels not in (4, 9):
+            raise ValueError(f"inpainting needs a UNet with 4 (mask blend) or 9 (inpainting UNet) input channels, "
+                             f"got {pipe.unet.config.in_channels}")
+        return height, width  # the pipelines' default size is the model's, the image is resized to it
+
+    def prepare(self, pipe, family, kw, *, sched, named_scheduler, steps, step_kwargs, batch, height, width,
+                generator, latents, device):
+        from ..blend import MaskBlend
+        t_start, _ = kept_steps(steps, self.strength, family.strength_rule)
+        like, geometry = _geometry(pipe, family, kw, batch, height, width, device)
+        kw.update(geometry)
+        tkw = family.timesteps_kwargs(pipe, sched, like, steps)
+        sched, traj = _from_start(pipe, family, sched, named_scheduler, steps, tkw, step_kwargs, t_start)
+        dtype, vsf = kw["prompt_embeds"].dtype, int(pipe.vae_scale_factor)
+        shape = (batch, pipe.vae.config.latent_channels, height // vsf, width // vsf)
+        full, four = self.strength == 1.0, pipe.unet.config.in_channels == 4
+        init_image = pipe.image_processor.preprocess(self.image, height=height, width=width).to(torch.float32)
+        mask = _mask_processor(pipe).preprocess(self.mask, height=height, width=width)
+        masked_image = init_image * (mask < 0.5)
+        # the pipelines' draws in their order: the image's latents (when used), the noise, the masked image's
+        image_latents = None
+        if four or not full:
+            image_latents = _encode(pipe, family, init_image.to(device=device, dtype=dtype), generator, batch, dtype,
+                                    "inpaint")
+        noise = _noise(shape, generator, device, dtype)
+        x = noise if full else noised(sched, steps, traj.start, image_latents, noise, tkw)
+        masked = _encode(pipe, family, masked_image.to(device=device, dtype=dtype), generator, batch, dtype,
+                         "inpaint")
+        mask = torch.nn.functional.interpolate(mask, size=(height // vsf, width // vsf)).to(device=device, dtype=dtype)
+        mask = torch.cat([mask] * (batch // mask.shape[0])) if mask.shape[0] < batch else mask
+        x, noise, masked, *rest = _share([x, noise, masked] + ([] if image_latents is None else [image_latents]))
+        blend = None
+        if four:
+            blend = MaskBlend.for_schedule(sched, steps, traj.start, mask, rest[0], noise, tkw)
+        else:
+            kw.update(mask=mask, masked_image_latents=masked)
+        return x, sched, traj if full else _given_state(traj), blend
+
+
+# ---------------------------------------------------------------------------------------------- ControlNet
+
+
+def _nets(pipe) -> list:
+    net = getattr(pipe, "controlnet", None)
+    return [] if net is None else list(getattr(net, "nets", [net]))
+
+
+def _per_net(value, nets: int, name: str, kind) -> list:
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * nets
+    if len(values) != nets:
+        raise ValueError(f"{name} has {len(values)} values for {nets} ControlNet(s)")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, kind):
+            raise ValueError(f"{name} must be a number (or one per ControlNet), got {v!r}")
+    return [float(v) for v in values]
+
+
+@dataclass
+class Control:
+    """ControlNet inputs: one control image per net, and how strongly and over which part of the schedule each
+    net steers (diffusers' controlnet_conditioning_scale, guess_mode, control_guidance_start / end)."""
+    images: list
+    scales: list
+    guess_mode: bool
+    starts: list
+    ends: list
+    task = "controlnet"
+
+    def begin(self, pipe, family, *, height, width, steps, batch, num_images, latents):
+        proc = _control_processor(pipe)
+        sizes = [_size(proc, im) for im in self.images]
+        height = sizes[0][0] if height is None else height
+        width = sizes[0][1] if width is None else width
+        for k, (im, size) in enumerate(zip(self.images, sizes)):
+            if size != (height, width):
+                which = f"control image {k}" if len(self.images) > 1 else "the control image"
+                raise ValueError(f"{which} is {size[0]}x{size[1]} (height x width, rounded down to a multiple of "
+                                 f"{proc.config.vae_scale_factor}) but the output is {height}x{width}: pass control "
+                                 f"images of the output size")
+            n = _count(im)
+            if n != 1 and n * num_images != batch:
+                raise ValueError(f"{n} control images for {batch // num_images} prompt(s): pass one, or one per "
+                                 f"prompt")
+        return height, width
+
+    def prepare(self, pipe, family, kw, *, sched, named_scheduler, steps, step_kwargs, batch, height, width,
+                generator, latents, device):
+        x, geometry = family.prepare(pipe, kw, batch=batch, height=height, width=width, generator=generator,
+                                     latents=latents, device=device)
+        kw.update(geometry)
+        sched, traj = _trajectory(pipe, family, sched, named_scheduler, steps,
+                                  family.timesteps_kwargs(pipe, sched, x, steps), step_kwargs)
+        nets, proc = _nets(pipe), _control_processor(pipe)
+        images = []
+        for im in self.images:
+            t = proc.preprocess(im, height=height, width=width).to(dtype=torch.float32)
+            t = t.repeat_interleave(batch if t.shape[0] == 1 else batch // t.shape[0], dim=0)
+            images.append(t.to(device=device, dtype=pipe.controlnet.dtype))
+        n = traj.steps  # the pipelines' keep rule, by each step's index in the loop
+        table = torch.tensor([[s * (1.0 - float(i / n < a or (i + 1) / n > b))
+                               for s, a, b in zip(self.scales, self.starts, self.ends)] for i in range(n)],
+                             dtype=torch.float32)
+        guess = bool(self.guess_mode or nets[0].config.global_pool_conditions)
+        kw.update(control_image=images, control_scale=PerStep(table), guess_mode=guess)
+        return x, sched, traj, None
+
+
+# ---------------------------------------------------------------------------------------------- making inputs
+
+
+def img2img(pipe, image, strength=None) -> Img2Img:
+    """Checked img2img inputs for `pipe` (any pipeline of a family with img2img); strength None: the pipeline's
+    own default."""
+    family = get_family(pipe)
+    _require(family, "img2img")
+    strength = default_strength(pipe, "img2img") if strength is None else check_strength(strength)
+    return Img2Img(read_image(image, "image"), strength)
+
+
+def inpainting(pipe, image, mask_image, strength=None) -> Inpaint:
+    """Checked inpainting inputs for `pipe` (an sd / sdxl pipeline, text-to-image or inpainting)."""
+    family = get_family(pipe)
+    _require(family, "inpaint")
+    strength = default_strength(pipe, "inpaint") if strength is None else check_strength(strength)
+    if mask_image is None:
+        raise ValueError("inpainting needs mask_image (white: repaint, black: keep)")
+    return Inpaint(read_image(image, "image"), read_image(mask_image, "mask_image"), strength)
+
+
+def control(pipe, control_image, controlnet_conditioning_scale=1.0, guess_mode=False, control_guidance_start=0.0,
+            control_guidance_end=1.0) -> Control:
+    """Checked ControlNet inputs for a ControlNet pipeline: one control image per net (MultiControlNet: a list
+    with one entry per net, each an image or a list of images)."""
+    family = get_family(pipe)
+    _require(family, "controlnet")
+    nets = _nets(pipe)
+    if not nets:
+        raise ValueError(f"a control image needs a ControlNet pipeline ({task_class(family, 'controlnet')}); "
+                         f"this {type(pipe).__name__} has no controlnet: build one with "
+                         f"for_task(pipe, 'controlnet', controlnet=ControlNetModel.from_pretrained(...))")
+    if control_image is None:
+        raise ValueError("a ControlNet pipeline needs a control image (image=)")
+    if len(nets) > 1:
+        if not isinstance(control_image, (list, tuple)) or len(control_image) != len(nets):
+            raise ValueError(f"a MultiControlNet of {len(nets)} nets takes a list of {len(nets)} control images "
+                             f"(one per net)")
+        images = [read_image(im, f"control image {k}") for k, im in enumerate(control_image)]
+    else:
+        images = [read_image(control_image, "control image")]
+    scales = _per_net(controlnet_conditioning_scale, len(nets), "controlnet_conditioning_scale", numbers.Real)
+    starts = _per_net(control_guidance_start, len(nets), "control_guidance_start", numbers.Real)
+    ends = _per_net(control_guidance_end, len(nets), "control_guidance_end", numbers.Real)
+    for a, b in zip(starts, ends):
+        if not 0.0 <= a < b <= 1.0:
+            raise ValueError(f"control_guidance_start {a:g} and control_guidance_end {b:g} must satisfy "
+                             f"0 <= start < end <= 1")
+    if not isinstance(guess_mode, bool):
+        raise ValueError(f"guess_mode must be True or False, got {guess_mode!r}")
+    return Control(images, scales, guess_mode, starts, ends)
+
+
+def from_call(pipe, *, image=None, strength=None, mask_image=None, controlnet_conditioning_scale=1.0,
+              guess_mode=False, control_guidance_start=0.0, control_guidance_end=1.0):
+    """The inputs of a call with the wrapped pipeline's own argument names (what its __call__ takes by task;
+    `image` is the control image of a ControlNet pipeline), or None for a text-to-image pipeline."""
+    task, name = task_of(pipe), type(pipe).__name__
+    controls = dict(controlnet_conditioning_scale=(controlnet_conditioning_scale, 1.0), guess_mode=(guess_mode, False),
+                    control_guidance_start=(control_guidance_start, 0.0),
+                    control_guidance_end=(control_guidance_end, 1.0))
+    takes = {"text2img": (), "img2img": ("image", "strength"), "inpaint": ("image", "mask_image", "strength"),
+             "controlnet": ("image",) + tuple(controls)}[task]
+    given = dict(image=(image, None), strength=(strength, None), mask_image=(mask_image, None), **controls)
+    extra = [k for k, (v, default) in given.items() if k not in takes and v != default]
+    if extra:
+        raise TypeError(f"{name} does not take {', '.join(extra)}"
+                        + (f" (it takes {', '.join(takes)})" if takes else ""))
+    if task != "text2img" and image is None:
+        raise ValueError(f"{name} needs image= ({'the control image' if task == 'controlnet' else 'the input image'})")
+    if task == "img2img":
+        return img2img(pipe, image, strength)
+    if task == "inpaint":
+        return inpainting(pipe, image, mask_image, strength)
+    if task == "controlnet":
+        return control(pipe, image, controlnet_conditioning_scale, guess_mode, control_guidance_start,
+                       control_guidance_end)
+    return None
+
+
+def lora_scale_of(pipe, cross_attention_kwargs=None, joint_attention_kwargs=None):
+    """The per-call LoRA scale from diffusers' cross_attention_kwargs (SD, SDXL) / joint_attention_kwargs (SD3,
+    Flux) {"scale": s}; other keys are not supported through the runtime."""
+    family = get_family(pipe)
+    own = family.lora_kwargs
+    given = {"cross_attention_kwargs": cross_attention_kwargs, "joint_attention_kwargs": joint_attention_kwargs}
+    other = [k for k, v in given.items() if k != own and v is not None]
+    if other:
+        raise TypeError(f"{type(pipe).__name__} does not take {other[0]} (it takes {own})")
+    value = given[own]
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - {"scale"}:
+        raise ValueError(f"{own} supports only {{'scale': s}} (the LoRA scale) through the runtime, got {value!r}")
+    s = value.get("scale")
+    if s is None:
+        return None
+    if isinstance(s, bool) or not isinstance(s, numbers.Real):
+        raise ValueError(f"{own}['scale'] must be a number, got {s!r}")
+    return float(s)
+
+
+# ---------------------------------------------------------------------------------------------- functional API
+
+
+def image_to_image(pipe, prompt, image, *, strength=None, **kwargs) -> tuple:
+    """img2img through the runtime (diffusers' Img2Img pipelines' semantics); returns (images, stats) like
+    text_to_image, whose keyword arguments it takes. strength in (0, 1]: None is the pipeline's default."""
+    return text_to_image(pipe, prompt, conditioning=img2img(pipe, image, strength), **kwargs)
+
+
+def inpaint(pipe, prompt, image, mask_image, *, strength=None, **kwargs) -> tuple:
+    """Inpainting through the runtime (diffusers' inpainting pipelines' semantics: a 9-channel inpainting UNet
+    sees the mask and masked image, a 4-channel one is blended with the noised image after every state)."""
+    return text_to_image(pipe, prompt, conditioning=inpainting(pipe, image, mask_image, strength), **kwargs)
+
+
+def control_to_image(pipe, prompt, control_image, *, controlnet_conditioning_scale=1.0, guess_mode=False,
+                     control_guidance_start=0.0, control_guidance_end=1.0, **kwargs) -> tuple:
+    """ControlNet text-to-image through the runtime on a (Multi)ControlNet sd / sdxl pipeline."""
+    inputs = control(pipe, control_image, controlnet_conditioning_scale, guess_mode, control_guidance_start,
+                     control_guidance_end)
+    return text_to_image(pipe, prompt, conditioning=inputs, **kwargs)

@@ -1,0 +1,462 @@
+"""Image tasks through the runtime with tiny random-weight pipelines: img2img (SD, SDXL, SD3, Flux), ControlNet
+(SD, SDXL; one and two nets), LoRA (loaded with diffusers' load_lora_weights from weights built with peft here),
+inpainting (SD, SDXL; 4- and 9-channel UNets).
+
+Parity: mode="sequential" through DRiffusionPipeline equals the wrapped diffusers pipeline's own call (float32,
+1e-5 relative, output_type="latent"), and each case also shows the comparison is sensitive to the input it
+tests. Parallel modes at n = 2 give finite images of the requested size. Bad inputs fail before any work.
+"""
+import os
+
+import numpy as np
+import pytest
+import torch
+import tiny_pipelines as tp
+
+from driffusion_rt import Sampler
+from driffusion_rt.blend import MaskBlend
+from driffusion_rt.evaluator import LocalEvaluator, PerStep
+from driffusion_rt.pipelines import (DRiffusionPipeline, control_to_image, decode, for_task, image_to_image,
+                                     inpaint, load_pipeline, make_scheduler, prepare, run, task_of, text_to_image)
+from driffusion_rt.pipelines import conditioning as cond
+from driffusion_rt.strength import kept_steps, noised, start_index
+
+PROMPT = "a photo of a red cat"
+SEQ = {"max_sequence_length": tp.T5_MAX_LEN}
+STEPS = 10
+
+
+def rel_err(a, b) -> float:
+    a, b = (v.double() if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v), dtype=torch.float64)
+            for v in (a, b))
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("conditioning")
+    dirs = {kind: tp.build(kind, str(root / kind)) for kind in ("sd15", "sdxl", "sd3", "flux")}
+    dirs["sd-inpaint"] = tp.build_sd_inpaint(str(root / "sd-inpaint"))
+    dirs["cn"] = tp.build_controlnet(str(root / "cn"), seed=0)
+    dirs["cn2"] = tp.build_controlnet(str(root / "cn2"), seed=1)
+    dirs["cn-xl"] = tp.build_controlnet(str(root / "cn-xl"), sdxl=True, seed=2)
+    dirs["cn-xl2"] = tp.build_controlnet(str(root / "cn-xl2"), sdxl=True, seed=3)
+    return dirs
+
+
+def quiet(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def pipes(built):
+    return {k: quiet(load_pipeline(v)) for k, v in built.items() if not k.startswith("cn")}
+
+
+def task_pipe(pipes, kind, task, **components):
+    return quiet(for_task(pipes[kind], task, **components))
+
+
+def controlnets(built, *names):
+    from diffusers import ControlNetModel
+    nets = [ControlNetModel.from_pretrained(built[n]) for n in names]
+    return nets[0] if len(nets) == 1 else nets
+
+
+def parity(pipe, kw, seed=3, scheduler=None):
+    """(runtime latents, diffusers latents, wrapper) for the same call, sequential mode."""
+    wrapped = DRiffusionPipeline(pipe, mode="sequential", scheduler=scheduler)
+    out = wrapped(generator=torch.Generator().manual_seed(seed), output_type="latent", **kw).images
+    own = pipe.scheduler
+    if scheduler is not None:
+        pipe.scheduler = make_scheduler(pipe, scheduler)
+    try:
+        ref = pipe(generator=torch.Generator().manual_seed(seed), output_type="latent", **kw).images
+    finally:
+        pipe.scheduler = own
+    return out, ref, wrapped
+
+
+# ---------------------------------------------------------------------------------------------- strength
+
+
+@pytest.mark.parametrize("rule,steps,strength,expected", [
+    ("truncate", 10, 0.3, (7, 3)), ("truncate", 10, 0.8, (2, 8)), ("truncate", 4, 0.3, (3, 1)),
+    ("truncate", 10, 1.0, (0, 10)), ("float", 4, 0.3, (2, 2)), ("float", 28, 0.6, (11, 17)),
+    ("float", 10, 1.0, (0, 10))])
+def test_kept_steps_follow_the_pipelines_get_timesteps(rule, steps, strength, expected):
+    assert kept_steps(steps, strength, rule) == expected
+
+
+@pytest.mark.parametrize("strength", [0.0, -0.1, 1.5, float("nan"), True, "0.5", None])
+def test_strength_outside_the_unit_interval_is_refused(strength):
+    with pytest.raises(ValueError, match=r"strength must be a number in \(0, 1\]"):
+        kept_steps(10, strength)
+
+
+def test_a_strength_that_keeps_no_step_is_refused():
+    with pytest.raises(ValueError, match=r"strength=0.05 with 10 steps keeps no step to run .*raise strength or steps"):
+        kept_steps(10, 0.05)
+
+
+def test_start_index_counts_scheduler_order_and_sample_reproduces_the_img2img_loop():
+    """diffusers' img2img loop (add_noise at timesteps[t_start * order], set_begin_index, the loop over the rest)
+    equals sample(start=start_index(...)) for first- and second-order schedulers, in every draft-and-refine
+    mode with a model whose output does not depend on x (there every mode is exact)."""
+    from diffusers import EulerDiscreteScheduler, HeunDiscreteScheduler
+    from driffusion_rt import sample
+    torch.manual_seed(0)
+    init, noise, bias = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+
+    def model(x, t, **_):
+        return bias.repeat(len(t) // 2, 1, 1, 1) * (t.view(-1, 1, 1, 1).float() / 1000)  # the timestep only
+
+    for sched in (EulerDiscreteScheduler(), HeunDiscreteScheduler()):
+        start = start_index(sched, 10, 0.45)
+        assert start == 6 * sched.order
+        ref = type(sched).from_config(sched.config)
+        ref.set_timesteps(10)
+        ts = ref.timesteps[start:]
+        ref.set_begin_index(start)
+        x = ref.add_noise(init, noise, ts[:1].repeat(2))
+        assert torch.equal(x, noised(sched, 10, start, init, noise))
+        for t in ts:
+            x = ref.step(model(ref.scale_model_input(x, t), t.expand(2)), t, x).prev_sample
+        for mode in ("sequential", "aggressive", "conservative"):
+            out = sample(model, sched, noised(sched, 10, start, init, noise), steps=10, start=start, mode=mode,
+                         parallel=2)
+            assert rel_err(out.sample, x) <= 1e-5, (type(sched).__name__, mode)
+            assert out.stats.model_evals == len(ts)
+
+
+# ---------------------------------------------------------------------------------------------- img2img
+
+
+IMG2IMG = [  # (id, kind, strength, call options, scheduler)
+    ("sd15-0.3", "sd15", 0.3, dict(negative_prompt=["blurry", "ugly"]), None),
+    ("sd15-0.8", "sd15", 0.8, {}, None),
+    ("sd15-0.8-ddpm", "sd15", 0.8, {}, "ddpm"),  # stochastic: the VAE sample, the noise and every step draw
+    ("sdxl-0.3", "sdxl", 0.3, dict(negative_prompt=["ugly", "blurry"]), None),
+    ("sdxl-0.8", "sdxl", 0.8, {}, None),
+    ("sd3-0.6", "sd3", 0.6, dict(negative_prompt=["ugly", "blurry"], **SEQ), None),
+    ("flux-0.6", "flux", 0.6, dict(**SEQ), None),
+    ("flux-1.0", "flux", 1.0, dict(**SEQ), None),
+]
+
+
+@pytest.mark.parametrize("case,kind,strength,opts,sched", IMG2IMG, ids=[c[0] for c in IMG2IMG])
+def test_img2img_sequential_matches_diffusers(pipes, case, kind, strength, opts, sched):
+    pipe = task_pipe(pipes, kind, "img2img")
+    size = {} if kind in ("sd15", "sdxl") else dict(height=32, width=48)  # SD / SDXL: the image's own size
+    kw = dict(prompt=[PROMPT, "a blue house"], image=tp.image(0, 32, 48), strength=strength,
+              num_inference_steps=STEPS, guidance_scale=4.0, **size, **opts)
+    out, ref, wrapped = parity(pipe, kw, scheduler=sched)
+    assert out.shape == ref.shape
+    err = rel_err(out, ref)
+    print(f"\n[img2img parity] {case}: max rel err {err:.2e}, {wrapped.last_stats.model_evals} model calls")
+    assert err <= 1e-5, case
+    t_start, kept = kept_steps(STEPS, strength, "float" if kind in ("sd3", "flux") else "truncate")
+    assert wrapped.last_stats.model_evals == wrapped.last_stats.serial_rounds == kept + (kind == "sd15" and not sched)
+    other = wrapped(generator=torch.Generator().manual_seed(3), output_type="latent",
+                    **{**kw, "image": tp.image(1, 32, 48)}).images
+    if strength < 1:  # the image matters (flow matching at strength 1 starts from sigma 1: pure noise)
+        assert rel_err(other, ref) > 1e-3
+
+
+def test_img2img_functional_form_on_a_text_to_image_pipeline(pipes):
+    """image_to_image works on the text-to-image pipeline too (the Img2Img semantics, its default strength)."""
+    pipe = pipes["sdxl"]
+    img = tp.image(2, 32, 32)
+    lat, stats = image_to_image(pipe, PROMPT, img, steps=STEPS, guidance_scale=4.0, seed=1, mode="sequential",
+                                output_type="latent")
+    ref = task_pipe(pipes, "sdxl", "img2img")(PROMPT, image=img, num_inference_steps=STEPS, guidance_scale=4.0,
+                                              generator=torch.Generator().manual_seed(1), output_type="latent").images
+    assert rel_err(lat, ref) <= 1e-5 and stats.model_evals == 3  # SDXL img2img's default strength 0.3
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl", "sd3", "flux"])
+def test_img2img_parallel_modes_give_finite_images_of_the_size(pipes, kind):
+    opts = dict(SEQ) if kind in ("sd3", "flux") else {}
+    img = tp.image(4, 32, 48)
+    size = dict(height=32, width=48)
+    seq, _ = image_to_image(pipes[kind], PROMPT, img, strength=0.8, steps=STEPS, guidance_scale=4.0, seed=2,
+                            mode="sequential", output_type="latent", **size, **opts)
+    for mode in ("aggressive", "conservative"):
+        lat, stats = image_to_image(pipes[kind], PROMPT, img, strength=0.8, steps=STEPS, guidance_scale=4.0, seed=2,
+                                    mode=mode, parallel=2, output_type="latent", **size, **opts)
+        assert 2 in stats.batch_widths and stats.serial_rounds < stats.model_evals
+        assert 0 < rel_err(lat, seq) < 0.2, mode
+        images = decode(pipes[kind], lat, height=32, width=48, output_type="pt").images
+        assert images.shape == (1, 3, 32, 48) and torch.isfinite(images).all()
+
+
+# ---------------------------------------------------------------------------------------------- ControlNet
+
+
+CONTROL = [  # (id, kind, nets, call options)
+    ("sd-one", "sd15", ("cn",), dict(negative_prompt=["blurry", "ugly"], control_guidance_end=0.6)),
+    ("sd-one-guess", "sd15", ("cn",), dict(guess_mode=True, controlnet_conditioning_scale=0.7)),
+    ("sd-two", "sd15", ("cn", "cn2"), dict(controlnet_conditioning_scale=[0.8, 1.3], control_guidance_start=[0.0, 0.3],
+                                           control_guidance_end=[0.7, 1.0])),
+    ("sdxl-one", "sdxl", ("cn-xl",), dict(control_guidance_end=0.5)),
+    ("sdxl-two-guess", "sdxl", ("cn-xl", "cn-xl2"), dict(guess_mode=True, control_guidance_end=[1.0, 0.6])),
+]
+
+
+@pytest.mark.parametrize("case,kind,nets,opts", CONTROL, ids=[c[0] for c in CONTROL])
+def test_controlnet_sequential_matches_diffusers(pipes, built, case, kind, nets, opts):
+    pipe = task_pipe(pipes, kind, "controlnet", controlnet=controlnets(built, *nets))
+    images = [tp.image(10 + k, 32, 48) for k in range(len(nets))]
+    kw = dict(prompt=[PROMPT, "a blue house"], image=images if len(nets) > 1 else images[0],
+              num_inference_steps=STEPS, guidance_scale=4.0, **opts)
+    out, ref, wrapped = parity(pipe, kw)
+    err = rel_err(out, ref)
+    print(f"\n[controlnet parity] {case}: max rel err {err:.2e}")
+    assert out.shape == ref.shape == (2, 4, 16, 24) and err <= 1e-5, case
+    without = dict(kw, controlnet_conditioning_scale=0.0)
+    assert rel_err(wrapped(generator=torch.Generator().manual_seed(3), output_type="latent", **without).images,
+                   ref) > 1e-3  # the nets' residuals matter
+
+
+def test_controlnet_rows_of_one_call_follow_their_own_step():
+    """The keep schedule is a PerStep kwarg: rows of one call at different trajectory indices get their own scale."""
+    from driffusion_rt.evaluator import ModelCall
+    from driffusion_rt.trajectory import Trajectory
+    from diffusers import DDIMScheduler
+    seen = []
+    traj = Trajectory.from_scheduler(DDIMScheduler(clip_sample=False), 6)
+    table = torch.arange(6, dtype=torch.float32).view(6, 1) * 10
+
+    def model(x, t, scale):
+        seen.append(scale.clone())
+        return x
+
+    call = ModelCall(model, traj, torch.zeros(2, 3), {"scale": PerStep(table)})
+    call(torch.zeros(3, 2, 3), (1, 4, 5), torch.empty(3, 2, 3))
+    assert seen[0].view(-1).tolist() == [10, 10, 40, 40, 50, 50]
+
+
+@pytest.mark.parametrize("kind,nets", [("sd15", ("cn",)), ("sdxl", ("cn-xl", "cn-xl2"))])
+def test_controlnet_parallel_modes_give_finite_images(pipes, built, kind, nets):
+    pipe = task_pipe(pipes, kind, "controlnet", controlnet=controlnets(built, *nets))
+    images = [tp.image(20 + k, 32, 32) for k in range(len(nets))]
+    kw = dict(steps=STEPS, guidance_scale=4.0, seed=1, control_guidance_end=0.7, output_type="latent")
+    seq, _ = control_to_image(pipe, PROMPT, images if len(nets) > 1 else images[0], mode="sequential", **kw)
+    for mode in ("aggressive", "conservative"):
+        lat, stats = control_to_image(pipe, PROMPT, images if len(nets) > 1 else images[0], mode=mode, parallel=2,
+                                      **kw)
+        assert 0 < rel_err(lat, seq) < 0.2 and 2 in stats.batch_widths
+        out = decode(pipe, lat, height=32, width=32, output_type="np").images
+        assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------------------------- LoRA
+
+
+def save_lora(pipe, directory, seed=0) -> str:
+    """LoRA weights for the UNet and text encoder, built with peft here (random, non-zero B matrices so they change
+    the output) and written in diffusers' format; returns the weights file."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from diffusers.utils import convert_state_dict_to_diffusers
+    import copy
+    unet, te = copy.deepcopy(pipe.unet), copy.deepcopy(pipe.text_encoder)  # the pipeline's own stay untouched
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name="tmp")
+    te.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                              target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]), adapter_name="tmp")
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in list(unet.named_parameters()) + list(te.named_parameters()):
+            if "lora_" in name:
+                p.normal_(0.0, 0.3)
+    unet_sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name="tmp"))
+    te_sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(te, adapter_name="tmp"))
+    type(pipe).save_lora_weights(directory, unet_lora_layers=unet_sd, text_encoder_lora_layers=te_sd,
+                                 safe_serialization=True)
+    return os.path.join(directory, "pytorch_lora_weights.safetensors")
+
+
+def test_lora_loaded_pipeline_matches_diffusers_with_a_per_call_scale(built, tmp_path):
+    pipe = quiet(load_pipeline(built["sd15"]))
+    base = DRiffusionPipeline(pipe, mode="sequential")
+    kw = dict(prompt=PROMPT, num_inference_steps=4, guidance_scale=4.0, height=32, width=32)
+    before = base(generator=torch.Generator().manual_seed(3), output_type="latent", **kw).images
+    path = save_lora(pipe, str(tmp_path / "lora"))
+    pipe.load_lora_weights(path, adapter_name="style")
+    out, ref, wrapped = parity(pipe, dict(kw, cross_attention_kwargs={"scale": 0.5}))
+    err = rel_err(out, ref)
+    print(f"\n[lora parity] scale 0.5: max rel err {err:.2e}")
+    assert err <= 1e-5
+    full, ref_full, _ = parity(pipe, kw)
+    assert rel_err(full, ref_full) <= 1e-5
+    assert rel_err(out, before) > 1e-3 and rel_err(full, out) > 1e-3  # the LoRA and its scale both matter
+    pipe.set_adapters(["style"], adapter_weights=[0.25])  # adapter weights: the runtime runs the model as it is
+    quarter, ref_quarter, _ = parity(pipe, kw)
+    assert rel_err(quarter, ref_quarter) <= 1e-5 and rel_err(quarter, full) > 1e-3
+    lat, _ = text_to_image(pipe, PROMPT, steps=4, guidance_scale=4.0, height=32, width=32, seed=3,
+                           mode="aggressive", parallel=2, output_type="latent", lora_scale=0.5)
+    assert torch.isfinite(lat).all() and 0 < rel_err(lat, ref_quarter)
+
+
+def test_lora_scale_argument_errors(pipes):
+    with pytest.raises(ValueError, match=r"cross_attention_kwargs supports only \{'scale': s\}"):
+        DRiffusionPipeline(pipes["sd15"])(PROMPT, cross_attention_kwargs={"ip_adapter_masks": 1})
+    with pytest.raises(TypeError, match="StableDiffusionPipeline does not take joint_attention_kwargs"):
+        DRiffusionPipeline(pipes["sd15"])(PROMPT, joint_attention_kwargs={"scale": 0.5})
+    with pytest.raises(TypeError, match="FluxPipeline does not take cross_attention_kwargs"):
+        DRiffusionPipeline(pipes["flux"])(PROMPT, cross_attention_kwargs={"scale": 0.5})
+
+
+# ---------------------------------------------------------------------------------------------- inpainting
+
+
+INPAINT = [  # (id, kind, strength, options)
+    ("sd-4ch-1.0", "sd15", 1.0, {}),
+    ("sd-4ch-0.6-neg", "sd15", 0.6, dict(negative_prompt=["blurry", "ugly"])),
+    ("sd-9ch-1.0", "sd-inpaint", 1.0, {}),
+    ("sd-9ch-0.7", "sd-inpaint", 0.7, dict(negative_prompt=["blurry", "ugly"])),
+    ("sdxl-4ch-default", "sdxl", None, {}),
+    ("sdxl-4ch-0.5", "sdxl", 0.5, dict(negative_prompt=["ugly", "blurry"])),
+]
+
+
+@pytest.mark.parametrize("case,kind,strength,opts", INPAINT, ids=[c[0] for c in INPAINT])
+def test_inpainting_sequential_matches_diffusers(pipes, case, kind, strength, opts):
+    pipe = task_pipe(pipes, kind, "inpaint")
+    kw = dict(prompt=[PROMPT, "a blue house"], image=tp.image(30, 32, 32), mask_image=tp.mask(),
+              num_inference_steps=STEPS, guidance_scale=4.0, height=32, width=32, **opts)
+    if strength is not None:
+        kw["strength"] = strength
+    out, ref, wrapped = parity(pipe, kw)
+    err = rel_err(out, ref)
+    print(f"\n[inpainting parity] {case}: max rel err {err:.2e}")
+    assert out.shape == ref.shape and err <= 1e-5, case
+    other = wrapped(generator=torch.Generator().manual_seed(3), output_type="latent",
+                    **{**kw, "mask_image": tp.mask(box=(0, 0, 16, 31))}).images
+    assert rel_err(other, ref) > 1e-3  # the mask matters
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sd-inpaint"])
+def test_inpainting_parallel_modes_keep_the_unmasked_latents(pipes, kind):
+    img, m = tp.image(31, 32, 32), tp.mask()
+    kw = dict(steps=STEPS, guidance_scale=4.0, seed=4, output_type="latent", height=32, width=32)
+    seq, _ = inpaint(pipes[kind], PROMPT, img, m, mode="sequential", **kw)
+    keep = torch.nn.functional.interpolate(torch.from_numpy(np.asarray(m) < 128).float()[None, None], size=(16, 16))
+    for mode in ("aggressive", "conservative"):
+        lat, stats = inpaint(pipes[kind], PROMPT, img, m, mode=mode, parallel=2, **kw)
+        assert 2 in stats.batch_widths and torch.isfinite(lat).all()
+        assert 0 < rel_err(lat, seq) < 0.2
+        if kind == "sd15":  # the 4-channel blend: outside the mask every mode ends on the image's own latents
+            assert torch.equal(lat * keep, seq * keep)
+        images = decode(pipes[kind], lat, height=32, width=32, output_type="pt").images
+        assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_mask_blend_in_parallel_modes_equals_the_blended_sequential_loop():
+    """A model whose output does not depend on x: every mode equals sequential, with the blend (binary mask)
+    applied after every state, drafts included; iterative modes refuse a blend."""
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+    torch.manual_seed(0)
+    init, noise, bias = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    m = (torch.rand(2, 1, 8, 8) > 0.5).float()
+
+    def model(x, t, **_):
+        return bias.repeat(len(t) // 2, 1, 1, 1) * (t.view(-1, 1, 1, 1).float() / 1000)
+
+    for sched in (EulerDiscreteScheduler(), DPMSolverMultistepScheduler()):
+        blend = MaskBlend.for_schedule(sched, 12, 0, m, init, noise)
+        sampler = Sampler(model, LocalEvaluator(model))
+        seq = sampler(sched, noise, steps=12, mode="sequential", blend=blend).sample
+        assert torch.equal(seq * (1 - m), init * (1 - m))
+        for mode in ("aggressive", "conservative"):
+            for n in (2, 4):
+                out = sampler(sched, noise, steps=12, mode=mode, parallel=n, blend=blend)
+                assert rel_err(out.sample, seq) <= 1e-6, (type(sched).__name__, mode, n)
+    with pytest.raises(ValueError, match="a blend .* runs in modes sequential, aggressive, conservative, not "
+                                         "mode='picard'"):
+        sampler(sched, noise, steps=12, mode="picard", blend=blend)
+    with pytest.raises(ValueError, match="the inpainting mask must be binary"):
+        MaskBlend.for_schedule(sched, 12, 0, m * 0.5, init, noise)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def test_tasks_of_pipelines(pipes, built):
+    assert task_of(pipes["sd15"]) == "text2img" and task_of(pipes["sd-inpaint"]) == "inpaint"
+    assert task_of(task_pipe(pipes, "flux", "img2img")) == "img2img"
+    assert task_of(task_pipe(pipes, "sdxl", "controlnet", controlnet=controlnets(built, "cn-xl"))) == "controlnet"
+
+
+def test_bad_image_inputs_fail_before_any_work(pipes, tmp_path, monkeypatch):
+    pipe = pipes["sd15"]
+    calls = []
+    monkeypatch.setattr(pipe, "encode_prompt", lambda *a, **k: calls.append(1))  # any work would call it
+    with pytest.raises(ValueError, match=r"image '.*nowhere.png' cannot be read as an image: FileNotFoundError"):
+        image_to_image(pipe, PROMPT, str(tmp_path / "nowhere.png"), strength=0.5)
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"image '.*bad.png' cannot be read as an image: UnidentifiedImageError"):
+        image_to_image(pipe, PROMPT, str(tmp_path / "bad.png"), strength=0.5)
+    with pytest.raises(ValueError, match=r"image must be a PIL image, a path, a numpy array or a torch tensor"):
+        image_to_image(pipe, PROMPT, 42, strength=0.5)
+    for bad in (0, 1.2, -1):
+        with pytest.raises(ValueError, match=r"strength must be a number in \(0, 1\] .*, got "):
+            image_to_image(pipe, PROMPT, tp.image(0), strength=bad)
+        with pytest.raises(ValueError, match=r"strength must be a number in \(0, 1\]"):
+            DRiffusionPipeline(task_pipe(pipes, "sd15", "inpaint"))(PROMPT, image=tp.image(0), mask_image=tp.mask(),
+                                                                      strength=bad)
+    with pytest.raises(ValueError, match="strength=0.05 with 10 steps keeps no step"):
+        image_to_image(pipe, PROMPT, tp.image(0), strength=0.05, steps=10)
+    with pytest.raises(ValueError, match="latents cannot be given with an init image"):
+        image_to_image(pipe, PROMPT, tp.image(0), strength=0.5, latents=torch.zeros(1, 4, 16, 16))
+    with pytest.raises(ValueError, match="3 init images cannot be spread over 2 images"):
+        image_to_image(pipe, PROMPT, [tp.image(0)] * 3, strength=0.5, num_images=2)
+    with pytest.raises(ValueError, match="StableDiffusionImg2ImgPipeline needs image="):
+        DRiffusionPipeline(task_pipe(pipes, "sd15", "img2img"))(PROMPT)
+    with pytest.raises(TypeError, match="StableDiffusionPipeline does not take image, strength"):
+        DRiffusionPipeline(pipe)(PROMPT, image=tp.image(0), strength=0.5)
+    assert calls == []
+
+
+def test_controlnet_input_errors(pipes, built, monkeypatch):
+    cn = task_pipe(pipes, "sd15", "controlnet", controlnet=controlnets(built, "cn"))
+    two = task_pipe(pipes, "sd15", "controlnet", controlnet=controlnets(built, "cn", "cn2"))
+    calls = []
+    for p in (cn, two):
+        monkeypatch.setattr(p, "encode_prompt", lambda *a, **k: calls.append(1))
+    with pytest.raises(ValueError, match=r"the control image is 32x48 .* but the output is 32x32: pass control images "
+                                         r"of the output size"):
+        control_to_image(cn, PROMPT, tp.image(0, 32, 48), height=32, width=32)
+    with pytest.raises(ValueError, match=r"control image 1 is 40x32 .* but the output is 32x32"):
+        control_to_image(two, PROMPT, [tp.image(0), tp.image(1, 40, 32)])
+    with pytest.raises(ValueError, match="a MultiControlNet of 2 nets takes a list of 2 control images"):
+        control_to_image(two, PROMPT, tp.image(0))
+    with pytest.raises(ValueError, match="controlnet_conditioning_scale has 3 values for 2 ControlNet"):
+        control_to_image(two, PROMPT, [tp.image(0)] * 2, controlnet_conditioning_scale=[1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="control_guidance_start 0.8 and control_guidance_end 0.5 must satisfy"):
+        control_to_image(cn, PROMPT, tp.image(0), control_guidance_start=0.8, control_guidance_end=0.5)
+    with pytest.raises(ValueError, match="control image cannot be read as an image|control image .* cannot be read"):
+        control_to_image(cn, PROMPT, "/no/such/control.png")
+    with pytest.raises(ValueError, match=r"a control image needs a ControlNet pipeline \(StableDiffusionControlNet"
+                                         r"Pipeline\); this StableDiffusionPipeline has no controlnet"):
+        control_to_image(pipes["sd15"], PROMPT, tp.image(0))
+    with pytest.raises(TypeError, match="StableDiffusionControlNetPipeline does not take strength"):
+        DRiffusionPipeline(cn)(PROMPT, image=tp.image(0), strength=0.5)
+    assert calls == []
+
+
+@pytest.mark.parametrize("kind,task,message", [
+    ("sd3", "controlnet", "ControlNet is supported for the sd, sdxl families; the sd3 pipeline has none"),
+    ("flux", "controlnet", "ControlNet is supported for the sd, sdxl families; the flux pipeline has none"),
+    ("flux", "inpaint", "inpainting is supported for the sd, sdxl families; the flux pipeline has none"),
+])
+def test_tasks_a_family_has_not(pipes, kind, task, message):
+    with pytest.raises(ValueError, match=message):
+        for_task(pipes[kind], task)
+    with pytest.raises(ValueError, match=message):
+        if task == "controlnet":
+            control_to_image(pipes[kind], PROMPT, tp.image(0))
+        else:
+            inpaint(pipes[kind], PROMPT, tp.image(0), tp.mask())
