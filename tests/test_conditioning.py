@@ -460,3 +460,35 @@ def test_tasks_a_family_has_not(pipes, kind, task, message):
             control_to_image(pipes[kind], PROMPT, tp.image(0))
         else:
             inpaint(pipes[kind], PROMPT, tp.image(0), tp.mask())
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_equal_the_local_evaluator(built, tmp_path):
+    """img2img, MultiControlNet and inpainting (4-channel blend) on 2 ranks: the VAE runs on rank 0, every rank
+    starts from the same broadcast state, and the distributed evaluator equals the local one."""
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "rows.json"
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conditioning_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker, str(out),
+           built["sd15"], built["cn"], built["cn2"]]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    cases = [row for row in rows if row["case"] != "wrapper"]
+    assert len(cases) == 2 * 3 * 2  # ranks x cases x modes
+    print("\n[2 gloo ranks vs local] " + ", ".join(f"{r['case']}/{r['mode']}/rank{r['rank']} {r['rel_err']:.1e}"
+                                               for r in cases))
+    for row in cases:
+        assert row["finite"] and row["rel_err"] <= 1e-6, row
+    for case in ("img2img", "controlnet", "inpaint"):
+        sums = {row["x_sum"] for row in cases if row["case"] == case}
+        assert len(sums) == 1, (case, sums)  # every rank holds rank 0's start state
+    wrapper = sorted((row for row in rows if row["case"] == "wrapper"), key=lambda row: row["rank"])
+    assert wrapper[0]["images"] == [1, 32, 48, 3] and wrapper[1]["images"] is None
+    assert wrapper[0]["serial_rounds"] == wrapper[1]["serial_rounds"] < 7
