@@ -23,11 +23,10 @@ import torch
 
 from .distributed import DEFAULT_TIMEOUT_S, CollectiveTimeout, default_evaluator, maybe_init_dist
 from .sampler import Sampler
-from .services import Limits, RequestError, sampling_options
+from .services import Limits, RequestError, request_bytes, sampling_options
 
 # Header ops broadcast from rank 0: [op, payload bytes].
 REQUEST, PING, SHUTDOWN = 1, 2, 3
-MAX_REQUEST_BYTES = 1 << 16
 
 
 @dataclass
@@ -52,7 +51,8 @@ class Engine:
         self.sampler = Sampler(service.model, default_evaluator(service.model),
                                cuda_graphs=cuda_graphs and getattr(service.model, "cuda_graphs", True))
         self.header = torch.zeros(2, dtype=torch.long, device=self.device)
-        self.payload = torch.zeros(MAX_REQUEST_BYTES, dtype=torch.uint8, device=self.device)
+        self.max_bytes = request_bytes(limits)  # JSON fields and base64 images: every rank builds the same
+        self.payload = torch.zeros(self.max_bytes, dtype=torch.uint8, device=self.device)
         self.queue = queue.Queue()
         self.served = self.answered = 0  # requests sampled / answered (errors included)
         self.on_answer = None            # rank 0: called with `answered` after each queued request
@@ -65,8 +65,8 @@ class Engine:
             body = json.dumps(self._validate(spec), sort_keys=True).encode()
         except RequestError as e:
             return Result(False, error=str(e))
-        if len(body) > MAX_REQUEST_BYTES:
-            return Result(False, error=f"request is {len(body)} bytes encoded; the limit is {MAX_REQUEST_BYTES}")
+        if len(body) > self.max_bytes:
+            return Result(False, error=f"request is {len(body)} bytes encoded; the limit is {self.max_bytes}")
         self._send(REQUEST, body)
         return self._run(json.loads(body))
 
@@ -161,7 +161,8 @@ class Engine:
             req = self.service.request(spec, self.limits)
             with torch.no_grad():
                 out = self.sampler(req.scheduler, req.latent, steps=req.steps, generator=req.generator,
-                                   model_kwargs=req.model_kwargs, **sampling_options(spec, self.limits))
+                                   model_kwargs=req.model_kwargs, start=req.start, blend=req.blend,
+                                   **sampling_options(spec, self.limits))
         except ValueError as e:  # bad values, or a non-finite model output: the same on every rank, left together
             return Result(False, error=str(e))
         self.served += 1

@@ -4,7 +4,8 @@
 With no --model it samples the small digits model shipped in the package (no network, no GPU) and writes one PNG
 grid. --model also takes a diffusers pipeline directory or hub id (SD 1.5 / 2.1, SDXL, SD3, Flux; video: Wan 2.1 /
 2.2, HunyuanVideo 1.5, LTX-Video, written as MP4), or the built-in test models gmm (analytic Gaussian mixture) and
-fixed (a model costing --model-cost seconds per call).
+fixed (a model costing --model-cost seconds per call). Image pipelines also take an input image (img2img,
+inpainting with --mask-image), ControlNets with control images, and LoRA weights.
 Every rank loads its model replica once; rank 0 prints progress and the measured-versus-ideal table and writes the
 outputs, atomically and only when the run succeeds.
 """
@@ -66,6 +67,25 @@ def parser() -> argparse.ArgumentParser:
                         "for gmm)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="model and latent dtype")
     p.add_argument("--out", default=".", help="directory for the images and the run's JSON (created if missing)")
+    im = p.add_argument_group("image inputs and adapters (diffusers pipelines)")
+    im.add_argument("--image", default=None, metavar="PATH",
+                    help="img2img: start from this image (PNG / JPEG), noised to --strength; SD / SDXL keep its size")
+    im.add_argument("--strength", type=float, default=None, metavar="S",
+                    help="fraction of the schedule run on --image, in (0, 1] (default: the pipeline's: SD 0.8, "
+                         "SDXL 0.3, SD3 / Flux 0.6; inpainting SD 1.0, SDXL 0.9999)")
+    im.add_argument("--mask-image", default=None, metavar="PATH",
+                    help="inpainting (SD / SDXL): repaint where this mask is white, keep --image where it is black")
+    im.add_argument("--controlnet", action="append", default=[], metavar="DIR",
+                    help="a ControlNetModel directory (SD / SDXL; repeatable: MultiControlNet, one --control-image "
+                         "each)")
+    im.add_argument("--control-image", action="append", default=[], metavar="PATH",
+                    help="the control image of each --controlnet, in order")
+    im.add_argument("--controlnet-scale", dest="controlnet_conditioning_scale", type=float, action="append",
+                    default=None, metavar="S",
+                    help="conditioning scale of each --controlnet (default 1; one value for all)")
+    im.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                    help="LoRA weights (a .safetensors file or a directory) loaded with their scale, default 1 "
+                         "(repeatable; SD, SDXL, SD3, Flux; needs peft)")
     it = p.add_argument_group("picard / parasolver")
     it.add_argument("--subintervals", type=int, default=None, help="N subintervals (parasolver; default steps // 2)")
     it.add_argument("--preconditioning", type=int, default=None,
@@ -106,6 +126,59 @@ def check_args(p, args):
                                               if getattr(args, n) is not None])
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
+    check_image_args(p, args)
+
+
+def check_image_args(p, args):
+    """Image inputs, ControlNets and LoRAs: everything that can be checked before the model loads."""
+    used = [f for f, v in (("--image", args.image), ("--mask-image", args.mask_image),
+                           ("--strength", args.strength is not None), ("--controlnet", args.controlnet),
+                           ("--control-image", args.control_image),
+                           ("--controlnet-scale", args.controlnet_conditioning_scale), ("--lora", args.lora)) if v]
+    if not used:
+        return
+    if args.model in services.BUILTIN:
+        p.error(f"{', '.join(used)} apply to diffusers pipelines, not --model {args.model}")
+    from .pipelines.conditioning import open_image
+    from .pipelines.lora import check_lora_path, parse_lora
+    from .strength import check_strength
+    try:
+        if args.strength is not None:
+            check_strength(args.strength)
+        for flag, paths in (("--image", [args.image]), ("--mask-image", [args.mask_image]),
+                            ("--control-image", args.control_image)):
+            for path in paths:
+                if path is not None:
+                    open_image(path, flag)
+        for spec in args.lora:
+            check_lora_path(parse_lora(spec)[0])
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
+    if args.mask_image and not args.image:
+        p.error("--mask-image needs --image (the picture to inpaint)")
+    if args.strength is not None and not args.image:
+        p.error("--strength applies with --image")
+    if len(args.control_image) != len(args.controlnet):
+        p.error(f"{len(args.control_image)} --control-image for {len(args.controlnet)} --controlnet: pass one "
+                f"control image per ControlNet")
+    if args.controlnet and args.image:
+        p.error("--controlnet runs ControlNet text-to-image; it does not combine with --image")
+    scales = args.controlnet_conditioning_scale
+    if scales and (not args.controlnet or len(scales) not in (1, len(args.controlnet))):
+        p.error("--controlnet-scale takes one value, or one per --controlnet")
+    for path in args.controlnet:
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            p.error(f"--controlnet {path!r} is not a ControlNetModel directory (no config.json)")
+    if args.controlnet and os.path.isfile(os.path.join(args.model, "model_index.json")):
+        from .pipelines import REGISTRY, check_model_dir, family_of_class
+        from .pipelines.conditioning import task_class
+        try:
+            family = REGISTRY[family_of_class(check_model_dir(args.model).get("_class_name"), args.model)]
+        except (ValueError, FileNotFoundError) as e:
+            p.error(str(e))
+        if task_class(family, "controlnet") is None:
+            p.error(f"--controlnet: ControlNet is supported for the sd and sdxl families; {args.model} is a "
+                    f"{family.name} pipeline")
 
 
 def report(plan, stats) -> str:
@@ -129,8 +202,16 @@ def report(plan, stats) -> str:
 
 
 def request_spec(args) -> dict:
-    """The CLI flags as an engine request (services.py): the same request gives the same image through both."""
-    return {k: getattr(args, k) for k in services.MODEL_KEYS + services.SAMPLING_KEYS if getattr(args, k) is not None}
+    """The CLI flags as an engine request (services.py): the same request gives the same image through both
+    (image files travel as the base64 an HTTP request carries)."""
+    spec = {k: getattr(args, k, None) for k in services.MODEL_KEYS + services.SAMPLING_KEYS}
+    spec["image"], spec["mask_image"] = (services.encode_image_file(p) if p else None
+                                         for p in (args.image, args.mask_image))
+    control = [services.encode_image_file(p) for p in args.control_image]
+    spec["control_image"] = (control[0] if len(control) == 1 else control) or None
+    scales = spec["controlnet_conditioning_scale"]
+    spec["controlnet_conditioning_scale"] = scales[0] if scales and len(scales) == 1 else scales
+    return {k: v for k, v in spec.items() if v is not None}
 
 
 @record
@@ -142,7 +223,8 @@ def main(argv=None) -> int:
     rank, device = (info.rank, info.device) if info else (0, torch.device("cpu"))
     try:
         t0 = time.perf_counter()
-        service = services.load_service(args.model, device, getattr(torch, args.dtype), args.model_cost)
+        service = services.load_service(args.model, device, getattr(torch, args.dtype), args.model_cost,
+                                        loras=args.lora, controlnets=args.controlnet)
         sampler = Sampler(service.model, default_evaluator(service.model),
                           cuda_graphs=not args.no_cuda_graphs and getattr(service.model, "cuda_graphs", True))
         load_s = time.perf_counter() - t0
@@ -153,7 +235,8 @@ def main(argv=None) -> int:
             req = service.request(spec)
             with torch.no_grad():
                 return req, sampler(req.scheduler, req.latent, steps=req.steps, generator=req.generator,
-                                    model_kwargs=req.model_kwargs, progress=progress, **options)
+                                    model_kwargs=req.model_kwargs, progress=progress, start=req.start,
+                                    blend=req.blend, **options)
         for _ in range(args.warmup):
             run(False)
         req, out = run(rank == 0)

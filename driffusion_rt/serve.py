@@ -5,11 +5,12 @@
 
 POST /generate takes a JSON request (the fields of driffusion_rt.services: prompt, negative_prompt, steps,
 guidance_scale, height, width, seed, num_images, scheduler, mode, parallel, drafts, ...; video pipelines also
-num_frames and fps) plus "response": "png" (the default for image models: the first image as image/png, stats in
-X-Driffusion-* headers), "mp4" (the default for video models: the first video as video/mp4, stats in headers) or
-"base64" (JSON with every image as base64 PNG, or every video as base64 MP4, and the stats). GET /health reports
-readiness. Requests are served one at a time in arrival order. The server binds 127.0.0.1 unless --host names
-another address and --allow-remote says so explicitly.
+num_frames and fps; image pipelines image, mask_image and control_image as base64 PNG / JPEG, strength,
+controlnet_conditioning_scale, lora_scale) plus "response": "png" (the default for image models: the first image as
+image/png, stats in X-Driffusion-* headers), "mp4" (the default for video models: the first video as video/mp4,
+stats in headers) or "base64" (JSON with every image as base64 PNG, or every video as base64 MP4, and the stats).
+GET /health reports readiness. Requests are served one at a time in arrival order. The server binds 127.0.0.1
+unless --host names another address and --allow-remote says so explicitly.
 """
 import argparse
 import asyncio
@@ -26,7 +27,6 @@ from . import services
 from .distributed import DEFAULT_TIMEOUT_S
 from .engine import Engine
 
-MAX_BODY_BYTES = 1 << 16
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -43,12 +43,14 @@ def make_app(engine: Engine):
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
+    max_body = services.request_bytes(engine.limits)  # the JSON fields and base64 images
+
     async def generate(request: Request):
-        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
-            return JSONResponse({"error": f"request body over {MAX_BODY_BYTES} bytes"}, status_code=413)
+        if int(request.headers.get("content-length") or 0) > max_body:
+            return JSONResponse({"error": f"request body over {max_body} bytes"}, status_code=413)
         body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            return JSONResponse({"error": f"request body over {MAX_BODY_BYTES} bytes"}, status_code=413)
+        if len(body) > max_body:
+            return JSONResponse({"error": f"request body over {max_body} bytes"}, status_code=413)
         try:
             spec = json.loads(body)
         except ValueError as e:
@@ -110,6 +112,13 @@ def parser():
     p.add_argument("--max-images", type=int, default=lim.images, help="most images per request")
     p.add_argument("--max-parallel", type=int, default=lim.parallel, help="largest parallel n accepted")
     p.add_argument("--max-frames", type=int, default=lim.frames, help="most frames per video accepted")
+    p.add_argument("--max-image-bytes", type=int, default=lim.image_bytes,
+                   help="most bytes of images (image, mask_image, control_image, decoded) per request")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="LoRA weights to load into the pipeline at start, with their scale (repeatable)")
+    p.add_argument("--controlnet", action="append", default=[], metavar="DIR",
+                   help="a ControlNetModel directory: serve the SD / SDXL ControlNet pipeline; requests then carry "
+                        "one control_image per --controlnet (repeatable: MultiControlNet)")
     return p
 
 
@@ -119,17 +128,26 @@ def main(argv=None) -> int:
     if args.host not in LOOPBACK and not args.allow_remote:
         p.error(f"--host {args.host} is not a loopback address; the server has no authentication, so binding it "
                 f"needs --allow-remote")
-    for name in ("max_prompt_chars", "max_side", "max_steps", "max_images", "max_parallel", "max_frames"):
+    for name in ("max_prompt_chars", "max_side", "max_steps", "max_images", "max_parallel", "max_frames",
+                 "max_image_bytes"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_requests < 0 or not 0 <= args.port < 65536:
         p.error("--max-requests must be >= 0 and --port in 0..65535")
+    if args.lora:  # (the pipelines package imports diffusers: only when needed)
+        from .pipelines.lora import check_lora_path, parse_lora
+        try:
+            for spec in args.lora:
+                check_lora_path(parse_lora(spec)[0])
+        except (ValueError, FileNotFoundError) as e:
+            p.error(f"--lora: {e}")
     limits = services.Limits(args.max_prompt_chars, args.max_side, args.max_steps, args.max_images, args.max_parallel,
-                             args.max_frames)
+                             args.max_frames, args.max_image_bytes)
     from .distributed import maybe_init_dist
     info = maybe_init_dist(args.timeout)
     device = info.device if info else torch.device("cpu")
-    service = services.load_service(args.model, device, getattr(torch, args.dtype))
+    service = services.load_service(args.model, device, getattr(torch, args.dtype), loras=args.lora,
+                                    controlnets=args.controlnet)
     engine = Engine(service, limits, args.timeout, cuda_graphs=not args.no_cuda_graphs)
     if engine.rank != 0:
         engine.serve()

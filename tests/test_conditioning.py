@@ -492,3 +492,184 @@ def test_two_gloo_ranks_equal_the_local_evaluator(built, tmp_path):
     wrapper = sorted((row for row in rows if row["case"] == "wrapper"), key=lambda row: row["rank"])
     assert wrapper[0]["images"] == [1, 32, 48, 3] and wrapper[1]["images"] is None
     assert wrapper[0]["serial_rounds"] == wrapper[1]["serial_rounds"] < 7
+
+
+# ---------------------------------------------------------------------------------------------- CLI and engine
+
+
+def run_cli(*args):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "driffusion_rt.generate", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_img2img_inpainting_controlnet_and_lora(built, pipes, tmp_path, capsys):
+    """The command line gives the image the functional API gives (same request, same seed)."""
+    from PIL import Image
+    from driffusion_rt import generate
+    img, m, ctl = tmp_path / "in.png", tmp_path / "mask.png", tmp_path / "control.jpg"
+    tp.image(40, 32, 48).save(img)
+    tp.mask(32, 48).save(m)
+    tp.image(41, 32, 32).save(ctl, quality=95)
+    common = ["--steps", "6", "--seed", "2", "--guidance-scale", "4", "--prompt", PROMPT, "--warmup", "0"]
+
+    def cli(name, *args):
+        out = tmp_path / name
+        assert generate.main(["--model", built["sd15"], *common, *args, "--out", str(out)]) == 0
+        files = sorted(out.glob("*.png"))
+        assert len(files) == 1 and (out / (files[0].stem + ".json")).exists()
+        return np.asarray(Image.open(files[0]), np.int16)
+
+    def same(a, images):
+        assert a.shape == np.asarray(images[0]).shape
+        assert np.abs(a - np.asarray(images[0], np.int16)).max() <= 1
+
+    kw = dict(steps=6, seed=2, guidance_scale=4.0, mode="aggressive", parallel=2)
+    same(cli("img2img", "--image", str(img), "--strength", "0.5", "--parallel", "2"),
+         image_to_image(pipes["sd15"], PROMPT, tp.image(40, 32, 48), strength=0.5, **kw)[0])
+    same(cli("inpaint", "--image", str(img), "--mask-image", str(m), "--parallel", "2", "--mode", "conservative",
+             "--height", "32", "--width", "48"),
+         inpaint(pipes["sd15"], PROMPT, tp.image(40, 32, 48), tp.mask(32, 48), height=32, width=48,
+                 **dict(kw, mode="conservative"))[0])
+    cn_pipe = task_pipe(pipes, "sd15", "controlnet", controlnet=controlnets(built, "cn"))
+    same(cli("controlnet", "--controlnet", built["cn"], "--control-image", str(ctl), "--controlnet-scale", "0.7",
+             "--parallel", "2"),
+         control_to_image(cn_pipe, PROMPT, Image.open(ctl).convert("RGB"), controlnet_conditioning_scale=0.7, **kw)[0])
+    lora = save_lora(quiet(load_pipeline(built["sd15"])), str(tmp_path / "lora"))
+    with_lora = cli("lora", "--lora", f"{lora}:0.5", "--height", "32", "--width", "32")
+    lp = quiet(load_pipeline(built["sd15"]))
+    lp.load_lora_weights(lora, adapter_name="a")
+    lp.set_adapters(["a"], adapter_weights=[0.5])
+    same(with_lora, text_to_image(lp, PROMPT, height=32, width=32, steps=6, seed=2, guidance_scale=4.0)[0])
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--image", "/no/such.png"], "--image '/no/such.png' cannot be read as an image"),
+    (["--image", "IMG", "--strength", "1.5"], "strength must be a number in (0, 1]"),
+    (["--image", "IMG", "--strength", "0"], "strength must be a number in (0, 1]"),
+    (["--lora", "/no/such/lora.safetensors:0.5"], "LoRA weights '/no/such/lora.safetensors' do not exist"),
+    (["--mask-image", "IMG"], "--mask-image needs --image"),
+    (["--controlnet", "CN"], "0 --control-image for 1 --controlnet"),
+    (["--controlnet", "CN", "--control-image", "BAD"], "--control-image"),
+])
+def test_cli_bad_image_inputs_exit_2_before_loading(built, tmp_path, args, message):
+    (tmp_path / "img.png").write_bytes(b"")
+    tp.image(0).save(tmp_path / "ok.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    args = [{"IMG": str(tmp_path / "ok.png"), "CN": built["cn"], "BAD": str(tmp_path / "bad.png")}.get(a, a)
+            for a in args]
+    r = run_cli("--model", built["sd15"], "--prompt", PROMPT, *args, "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_cli_controlnet_for_a_family_without_one(built, tmp_path, kind):
+    tp.image(0).save(tmp_path / "c.png")
+    r = run_cli("--model", built[kind], "--prompt", PROMPT, "--controlnet", built["cn"], "--control-image",
+                str(tmp_path / "c.png"), "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and f"ControlNet is supported for the sd and sdxl families; {built[kind]} is a {kind} " \
+                                  f"pipeline" in r.stderr, r.stderr[-2000:]
+
+
+def test_engine_requests_with_images(built, tmp_path):
+    """The engine (one process) serves img2img, inpainting and LoRA-scaled requests with base64 images, the
+    same images as the functional API, and answers bad images with an error before any work."""
+    import base64
+    import io
+    from driffusion_rt import services
+    from driffusion_rt.engine import Engine
+
+    def b64(im, fmt="PNG"):
+        buf = io.BytesIO()
+        im.save(buf, format=fmt)
+        return base64.b64encode(buf.getvalue()).decode()
+
+    limits = services.Limits(image_bytes=20000)
+    engine = Engine(services.load_service(built["sd15"], torch.device("cpu")), limits)
+    pipe = engine.service.pipe
+    quiet(pipe)
+    base = dict(prompt=PROMPT, steps=6, seed=1, guidance_scale=4.0, mode="aggressive", parallel=2)
+    r = engine.generate(dict(base, image=b64(tp.image(50, 32, 48)), strength=0.6))
+    assert r.ok, r.error
+    ref, _ = image_to_image(pipe, PROMPT, tp.image(50, 32, 48), strength=0.6, steps=6, seed=1, guidance_scale=4.0,
+                            mode="aggressive", parallel=2, output_type="latent")
+    assert rel_err(r.latent, ref) == 0 and r.images[0].size == (48, 32)
+    r = engine.generate(dict(base, image=b64(tp.image(51), "JPEG"), mask_image=b64(tp.mask()), height=32, width=32))
+    assert r.ok and r.images[0].size == (32, 32), r.error
+    bad = {
+        "image is not valid base64": dict(image="not base64!"),
+        "image cannot be read as an image": dict(image=base64.b64encode(b"GIF89a....").decode()),
+        "image is a GIF image; allowed: PNG, JPEG": dict(image=b64(tp.image(0), "GIF")),
+        "the request's images are over 20000 bytes": dict(image=b64(tp.image(0, 96, 96, "RGB")),
+                                                          mask_image=b64(tp.image(1, 96, 96))),
+        "strength must be a number in (0, 1]": dict(image=b64(tp.image(0)), strength=2),
+        "strength applies to requests with an image": dict(strength=0.5),
+        "control_image needs a server started with --controlnet": dict(control_image=b64(tp.image(0))),
+        "mask_image needs image": dict(mask_image=b64(tp.mask())),
+    }
+    served = engine.served
+    for message, fields in bad.items():
+        r = engine.generate(dict(base, **fields))
+        assert not r.ok and message in r.error, (message, r.error)
+    assert engine.served == served  # none of them reached the sampler
+
+
+
+@pytest.mark.slow
+def test_http_img2img_on_two_ranks(built, tmp_path):
+    """serve.py on 2 gloo ranks: an img2img request with a base64 PNG, an inpainting request with a JPEG, a body
+    over the image limit (413) and an unreadable image (422)."""
+    import base64
+    import io
+    import json
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    def b64(im, fmt="PNG"):
+        buf = io.BytesIO()
+        im.save(buf, format=fmt)
+        return base64.b64encode(buf.getvalue()).decode()
+
+    def post(port, body):
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=300) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    port_file = tmp_path / "port"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "driffusion_rt.serve", "--model", built["sd15"], "--port", "0", "--port-file", str(port_file),
+           "--max-requests", "3", "--max-image-bytes", "30000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    try:
+        for _ in range(600):
+            if port_file.exists() and port_file.read_text():
+                break
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            time.sleep(0.2)
+        port = int(port_file.read_text())
+        base = dict(prompt=PROMPT, steps=6, guidance_scale=4.0, parallel=2, seed=3)
+        status, body = post(port, dict(base, image=b64(tp.image(60, 32, 48)), strength=0.7))
+        assert status == 200 and body[:8] == b"\x89PNG\r\n\x1a\n", body[-500:]
+        from PIL import Image
+        assert Image.open(io.BytesIO(body)).size == (48, 32)
+        status, body = post(port, dict(base, image=b64(tp.image(61), "JPEG"), mask_image=b64(tp.mask()),
+                                       response="base64"))
+        assert status == 200 and len(json.loads(body)["images"]) == 1, body[-500:]
+        status, body = post(port, dict(base, image="A" * 120000))
+        assert status == 413 and b"request body over" in body
+        status, body = post(port, dict(base, image=base64.b64encode(b"\x89PNG broken").decode()))
+        assert status == 422 and b"image cannot be read as an image" in body
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
