@@ -38,7 +38,8 @@ def main(path, sd_dir, cn_dir, cn2_dir):
     with torch.no_grad():
         for name, (pipe, inputs) in cases.items():
             model = model_adapter(pipe)
-            samplers = {"dist": Sampler(model, default_evaluator(model)), "local": Sampler(model, LocalEvaluator(model))}
+            samplers = {"dist": Sampler(model, default_evaluator(model)),
+                        "local": Sampler(model, LocalEvaluator(model))}
             for mode in ("aggressive", "conservative"):
                 req = prepare(pipe, "a photo of a red cat", negative_prompt="blurry", steps=8, guidance_scale=4.0,
                               height=32, width=48, seed=5, conditioning=inputs)

@@ -139,6 +139,7 @@ IMG2IMG = [  # (id, kind, strength, call options, scheduler)
     ("sd15-0.8-ddpm", "sd15", 0.8, {}, "ddpm"),  # stochastic: the VAE sample, the noise and every step draw
     ("sdxl-0.3", "sdxl", 0.3, dict(negative_prompt=["ugly", "blurry"]), None),
     ("sdxl-0.8", "sdxl", 0.8, {}, None),
+    ("sdxl-1.0", "sdxl", 1.0, {}, None),  # start 0: the noised image is the state as is (no init_noise_sigma)
     ("sd3-0.6", "sd3", 0.6, dict(negative_prompt=["ugly", "blurry"], **SEQ), None),
     ("flux-0.6", "flux", 0.6, dict(**SEQ), None),
     ("flux-1.0", "flux", 1.0, dict(**SEQ), None),
@@ -162,6 +163,17 @@ def test_img2img_sequential_matches_diffusers(pipes, case, kind, strength, opts,
                     **{**kw, "image": tp.image(1, 32, 48)}).images
     if strength < 1:  # the image matters (flow matching at strength 1 starts from sigma 1: pure noise)
         assert rel_err(other, ref) > 1e-3
+
+
+def test_img2img_with_one_generator_per_image_matches_diffusers(pipes):
+    """A list of generators: the pipelines expand the images first and encode image i with generator i."""
+    pipe = task_pipe(pipes, "sd15", "img2img")
+    kw = dict(prompt=PROMPT, image=tp.image(5, 32, 32), strength=0.6, num_inference_steps=STEPS, guidance_scale=4.0,
+              num_images_per_prompt=2, output_type="latent")
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (7, 8)]  # noqa: E731
+    out = DRiffusionPipeline(pipe, mode="sequential")(generator=gens(), **kw).images
+    ref = pipe(generator=gens(), **kw).images
+    assert rel_err(out, ref) <= 1e-5 and rel_err(out[0], out[1]) > 1e-3
 
 
 def test_img2img_functional_form_on_a_text_to_image_pipeline(pipes):
@@ -673,3 +685,14 @@ def test_http_img2img_on_two_ranks(built, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_img2img_and_inpainting_refuse_pipelines_they_cannot_run(pipes, built):
+    cn = task_pipe(pipes, "sd15", "controlnet", controlnet=controlnets(built, "cn"))
+    with pytest.raises(ValueError, match=r"img2img on a ControlNet pipeline \(StableDiffusionControlNetPipeline\) is "
+                                         r"not supported"):
+        image_to_image(cn, PROMPT, tp.image(0), strength=0.5)
+    with pytest.raises(ValueError, match="inpainting on a ControlNet pipeline"):
+        inpaint(cn, PROMPT, tp.image(0), tp.mask())
+    with pytest.raises(ValueError, match="img2img needs a UNet whose input is the latent alone; this one takes 9"):
+        image_to_image(pipes["sd-inpaint"], PROMPT, tp.image(0), strength=0.5)

@@ -59,10 +59,17 @@ def _families_with(task: str) -> str:
     return ", ".join(f.name for f in REGISTRY.values() if task_class(f, task) is not None)
 
 
-def _require(family, task: str):
+def _require(family, task: str, pipe=None):
     if task_class(family, task) is None:
         raise ValueError(f"{TASK_NAMES[task]} is supported for the {_families_with(task)} families; the "
                          f"{family.name} pipeline has none")
+    if pipe is not None and task != "controlnet" and _nets(pipe):
+        raise ValueError(f"{TASK_NAMES[task]} on a ControlNet pipeline ({type(pipe).__name__}) is not supported: "
+                         f"use the family's own pipeline")
+    unet = getattr(pipe, "unet", None)
+    if task == "img2img" and unet is not None and unet.config.in_channels != unet.config.out_channels:
+        raise ValueError(f"img2img needs a UNet whose input is the latent alone; this one takes "
+                         f"{unet.config.in_channels} channels (an inpainting UNet: use inpaint)")
 
 
 def for_task(pipe, task: str, **components):
@@ -398,7 +405,7 @@ def img2img(pipe, image, strength=None) -> Img2Img:
     """Checked img2img inputs for `pipe` (any pipeline of a family with img2img); strength None: the pipeline's
     own default."""
     family = get_family(pipe)
-    _require(family, "img2img")
+    _require(family, "img2img", pipe)
     strength = default_strength(pipe, "img2img") if strength is None else check_strength(strength)
     return Img2Img(read_image(image, "image"), strength)
 
@@ -406,7 +413,7 @@ def img2img(pipe, image, strength=None) -> Img2Img:
 def inpainting(pipe, image, mask_image, strength=None) -> Inpaint:
     """Checked inpainting inputs for `pipe` (an sd / sdxl pipeline, text-to-image or inpainting)."""
     family = get_family(pipe)
-    _require(family, "inpaint")
+    _require(family, "inpaint", pipe)
     strength = default_strength(pipe, "inpaint") if strength is None else check_strength(strength)
     if mask_image is None:
         raise ValueError("inpainting needs mask_image (white: repaint, black: keep)")

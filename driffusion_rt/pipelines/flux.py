@@ -1,5 +1,5 @@
-"""Flux.1 (FluxPipeline, FluxImg2ImgPipeline): FluxTransformer2DModel on 2 x 2-packed latents, flow matching with dynamic shifting, a
-guidance embedding (guidance-distilled checkpoints) and optional true classifier-free guidance."""
+"""Flux.1 (FluxPipeline, FluxImg2ImgPipeline): FluxTransformer2DModel on 2 x 2-packed latents, flow matching with
+dynamic shifting, a guidance embedding (guidance-distilled checkpoints) and optional true classifier-free guidance."""
 import numpy as np
 import torch
 
