@@ -696,3 +696,40 @@ def test_img2img_and_inpainting_refuse_pipelines_they_cannot_run(pipes, built):
         inpaint(cn, PROMPT, tp.image(0), tp.mask())
     with pytest.raises(ValueError, match="img2img needs a UNet whose input is the latent alone; this one takes 9"):
         image_to_image(pipes["sd-inpaint"], PROMPT, tp.image(0), strength=0.5)
+
+
+def test_controlnet_and_lora_scale_under_graph_replay(pipes, built, tmp_path):
+    """A CPU stand-in for CUDA-graph capture (replay recomputes from the captured static buffers): ControlNet's
+    per-step scales are refreshed for every call (rows at other steps, no new capture) and a LoRA scale is baked
+    in, keyed by value (Static: a new scale captures again); both equal the eager calls bit for bit."""
+    from driffusion_rt.cuda_graphs import GraphCache
+    from driffusion_rt.evaluator import ModelCall
+    from driffusion_rt.pipelines import model_adapter
+
+    class StandIn:
+        def __call__(self, run, pool):
+            y = run()
+            return (lambda: y.copy_(run())), y
+
+    def compare(pipe, req, graphs, idxs):
+        model = model_adapter(pipe)
+        for idx in idxs:
+            states = torch.randn(len(idx), *req.latents.shape, generator=torch.Generator().manual_seed(len(idx)))
+            a, b = torch.empty_like(states), torch.empty_like(states)
+            ModelCall(model, req.trajectory, req.latents, req.model_kwargs)(states, idx, a)
+            ModelCall(model, req.trajectory, req.latents, req.model_kwargs, graphs)(states, idx, b)
+            assert torch.equal(a, b), idx
+
+    cn = task_pipe(pipes, "sd15", "controlnet", controlnet=controlnets(built, "cn"))
+    graphs = GraphCache(capture=StandIn(), size=16, new_pool=object)
+    req = prepare(cn, PROMPT, negative_prompt="blurry", steps=8, guidance_scale=4.0, seed=0,
+                  conditioning=cond.control(cn, tp.image(0), control_guidance_end=0.5))
+    compare(cn, req, graphs, [(0,), (1, 6), (5, 2), (7,)])  # rows on and off in one call, both orders
+    assert graphs.captures == 2
+    lp = quiet(load_pipeline(built["sd15"]))
+    lp.load_lora_weights(save_lora(lp, str(tmp_path / "lora")), adapter_name="a")
+    graphs = GraphCache(capture=StandIn(), size=16, new_pool=object)
+    for scale in (0.5, 0.5, 1.5):
+        req = prepare(lp, PROMPT, steps=4, guidance_scale=4.0, height=32, width=32, seed=0, lora_scale=scale)
+        compare(lp, req, graphs, [(0,), (1, 2)])
+    assert graphs.captures == 4  # widths 1 and 2, for each of the two scales
