@@ -733,3 +733,13 @@ def test_controlnet_and_lora_scale_under_graph_replay(pipes, built, tmp_path):
         req = prepare(lp, PROMPT, steps=4, guidance_scale=4.0, height=32, width=32, seed=0, lora_scale=scale)
         compare(lp, req, graphs, [(0,), (1, 2)])
     assert graphs.captures == 4  # widths 1 and 2, for each of the two scales
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_joint_attention_kwargs_scale_is_accepted_like_diffusers(pipes, kind):
+    """SD3 / Flux take the per-call LoRA scale as joint_attention_kwargs; with none loaded it changes nothing, in
+    the runtime as in diffusers."""
+    kw = dict(prompt=PROMPT, num_inference_steps=4, guidance_scale=4.0, height=32, width=32,
+              joint_attention_kwargs={"scale": 0.5}, **SEQ)
+    out, ref, _ = parity(pipes[kind], kw)
+    assert rel_err(out, ref) <= 1e-5
