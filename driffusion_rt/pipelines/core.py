@@ -351,7 +351,9 @@ class Request:
     generator: torch.Generator | None  # continues after the initial draw: the stochastic steps' noise
     decode_generator: object = None
     step_kwargs: dict = field(default_factory=dict)
-    blend: object = None           # inpainting's per-step mask blend (driffusion_rt.blend.MaskBlend) or None
+    # inpainting's per-step mask blend (driffusion_rt.blend.MaskBlend) or None; keyword-only, so subclasses'
+    # positional fields keep their places
+    blend: object = field(default=None, kw_only=True)
 
 
 def _batch(prompt) -> int:
@@ -451,7 +453,7 @@ def prepare(pipe, prompt, *, negative_prompt=None, steps=None, guidance_scale=No
             raise ValueError(f"a list of generators works only with deterministic schedulers; "
                              f"{traj.scheduler_name} draws noise at every step: pass one torch.Generator")
         run_gen = None
-    return Request(family.name, height, width, steps, x, kw, traj, run_gen, generator, step_kwargs, blend)
+    return Request(family.name, height, width, steps, x, kw, traj, run_gen, generator, step_kwargs, blend=blend)
 
 
 @torch.no_grad()
