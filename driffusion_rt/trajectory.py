@@ -327,8 +327,9 @@ def build(scheduler, steps, timesteps_kwargs=None, step_kwargs=None, start: int 
                 xs.append(sched.step(unit[1:2].clone(), t, x, return_dict=True, **kw).prev_sample.to(F64)[0])
     except UnsupportedScheduler:
         raise
-    except Exception as e:  # a scheduler that cannot run on probes is not one this runtime can express
-        raise UnsupportedScheduler(f"{name} could not be probed as an affine sampler: {type(e).__name__}: {e}") from e
+    except Exception as e:  # its own step fails on this configuration, or it is no affine sampler
+        raise UnsupportedScheduler(f"{name} fails in its own step() with this configuration and {steps} steps "
+                                   f"({type(e).__name__}: {e}); it cannot run through the runtime") from e
     hs.append([])
     first.append(len(dtypes))
 

@@ -206,6 +206,16 @@ def test_nonlinear_or_broken_schedulers_are_rejected_clearly(make, message):
         Trajectory.from_scheduler(make(), 10)
 
 
+def test_a_scheduler_failing_in_its_own_step_is_named():
+    """Karras sigmas on a cosine schedule round to one timestep many times; diffusers' DPM-Solver then indexes
+    past its sigmas (its own loop fails the same way): a clear error, not a crash mid-sampling."""
+    sched = DPMSolverMultistepScheduler(beta_schedule="squaredcos_cap_v2", use_karras_sigmas=True,
+                                        prediction_type="v_prediction", timestep_spacing="trailing")
+    with pytest.raises(UnsupportedScheduler, match=r"DPMSolverMultistepScheduler fails in its own step\(\) with this "
+                                                   r"configuration and 20 steps \(IndexError"):
+        Trajectory.from_scheduler(sched, 20)
+
+
 def test_not_a_scheduler():
     with pytest.raises(UnsupportedScheduler, match="not a diffusers scheduler"):
         Trajectory.from_scheduler(object(), 10)
