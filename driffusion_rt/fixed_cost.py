@@ -34,21 +34,50 @@ def cycles_per_second(device: torch.device) -> float:
     return _CYCLES_PER_S[index]
 
 
+def _spend(seconds: float, like: torch.Tensor):
+    """`seconds` of host sleep (CPU) or device spin queued behind `like` (GPU)."""
+    if like.is_cuda:
+        if seconds > 0:
+            torch.cuda._sleep(max(1, int(seconds * cycles_per_second(like.device))))
+    else:
+        time.sleep(seconds)
+
+
+class FixedCostDenoiser(torch.nn.Module):
+    """A denoiser call that costs `seconds` plus `per_row` seconds per batch row (a compute-bound model's cost grows
+    with its batch: in-rank classifier-free guidance doubles it) and returns a cheap function of (x, t, branch)."""
+
+    def __init__(self, seconds: float = 0.04, per_row: float = 0.0):
+        super().__init__()
+        for name, v in (("seconds", seconds), ("per_row", per_row)):
+            if not v >= 0:
+                raise ValueError(f"fixed-cost model: {name} must be >= 0, got {v}")
+        self.seconds, self.per_row = seconds, per_row
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, branch: torch.Tensor | None = None) -> torch.Tensor:
+        _spend(self.seconds + self.per_row * x.shape[0], x)
+        scale = 0.1 + t.to(x.dtype).view(-1, *[1] * (x.dim() - 1)) / 1e4
+        if branch is not None:  # uncond (0) and cond (1) rows answer differently, as a guided model's do
+            scale = scale + 0.01 * branch.to(x.dtype).view(-1, *[1] * (x.dim() - 1))
+        return x * scale
+
+
 class FixedCostModel:
-    """model(x_in, t) -> a cheap deterministic function of (x_in, t) after `seconds` of (host or device) sleep."""
+    """model(x_in, t) -> a cheap deterministic function of (x_in, t) after `seconds` (+ `per_row` per row) of host or
+    device sleep. With guidance != 0 it is a guided model: the uncond and cond rows go through the denoiser as one
+    doubled call (as every pipeline adapter does) and are combined with the guidance scale, so cfg-parallel layouts
+    can be benchmarked without a real model."""
 
     cuda_graphs = True  # capturable: the device sleep and the arithmetic are kernels, nothing syncs
 
-    def __init__(self, seconds: float = 0.04):
-        if seconds < 0:
-            raise ValueError(f"fixed-cost model: seconds must be >= 0, got {seconds}")
-        self.seconds = seconds
+    def __init__(self, seconds: float = 0.04, per_row: float = 0.0, guidance: float = 0.0):
+        self.denoiser = FixedCostDenoiser(seconds, per_row)
+        self.seconds, self.guidance = seconds, guidance
 
     def __call__(self, x_in: torch.Tensor, t: torch.Tensor, **_) -> torch.Tensor:
-        if x_in.is_cuda:
-            if self.seconds > 0:
-                torch.cuda._sleep(max(1, int(self.seconds * cycles_per_second(x_in.device))))
-        else:
-            time.sleep(self.seconds)
-        scale = 0.1 + t.to(x_in.dtype).view(-1, *[1] * (x_in.dim() - 1)) / 1e4
-        return x_in * scale
+        if not self.guidance:
+            return self.denoiser(x_in, t)
+        n = x_in.shape[0]
+        branch = torch.cat([torch.zeros(n, device=x_in.device), torch.ones(n, device=x_in.device)])
+        uncond, cond = self.denoiser(torch.cat([x_in, x_in]), torch.cat([t, t]), branch).chunk(2)
+        return uncond + self.guidance * (cond - uncond)

@@ -176,3 +176,18 @@ def test_fixed_cost_model_is_deterministic_on_cpu(seconds):
     assert torch.equal(m(x, t), x * (0.1 + t.view(-1, 1) / 1e4))
     with pytest.raises(ValueError, match="seconds must be >= 0"):
         FixedCostModel(-1)
+    with pytest.raises(ValueError, match="per_row must be >= 0"):
+        FixedCostModel(0.0, per_row=-1)
+
+
+def test_fixed_cost_model_with_guidance_combines_a_doubled_call():
+    """guidance != 0: one denoiser call on the uncond and cond rows stacked, combined with the scale (a guided
+    model's shape, for cfg-parallel benchmarks); its cost grows with the rows."""
+    from driffusion_rt.fixed_cost import FixedCostModel
+    m = FixedCostModel(0.0, per_row=0.0, guidance=3.0)
+    seen = []
+    m.denoiser.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[0]))
+    x, t = torch.randn(2, 3), torch.tensor([10.0, 500.0])
+    base = 0.1 + t.view(-1, 1) / 1e4
+    uncond, cond = x * base, x * (base + 0.01)
+    assert torch.allclose(m(x, t), uncond + 3.0 * (cond - uncond)) and seen == [4]
