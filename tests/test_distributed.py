@@ -87,7 +87,7 @@ def test_generate_under_torchrun_reports_measured_vs_ideal(tmp_path):
     assert re.search(r"serial model rounds \(plan / measured\)\s+11 / 11", r.stdout)
     assert "efficiency (ideal / measured)" in r.stdout
     assert r.stdout.count("serial model rounds") == 1  # only rank 0 prints
-    run = json.loads((tmp_path / "digits-aggressive-n2-s20-seed0.json").read_text())
+    run = json.loads(next(tmp_path.glob("digits-aggressive-n2-s20-ddim-jump-float32-seed0-*.json")).read_text())
     assert run["ranks"] == 2 and run["serial_rounds"] == 11 and (tmp_path / run["files"][0]).exists()
 
 
@@ -107,6 +107,23 @@ def test_shipped_digits_and_a_diffusers_pipeline_on_two_ranks(tmp_path):
         row = rank0[f"sd-{mode}"]
         assert row["image_shape"] == [1, 32, 48, 3] and row["finite"] and row["rel_err"] <= 1e-5, row
         assert rank1[f"sd-{mode}-rank1"]["images_none"]  # only rank 0 decodes
+
+
+@pytest.mark.slow
+def test_teardown_leaves_no_backend_thread_running(tmp_path):
+    """The cause of a rank aborting at exit ("terminate called without an active exception", SIGABRT): a process
+    group that outlives destroy_process_group keeps gloo's worker threads running into interpreter shutdown, where a
+    worker that drops a tensor needs the GIL and aborts the process. torch.distributed.nn, when first imported after
+    init_process_group (diffusers imports it), binds the default group as default arguments and so kept it alive;
+    a DistInfo held by the caller kept the runtime's group alive. After teardown no gloo thread may be left."""
+    out = tmp_path / "threads.json"
+    r, _ = torchrun(2, WORKER, "threads", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [row["rank"] for row in rows] == [0, 1]
+    for row in rows:
+        assert any("gloo" in t for t in row["before"]), row  # the check sees gloo's threads while the group lives
+        assert not any("gloo" in t for t in row["after"]), row
 
 
 def test_all_gather_rejects_a_stacked_output_shape():
