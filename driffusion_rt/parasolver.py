@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .evaluator import ModelCall
-from .sampler import NonFiniteOutputError, SampleOutput, SampleStats, _Clock, draw_noise, replica_generator
+from .sampler import Cancelled, NonFiniteOutputError, SampleOutput, SampleStats, _Clock, draw_noise, replica_generator
 from .trajectory import Trajectory
 
 MODES = ("picard", "parasolver")
@@ -70,7 +70,7 @@ def _rows(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def run(sampler, traj: Trajectory, x: torch.Tensor, mode: str, parallel: int, cfg: IterativeConfig,
-        generator=None, model_kwargs=None) -> SampleOutput:
+        generator=None, model_kwargs=None, cancel=None) -> SampleOutput:
     ev, S = sampler.ev, traj.steps
     t0, clock = time.perf_counter(), _Clock(x.device)
     stats = IterativeStats(mode, S, parallel)
@@ -93,6 +93,8 @@ def run(sampler, traj: Trajectory, x: torch.Tensor, mode: str, parallel: int, cf
 
     def evaluate(states, idx):
         """Model outputs [k, B, ...] of k points; rank r evaluates slots [r*c, (r+1)*c), then all-gather."""
+        if cancel is not None and ev.agree(cancel.is_set()):  # every rank stops at the same round
+            raise Cancelled(f"cancelled after {stats.serial_rounds} rounds")
         k = len(idx)
         c = ev.chunk(k)
         gathered = rows[: ev.world * c]

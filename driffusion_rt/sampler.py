@@ -31,6 +31,10 @@ class NonFiniteOutputError(ModelOutputError):
     """A model output contained NaN or inf."""
 
 
+class Cancelled(RuntimeError):
+    """The caller cancelled the request (`cancel` was set on rank 0); every rank stopped at the same round."""
+
+
 @dataclass
 class SampleStats:
     mode: str
@@ -260,7 +264,7 @@ class Sampler:
 
     def __call__(self, scheduler, x, *, steps, mode="aggressive", parallel=None, generator=None,
                  model_kwargs=None, timesteps_kwargs=None, progress=False, drafts="jump", subintervals=None,
-                 preconditioning=None, window=None, tolerance=None, **step_kwargs) -> SampleOutput:
+                 preconditioning=None, window=None, tolerance=None, cancel=None, **step_kwargs) -> SampleOutput:
         from . import parasolver
         if mode not in MODES + parasolver.MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES + parasolver.MODES)}")
@@ -290,13 +294,14 @@ class Sampler:
         if traj.steps != steps:
             raise ValueError(f"the trajectory has {traj.steps} steps, steps={steps}")
         if iterative:
-            return parasolver.run(self, traj, x, mode, parallel, cfg, generator, model_kwargs)
-        return self.run(plan, traj, x, generator, model_kwargs, progress, drafts)
+            return parasolver.run(self, traj, x, mode, parallel, cfg, generator, model_kwargs, cancel=cancel)
+        return self.run(plan, traj, x, generator, model_kwargs, progress, drafts, cancel=cancel)
 
     @torch.no_grad()  # sampling never needs gradients: no autograd graph per model call, whatever the model
     def run(self, plan: Plan, traj: Trajectory, x, generator=None, model_kwargs=None, progress=False,
-            drafts="jump") -> SampleOutput:
-        """Execute `plan`; every rank calls this with the same plan, trajectory and latent shape."""
+            drafts="jump", cancel=None) -> SampleOutput:
+        """Execute `plan`; every rank calls this with the same plan, trajectory and latent shape. `cancel` (an object
+        with is_set(), given on every rank or on none; rank 0's counts) stops every rank at a round boundary."""
         ev, rank = self.ev, self.ev.rank
         buf, works = self.buffers(x, plan, traj), self.works(traj, plan, drafts, x)
         named = {"x": buf.rows[0], "o": buf.rows[1], "z": buf.noise[0], "prev": buf.prev}
@@ -308,6 +313,8 @@ class Sampler:
                    disable=None) if progress and rank == 0 else None  # disable=None: only on a terminal
         torch.mul(x, traj.init_noise_sigma, out=rows[0])
         for r, (rnd, w) in enumerate(zip(plan.rounds, works)):
+            if cancel is not None and ev.agree(cancel.is_set()):
+                raise Cancelled(f"cancelled before round {r} of {len(plan.rounds)}")
             i, m, k = rnd.anchor, rnd.advance, len(rnd.drafts)
             clock.round(r)
             clock.start("comm")
