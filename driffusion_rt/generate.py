@@ -4,32 +4,52 @@
 With no --model it samples the small digits model shipped in the package (no network, no GPU) and writes one PNG
 grid. --model also takes a diffusers pipeline directory or hub id (SD 1.5 / 2.1, SDXL, SD3, Flux), or the built-in
 test models gmm (analytic Gaussian mixture) and fixed (a model costing --model-cost seconds per call).
-Every rank loads its model replica once; rank 0 prints progress and the measured-versus-ideal table and writes the
-outputs, atomically and only when the run succeeds.
+Everything is checked before any model loads (on rank 0 under torchrun; bad input exits with status 2 and one
+message). Every rank then loads its model replica once; rank 0 prints progress and the measured-versus-ideal table
+and writes the outputs, all of them or none, only when the run succeeds.
 """
 import argparse
+import hashlib
 import json
 import os
 import sys
 import time
+import traceback
 
 import torch
-import torch.distributed as dist
-from torch.distributed.elastic.multiprocessing.errors import record
 
-from .distributed import DEFAULT_TIMEOUT_S, default_evaluator, maybe_init_dist
-from .outputs import atomic_write
+from . import distributed, services
+from .distributed import DEFAULT_INIT_TIMEOUT_S, DEFAULT_TIMEOUT_S, CollectiveTimeout
+from .outputs import check_output_dir, write_all
 from .parasolver import MODES as ITERATIVE_MODES
 from .plan import MODES
-from . import services
 from .sampler import DRAFT_RULES, Sampler
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
+PROG = "python -m driffusion_rt.generate"
+
+
+def _rank() -> int:
+    """This process's rank as torchrun sets it (0 outside torchrun), known before any process group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def bad_input(message: str, info=None):
+    """Bad input: one message (rank 0 prints it; every rank decides the same), leave the job, status 2. The message
+    comes first: once one rank has exited, torchrun stops the others."""
+    if _rank() == 0:
+        print(f"driffusion_rt: error: {message}", file=sys.stderr, flush=True)
+    distributed.teardown(info)
+    sys.exit(2)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line from rank 0, not every rank's usage text
+        bad_input(f"{message} (see {self.prog} --help)")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m driffusion_rt.generate", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="digits",
                    help="digits (the shipped class-conditional digits model), a diffusers pipeline directory or hub "
                         "id, gmm (analytic Gaussian mixture) or fixed (a sleeping fixed-cost model)")
@@ -56,9 +76,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None, help="pipelines: image width in pixels (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and of stochastic steps")
     p.add_argument("--num-images", type=int, default=None,
-                   help="images per request (default: one per prompt digit for digits, 1 for pipelines, 4 for gmm)")
+                   help="images per request (default 1; digits: one grid of the prompt's digits per image; gmm and "
+                        "fixed: 4 latents)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="model and latent dtype")
-    p.add_argument("--out", default=".", help="directory for the images and the run's JSON (created if missing)")
+    p.add_argument("--out", default=".",
+                   help="directory for the images and the run's JSON (created if missing); names in README")
     it = p.add_argument_group("picard / parasolver")
     it.add_argument("--subintervals", type=int, default=None, help="N subintervals (parasolver; default steps // 2)")
     it.add_argument("--preconditioning", type=int, default=None,
@@ -66,50 +88,36 @@ def parser() -> argparse.ArgumentParser:
     it.add_argument("--window", type=int, default=None, help="p boundaries solved in parallel (default --parallel)")
     it.add_argument("--tolerance", type=float, default=None, help="delta of the stopping rule (default 0.05)")
     rt = p.add_argument_group("runtime")
+    rt.add_argument("--device", default="auto",
+                    help="auto (CUDA when available, else the CPU), cpu, cuda or cuda:N; under torchrun every rank "
+                         "uses cuda:LOCAL_RANK (auto, cuda) or the CPU (cpu)")
     rt.add_argument("--model-cost", type=float, default=0.04, help="seconds per call of --model fixed")
     rt.add_argument("--warmup", type=int, default=1,
                     help="untimed requests before the measured one (compilation, buffers, CUDA-graph capture)")
     rt.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
-                    help="seconds a collective may wait for the other ranks before the job fails")
+                    help="seconds a collective may wait for the other ranks once the model is loaded before the job "
+                         "fails")
+    rt.add_argument("--load-timeout", type=float, default=DEFAULT_INIT_TIMEOUT_S,
+                    help="seconds the ranks wait for each other while starting and loading the model")
     rt.add_argument("--no-cuda-graphs", action="store_true",
                     help="run the model eagerly on GPU (CUDA graphs are on by default there)")
     rt.add_argument("--show-plan", action="store_true", help="print every round of the plan")
+    services.add_limit_flags(p)
     return p
 
 
-def check_args(p, args):
-    for name in ("parallel", "steps", "num_images", "height", "width", "subintervals", "window"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    for name in ("warmup", "preconditioning"):
-        v = getattr(args, name)
-        if v is not None and v < 0:
-            p.error(f"--{name} must be >= 0, got {v}")
-    if args.timeout <= 0:
-        p.error(f"--timeout must be > 0 seconds, got {args.timeout}")
-    if args.model in ("gmm", "fixed", "digits") and (args.height or args.width or args.negative_prompt):
-        p.error(f"--height, --width and --negative-prompt apply to diffusers pipelines, not --model {args.model}")
-
-
-def report(plan, stats) -> str:
-    """The measured-versus-ideal table printed at the end of a run (plan is None for the iterative modes)."""
-    per_round = stats.phases.get("model", 0.0) / max(stats.serial_rounds, 1)
-    ideal = (plan.serial_rounds if plan else stats.serial_rounds) * per_round
-    rows = [("mode", stats.mode), ("steps S", stats.steps), ("parallel n", stats.parallel)]
-    if plan:
-        rows += [("serial model rounds (plan / measured)", f"{plan.serial_rounds} / {stats.serial_rounds}"),
-                 ("model evaluations (plan / measured)", f"{plan.model_evals} / {stats.model_evals}")]
-    else:
-        rows += [("iterations", stats.iterations), ("serial model rounds (measured)", stats.serial_rounds),
-                 ("model evaluations (measured)", stats.model_evals)]
-    rows += [("ideal speedup over sequential", f"{stats.ideal_speedup:.2f}x"),
-             ("measured latency", f"{stats.wall_time * 1e3:.1f} ms"),
-             ("ideal latency (serial rounds x mean model-call time)", f"{ideal * 1e3:.1f} ms"),
-             ("efficiency (ideal / measured)", f"{ideal / stats.wall_time:.3f}" if stats.wall_time else "-")]
-    rows += [(f"  phase {k}", f"{v * 1e3:.2f} ms") for k, v in stats.phases.items()]
-    w = max(len(r[0]) for r in rows)
-    return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+def check_args(args) -> services.Limits:
+    """Checks of the flags that are not request fields; returns the request limits. Raises ValueError."""
+    for name in ("warmup",):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    for name in ("timeout", "load_timeout"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0 seconds, got {getattr(args, name)}")
+    if not args.model_cost >= 0:
+        raise ValueError(f"--model-cost must be >= 0 seconds, got {args.model_cost}")
+    distributed.check_device(args.device)
+    return services.limits_from_args(args)
 
 
 def request_spec(args) -> dict:
@@ -117,75 +125,174 @@ def request_spec(args) -> dict:
     return {k: getattr(args, k) for k in services.MODEL_KEYS + services.SAMPLING_KEYS if getattr(args, k) is not None}
 
 
-@record
+def output_stem(args, ref, resolved: dict, options: dict, world: int) -> str:
+    """<model>-<mode>-n<n>-s<steps>-<scheduler>[-<drafts>]-<dtype>-seed<seed>-<hash>: readable settings, and a hash
+    of every setting (prompt, guidance, size, ...), so runs with different settings never share a name."""
+    n = options.get("parallel") or world
+    settings = {"model": args.model, "dtype": args.dtype, **options, "parallel": n,
+                **{k: v for k, v in resolved.items() if k != "labels"}}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    drafts = f"-{options['drafts']}" if "drafts" in options else ""
+    return (f"{ref.name}-{options['mode']}-n{n}-s{resolved['steps']}-{resolved['scheduler']}{drafts}-{args.dtype}"
+            f"-seed{resolved['seed']}-{digest}")
+
+
+def output_names(ref, resolved: dict, stem: str) -> list:
+    """The run's files: <stem>.png (one image), <stem>-<i>.png (several), <stem>.pt (no images), and <stem>.json."""
+    if ref.kind in ("gmm", "fixed"):
+        files = [f"{stem}.pt"]
+    elif resolved["num_images"] == 1:
+        files = [f"{stem}.png"]
+    else:
+        files = [f"{stem}-{i}.png" for i in range(resolved["num_images"])]
+    return files + [f"{stem}.json"]
+
+
+def preflight(args, limits, world: int) -> dict:
+    """Everything that can be checked before a model loads (rank 0): the model reference, the request with every
+    resolved value, the plan's parameters, and that the outputs can be written. Raises ValueError."""
+    from .parasolver import IterativeConfig
+    from .plan import make_plan
+    ref = services.inspect_model(args.model)
+    spec = request_spec(args)
+    options = services.sampling_options(spec, limits)
+    resolved = services.check_request(ref, spec, limits)
+    n = options["parallel"] or world
+    if options["mode"] in ITERATIVE_MODES:
+        IterativeConfig.make(options["mode"], resolved["steps"], n, options.get("subintervals"),
+                             options.get("preconditioning"), options.get("window"), options.get("tolerance"))
+    else:
+        make_plan(options["mode"], resolved["steps"], n)
+    stem = output_stem(args, ref, resolved, options, world)
+    names = output_names(ref, resolved, stem)
+    out = check_output_dir(args.out, names)
+    return dict(ref=ref, resolved=resolved, options=options, stem=stem, files=[os.path.join(out, f) for f in names])
+
+
+def table(plan, stats) -> dict:
+    """The measured-versus-ideal numbers of a run (plan is None for the iterative modes)."""
+    per_call = stats.phases.get("model", 0.0) / max(stats.serial_rounds, 1)
+    ideal = (plan.serial_rounds if plan else stats.serial_rounds) * per_call
+    return {"mode": stats.mode, "steps": stats.steps, "parallel": stats.parallel,
+            "serial_rounds_plan": plan.serial_rounds if plan else None, "serial_rounds": stats.serial_rounds,
+            "model_evals_plan": plan.model_evals if plan else None, "model_evals": stats.model_evals,
+            "iterations": getattr(stats, "iterations", None), "ideal_speedup": stats.ideal_speedup,
+            "latency_s": stats.wall_time, "ideal_latency_s": ideal,
+            "efficiency": ideal / stats.wall_time if stats.wall_time else None, "phases_s": dict(stats.phases)}
+
+
+def report(plan, stats) -> str:
+    """The measured-versus-ideal table printed at the end of a run."""
+    t = table(plan, stats)
+    rows = [("mode", t["mode"]), ("steps S", t["steps"]), ("parallel n", t["parallel"])]
+    if plan:
+        rows += [("serial model rounds (plan / measured)", f"{t['serial_rounds_plan']} / {t['serial_rounds']}"),
+                 ("model evaluations (plan / measured)", f"{t['model_evals_plan']} / {t['model_evals']}")]
+    else:
+        rows += [("iterations", t["iterations"]), ("serial model rounds (measured)", t["serial_rounds"]),
+                 ("model evaluations (measured)", t["model_evals"])]
+    rows += [("ideal speedup over sequential", f"{t['ideal_speedup']:.2f}x"),
+             ("measured latency", f"{t['latency_s'] * 1e3:.1f} ms"),
+             ("ideal latency (serial rounds x mean model-call time)", f"{t['ideal_latency_s'] * 1e3:.1f} ms"),
+             ("efficiency (ideal / measured)", f"{t['efficiency']:.3f}" if t["efficiency"] else "-")]
+    rows += [(f"  phase {k}", f"{v * 1e3:.2f} ms") for k, v in t["phases_s"].items()]
+    w = max(len(r[0]) for r in rows)
+    return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+
 def main(argv=None) -> int:
-    p = parser()
-    args = p.parse_args(argv)
-    check_args(p, args)
-    info = maybe_init_dist(args.timeout)
-    rank, device = (info.rank, info.device) if info else (0, torch.device("cpu"))
+    args = parser().parse_args(argv)
     try:
+        limits = check_args(args)
+        info = distributed.maybe_init_dist(args.timeout, args.device, args.load_timeout)
+    except ValueError as e:  # every rank sees the same flags and devices, so every rank stops here
+        bad_input(str(e))
+    rank, world = (info.rank, info.world) if info else (0, 1)
+    try:
+        verdict, plan = None, None
+        if rank == 0:
+            try:
+                plan = preflight(args, limits, world)
+            except ValueError as e:
+                verdict = str(e)
+        if not distributed.rank0_agrees(info, verdict is None):  # one verdict, before any model loads
+            bad_input(verdict or "", info)
+        device = info.device if info else distributed.pick_device(args.device)
         t0 = time.perf_counter()
         service = services.load_service(args.model, device, getattr(torch, args.dtype), args.model_cost)
-        sampler = Sampler(service.model, default_evaluator(service.model), cuda_graphs=not args.no_cuda_graphs)
+        sampler = Sampler(service.model, distributed.default_evaluator(service.model),
+                          cuda_graphs=not args.no_cuda_graphs)
+        distributed.ready(info)  # every rank loaded: from here a silent rank fails the job after --timeout
         load_s = time.perf_counter() - t0
         spec = request_spec(args)
-        options = services.sampling_options(spec)
+        options = services.sampling_options(spec, limits)
 
         def run(progress):
-            req = service.request(spec)
+            req = service.request(spec, limits)
             with torch.no_grad():
                 return req, sampler(req.scheduler, req.latent, steps=req.steps, generator=req.generator,
                                     model_kwargs=req.model_kwargs, progress=progress, **options)
         for _ in range(args.warmup):
             run(False)
         req, out = run(rank == 0)
+        status = 0
         if rank == 0:
-            if out.plan is not None:
-                print(out.plan.describe() if args.show_plan else out.plan.describe().splitlines()[0])
-            else:
-                print(f"{args.mode}: {out.stats.iterations} iterations, window trace (start, width, stride) "
-                      f"{out.stats.trace}")
-            print(f"model {service.name}, ranks {info.world if info else 1} ({info.backend if info else 'local'}), "
-                  f"load {load_s:.2f} s")
-            print(report(out.plan, out.stats))
-            os.makedirs(args.out, exist_ok=True)
-            stem = f"{service.name}-{args.mode}-n{out.stats.parallel}-s{out.stats.steps}-seed{args.seed}"
-            files = save(service, out, req, args.out, stem)
-            files.append(write_run(args, info, service.name, out, load_s, stem, files))
-            print("wrote " + ", ".join(files))
-    except (ValueError, FileNotFoundError) as e:  # bad input: every rank sees the same, so every rank stops
+            print_summary(args, info, service, out, load_s)
+            try:
+                files = write_outputs(args, info, service, out, req, load_s, plan)
+                print("wrote " + ", ".join(files))
+            except OSError as e:
+                print(f"driffusion_rt: error: could not write the outputs to {args.out!r} (none were kept): {e}",
+                      file=sys.stderr, flush=True)
+                status = 1
+        distributed.teardown(info)
+        return status
+    except KeyboardInterrupt:
         if rank == 0:
-            print(f"driffusion_rt: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except BaseException as e:
+            print("driffusion_rt: interrupted; no output written", file=sys.stderr, flush=True)
+        distributed.exit_now(130)
+    except CollectiveTimeout as e:  # another rank is gone: this rank says so once and leaves the broken group
         print(f"driffusion_rt: rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        raise
-    if info is not None:
-        dist.destroy_process_group()
-    return 0
+        distributed.exit_now(1)
+    except Exception as e:
+        print(f"driffusion_rt: rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        if not isinstance(e, ValueError):  # a bug, not bad data: keep the traceback for the report
+            traceback.print_exc()
+        distributed.exit_now(1)
 
 
-def save(service, out, req, out_dir, stem) -> list:
-    """PNG images (one: <stem>.png, several: <stem>-<i>.png), or the latents for models without images."""
+def print_summary(args, info, service, out, load_s):
+    if out.plan is not None:
+        print(out.plan.describe() if args.show_plan else out.plan.describe().splitlines()[0])
+    else:
+        print(f"{args.mode}: {out.stats.iterations} iterations, window trace (start, width, stride) {out.stats.trace}")
+    print(f"model {service.name}, ranks {info.world if info else 1} ({info.backend if info else 'local'}), "
+          f"device {out.sample.device}, load {load_s:.2f} s")
+    print(report(out.plan, out.stats))
+
+
+def write_outputs(args, info, service, out, req, load_s, plan) -> list:
+    """The images (or latents) and the run's JSON, all or none (rank 0)."""
+    *targets, json_path = plan["files"]
     images = service.images(out, req)
-    if not images:
-        return [atomic_write(os.path.join(out_dir, f"{stem}.pt"), lambda f: torch.save(out.cpu(), f))]
-    names = [f"{stem}.png"] if len(images) == 1 else [f"{stem}-{i}.png" for i in range(len(images))]
-    return [atomic_write(os.path.join(out_dir, n), lambda f, im=im: im.save(f, format="PNG"))
-            for n, im in zip(names, images)]
-
-
-def write_run(args, info, name, out, load_s, stem, files) -> str:
+    if images:
+        if len(images) != len(targets):
+            raise RuntimeError(f"{len(images)} images for {len(targets)} file names")
+        items = [(t, lambda f, im=im: im.save(f, format="PNG")) for t, im in zip(targets, images)]
+    else:
+        items = [(targets[0], lambda f: torch.save(out.cpu(), f))]
     st = out.stats
-    run = {"model": name, "model_arg": args.model, "mode": st.mode, "parallel": st.parallel, "steps": st.steps,
-           "seed": args.seed, "ranks": info.world if info else 1, "backend": info.backend if info else "local",
-           "drafts": args.drafts, "load_s": load_s, "latency_s": st.wall_time, "phases_s": st.phases,
-           "serial_rounds": st.serial_rounds, "serial_rounds_plan": out.plan.serial_rounds if out.plan else None,
-           "model_evals": st.model_evals, "ideal_speedup": st.ideal_speedup, "batch_widths": st.batch_widths,
-           "files": [os.path.basename(f) for f in files], "args": vars(args)}
-    path = os.path.join(args.out, f"{stem}.json")
-    return atomic_write(path, lambda f: f.write(json.dumps(run, indent=2).encode()))
+    run = {"model": service.name, "model_arg": args.model, "dtype": args.dtype,
+           "device": str(out.sample.device), "ranks": info.world if info else 1,
+           "backend": info.backend if info else "local", "request": req.resolved, "sampling": plan["options"],
+           "mode": st.mode, "parallel": st.parallel, "steps": st.steps, "seed": req.resolved["seed"],
+           "drafts": plan["options"].get("drafts"), "load_s": load_s, "table": table(out.plan, st),
+           "latency_s": st.wall_time, "serial_rounds": st.serial_rounds,
+           "serial_rounds_plan": out.plan.serial_rounds if out.plan else None, "model_evals": st.model_evals,
+           "ideal_speedup": st.ideal_speedup, "batch_widths": st.batch_widths,
+           "files": [os.path.basename(t) for t in targets], "args": vars(args)}
+    items.append((json_path, lambda f: f.write(json.dumps(run, indent=2, default=str).encode())))
+    return write_all(items)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,16 @@ them, so the same request gives the same image through both.
 
 Request keys: prompt, negative_prompt, steps, guidance_scale, height, width, seed, num_images, scheduler
 (sampling options such as mode and parallel are the caller's; see `sampling_options`).
+
+Everything about a request can be checked before any weights load: `inspect_model` reads what the model reference
+names (a built-in model, a pipeline directory's configs, a hub id's configs, failing fast and saying why when it
+cannot be found), and `check_request` validates a request against it and returns every resolved value (defaults
+filled in). A loaded service's `check` runs the same checks.
 """
+import json
+import math
+import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -18,23 +27,52 @@ BUILTIN = ("digits", "gmm", "fixed")
 MODEL_KEYS = ("prompt", "negative_prompt", "steps", "guidance_scale", "height", "width", "seed", "num_images",
               "scheduler")
 SAMPLING_KEYS = ("mode", "parallel", "drafts", "subintervals", "preconditioning", "window", "tolerance")
+HUB_TIMEOUT_S = 10.0  # one attempt to reach the hub before saying there is no network
 
 
 class RequestError(ValueError):
     """A request that cannot be served as given; the message names the bad value and what is allowed."""
 
 
+class ModelUnavailable(RequestError):
+    """--model names nothing that can be loaded: a missing local path, a hub id without network, an unknown id."""
+
+
 @dataclass(frozen=True)
 class Limits:
-    """Upper bounds a server enforces on every request (None: no bound)."""
+    """Upper bounds on every request, the same for the server and the command line (None: no bound)."""
     prompt_chars: int | None = 1000
     side: int | None = 2048        # height and width, pixels
     steps: int | None = 200
-    images: int | None = 16        # images per request (num_images, or digits in a digits prompt)
+    images: int | None = 16        # images per request (num_images), and digits in a digits prompt
     parallel: int | None = 64
 
 
 NO_LIMITS = Limits(None, None, None, None, None)
+LIMIT_FLAGS = (("prompt_chars", "--max-prompt-chars", "longest prompt accepted, characters"),
+               ("side", "--max-side", "largest height or width accepted, pixels"),
+               ("steps", "--max-steps", "most sampling steps accepted"),
+               ("images", "--max-images", "most images per request (and digits in a digits prompt)"),
+               ("parallel", "--max-parallel", "largest parallel n accepted"))
+
+
+def add_limit_flags(parser):
+    """The --max-* flags, shared by the command line and the server so that both enforce the same limits."""
+    g = parser.add_argument_group("request limits (the same for the command line and the server)")
+    for field_name, flag, text in LIMIT_FLAGS:
+        g.add_argument(flag, type=int, default=getattr(Limits(), field_name),
+                       help=f"{text} (default {getattr(Limits(), field_name)})")
+
+
+def limits_from_args(args) -> Limits:
+    """Limits from the parsed --max-* flags; raises RequestError for a value below 1."""
+    values = {}
+    for field_name, flag, _ in LIMIT_FLAGS:
+        v = getattr(args, flag[2:].replace("-", "_"))
+        if v < 1:
+            raise RequestError(f"{flag} must be >= 1, got {v}")
+        values[field_name] = v
+    return Limits(**values)
 
 
 @dataclass
@@ -46,6 +84,7 @@ class Request:
     latent: torch.Tensor
     model_kwargs: dict | None = None
     generator: torch.Generator | None = None   # the stochastic steps' noise (matters on rank 0)
+    resolved: dict | None = None               # every request value with defaults filled in (check_request)
 
 
 def _int(spec, key, lo, hi=None, default=None):
@@ -63,7 +102,8 @@ def sampling_options(spec: dict, limits: Limits = NO_LIMITS) -> dict:
     """The sampler keyword options of a request (mode, parallel, drafts, ParaSolver's), validated."""
     unknown = sorted(set(spec) - set(MODEL_KEYS) - set(SAMPLING_KEYS))
     if unknown:
-        raise RequestError(f"unknown request field(s) {unknown}; allowed: {', '.join(MODEL_KEYS + SAMPLING_KEYS)}")
+        raise RequestError(f"unknown request field(s) {unknown}; allowed: {', '.join(MODEL_KEYS + SAMPLING_KEYS)} "
+                           f"(and response, over HTTP)")
     mode = spec.get("mode", "aggressive")
     if mode not in MODES + ITERATIVE_MODES:
         raise RequestError(f"unknown mode {mode!r}; choose one of {', '.join(MODES + ITERATIVE_MODES)}")
@@ -78,6 +118,9 @@ def sampling_options(spec: dict, limits: Limits = NO_LIMITS) -> dict:
                 raise RequestError(f"tolerance must be a number >= 0, got {tol!r}")
             opts["tolerance"] = float(tol)
     else:
+        extra = sorted(k for k in ("subintervals", "preconditioning", "window", "tolerance") if spec.get(k) is not None)
+        if extra:
+            raise RequestError(f"{extra} apply to modes picard and parasolver only, not mode={mode!r}")
         drafts = spec.get("drafts", "jump")
         if drafts not in DRAFT_RULES:
             raise RequestError(f"unknown drafts {drafts!r}; choose one of {', '.join(DRAFT_RULES)}")
@@ -85,7 +128,7 @@ def sampling_options(spec: dict, limits: Limits = NO_LIMITS) -> dict:
     return opts
 
 
-def _common(spec, limits: Limits, default_steps: int) -> tuple:
+def _common(spec, limits: Limits, default_steps: int) -> dict:
     steps = _int(spec, "steps", 1, limits.steps, default_steps)
     seed = _int(spec, "seed", 0, 2**63 - 1, 0)
     num = _int(spec, "num_images", 1, limits.images)
@@ -97,11 +140,253 @@ def _common(spec, limits: Limits, default_steps: int) -> tuple:
         raise RequestError(f"prompt must be a string, got {type(prompt).__name__}")
     if prompt is not None and limits.prompt_chars is not None and len(prompt) > limits.prompt_chars:
         raise RequestError(f"prompt has {len(prompt)} characters; the limit is {limits.prompt_chars}")
-    return steps, seed, num, g
+    return {"steps": steps, "seed": seed, "num_images": num, "guidance_scale": g, "prompt": prompt}
+
+
+def _not_for(spec, keys, model: str, why: str):
+    for key in keys:
+        if spec.get(key) is not None:
+            raise RequestError(f"{key} does not apply to the {model} model ({why})")
+
+
+def check_digits(spec: dict, limits: Limits = NO_LIMITS) -> dict:
+    """Validate a digits request; the resolved values (labels: the digits of one image)."""
+    from . import digits as d
+    r = _common(spec, limits, 50)
+    _not_for(spec, ("height", "width", "negative_prompt"), "digits", f"it draws {d.RESOLUTION}x{d.RESOLUTION} digits")
+    name = spec.get("scheduler") or "ddim"
+    if name not in d.SCHEDULERS:
+        raise RequestError(f"scheduler {name!r} is not available for the digits model; choose one of "
+                           f"{', '.join(d.SCHEDULERS)}")
+    prompt = "0123456789" if r["prompt"] is None else r["prompt"]
+    try:
+        labels = d.parse_prompt(prompt)
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+    if limits.images is not None and len(labels) > limits.images:
+        raise RequestError(f"the prompt asks for {len(labels)} digits; the limit is {limits.images} per image")
+    g = d.DEFAULT_GUIDANCE if r["guidance_scale"] is None else float(r["guidance_scale"])
+    return dict(r, prompt=prompt, labels=labels.tolist(), num_images=r["num_images"] or 1, guidance_scale=g,
+                scheduler=name, height=None, width=None, negative_prompt=None)
+
+
+def check_toy(name: str, spec: dict, limits: Limits = NO_LIMITS) -> dict:
+    """Validate a gmm / fixed request (no prompt: they sample a fixed distribution or cost)."""
+    r = _common(spec, limits, 50)
+    _not_for(spec, ("prompt", "negative_prompt", "height", "width", "guidance_scale"), name,
+             "it has no conditioning and no image size")
+    sched = spec.get("scheduler") or "ddim"
+    if sched not in SCHEDULERS:
+        raise RequestError(f"scheduler {sched!r} is not one of {', '.join(SCHEDULERS)}")
+    return dict(r, num_images=r["num_images"] or 4, scheduler=sched, height=None, width=None, negative_prompt=None)
+
+
+@dataclass(frozen=True)
+class PipelineRules:
+    """What a request is checked against for a pipeline, from its configs (no weights needed)."""
+    family: str
+    multiple: int            # height and width must be multiples of this
+    why: str                 # ... for this reason
+    default_size: tuple      # (height, width) when a request names none
+    scheduler: str           # the scheduler used when a request names none
+
+
+def check_pipeline(spec: dict, rules: PipelineRules, limits: Limits = NO_LIMITS) -> dict:
+    """Validate a text-to-image request for a pipeline without encoding prompts or drawing noise."""
+    from . import pipelines as p
+    r = _common(spec, limits, p.DEFAULT_STEPS[rules.family])
+    prompt = r["prompt"]
+    if not prompt or not prompt.strip():
+        raise RequestError(f"prompt must be a non-empty string for the {rules.family} pipeline")
+    neg = spec.get("negative_prompt")
+    if neg is not None and (not isinstance(neg, str) or (limits.prompt_chars and len(neg) > limits.prompt_chars)):
+        raise RequestError(f"negative_prompt must be a string of at most {limits.prompt_chars} characters")
+    name = spec.get("scheduler")
+    if name is not None and name not in p.SCHEDULERS[rules.family]:
+        raise RequestError(f"scheduler {name!r} is not supported for {rules.family} pipelines; choose one of "
+                           f"{', '.join(p.SCHEDULERS[rules.family])}")
+    size = []
+    for key, default in zip(("height", "width"), rules.default_size):
+        v = _int(spec, key, 1, limits.side)
+        v = default if v is None else v
+        if v % rules.multiple:
+            lo = v - v % rules.multiple
+            hint = f"{lo} or {lo + rules.multiple}" if lo else f"{rules.multiple}"
+            raise RequestError(f"{key}={v} is not a multiple of {rules.multiple}, which the {rules.family} pipeline "
+                               f"needs ({rules.why}); use e.g. {hint}")
+        size.append(v)
+    g = p.DEFAULT_GUIDANCE[rules.family] if r["guidance_scale"] is None else float(r["guidance_scale"])
+    return dict(r, negative_prompt=neg, num_images=r["num_images"] or 1, guidance_scale=g,
+                scheduler=name or rules.scheduler, height=size[0], width=size[1])
+
+
+def _rules(family: str, vae_scale: int, patch: int, default_size: tuple, scheduler_class: str | None) -> PipelineRules:
+    """The size rule of each family (as its diffusers pipeline enforces it) and the default scheduler."""
+    from . import pipelines as p
+    if family in ("sd", "sdxl"):
+        mult, why = math.lcm(8, vae_scale), f"multiples of 8 and of the VAE scale factor {vae_scale}"
+    elif family == "sd3":
+        mult, why = vae_scale * patch, f"VAE scale factor {vae_scale} x transformer patch size {patch}"
+    else:
+        mult, why = vae_scale * 2, f"VAE scale factor {vae_scale} x 2 for the 2 x 2 latent packing"
+    own = {v: k for k, v in p.SCHEDULER_CLASSES.items()}.get(scheduler_class)
+    scheduler = own if own in p.SCHEDULERS[family] else p.DEFAULT_SCHEDULER[family]
+    return PipelineRules(family, mult, why, tuple(int(v) for v in default_size), scheduler)
+
+
+def rules_of_pipe(pipe) -> PipelineRules:
+    """PipelineRules of a loaded pipeline."""
+    from . import pipelines as p
+    fam = p.family_of(pipe)
+    patch = int(pipe.transformer.config.patch_size) if fam == "sd3" else 1
+    return _rules(fam, int(pipe.vae_scale_factor), patch, p.default_size(pipe), type(pipe.scheduler).__name__)
+
+
+def rules_of_configs(configs: dict) -> PipelineRules:
+    """PipelineRules from a pipeline's model_index.json and component configs (what diffusers' pipelines derive
+    at load time: the VAE scale factor from the VAE's blocks, the default size from the denoiser's sample size)."""
+    from . import pipelines as p
+    fam = p.family_of_class(configs["model_index"].get("_class_name"))
+    vae = configs.get("vae") or {}
+    vsf = 2 ** (len(vae["block_out_channels"]) - 1) if vae.get("block_out_channels") else 8
+    den = configs.get("unet") or configs.get("transformer") or {}
+    # FluxPipeline's default_sample_size is 128; the others read the denoiser's sample_size
+    sample = 128 if fam == "flux" else (den.get("sample_size") or (64 if fam == "sd" else 128))
+    h, w = (sample, sample) if isinstance(sample, int) else tuple(sample[:2])
+    patch = int(den.get("patch_size", 1)) if fam == "sd3" else 1
+    return _rules(fam, vsf, patch, (h * vsf, w * vsf), (configs.get("scheduler") or {}).get("_class_name"))
+
+
+# ------------------------------------------------------------------------------------- the model reference
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What --model names, found out without loading weights."""
+    arg: str                          # as given
+    name: str                         # short name for output files and logs
+    kind: str                         # digits, gmm, fixed or pipeline
+    source: str = "builtin"           # builtin, local (a directory) or hub
+    rules: PipelineRules | None = None
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*$")
+
+
+def _read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _component_files(index: dict) -> dict:
+    """The config files of the components a size check needs: VAE, denoiser, scheduler."""
+    files = {}
+    for comp in ("vae", "unet", "transformer"):
+        if isinstance(index.get(comp), (list, tuple)) and index[comp][0] is not None:
+            files[comp] = f"{comp}/config.json"
+    files["scheduler"] = "scheduler/scheduler_config.json"
+    return files
+
+
+def _local_configs(path: str) -> dict:
+    from . import pipelines as p
+    try:
+        index = p.check_model_dir(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ModelUnavailable(str(e)) from None
+    configs = {"model_index": index}
+    for comp, rel in _component_files(index).items():
+        f = os.path.join(path, rel)
+        if os.path.isfile(f):
+            configs[comp] = _read_json(f)
+    return configs
+
+
+def _hub_configs(repo: str) -> dict:
+    """model_index.json and the component configs of a hub model, from the cache or the hub: fails fast, saying
+    whether the machine is offline, has no network, or the hub has no such model."""
+    import huggingface_hub as hub
+    from huggingface_hub import constants, errors
+    cached = hub.try_to_load_from_cache(repo, "model_index.json")
+    cached = cached if isinstance(cached, str) else None
+    if constants.HF_HUB_OFFLINE:
+        if cached is None:
+            raise ModelUnavailable(f"model {repo!r} is not a local directory, and as a hub id it is not in the local "
+                                   f"cache ({constants.HF_HUB_CACHE}) while HF_HUB_OFFLINE=1 forbids downloading it")
+        fetch = lambda rel: hub.try_to_load_from_cache(repo, rel)  # noqa: E731
+    else:
+        try:
+            hub.model_info(repo, timeout=HUB_TIMEOUT_S)
+        except (errors.RepositoryNotFoundError, errors.GatedRepoError) as e:
+            gated = isinstance(e, errors.GatedRepoError)
+            raise ModelUnavailable(
+                f"model {repo!r} is not a local directory, and the hub ({constants.ENDPOINT}) "
+                + ("says it is gated: accept its license on the hub and log in (`hf auth login`)" if gated else
+                   "has no such model (check the id; private models need `hf auth login`)")) from None
+        except errors.HfHubHTTPError as e:
+            raise ModelUnavailable(f"model {repo!r}: the hub ({constants.ENDPOINT}) answered "
+                                   f"{str(e).splitlines()[0]}") from None
+        except Exception as e:  # DNS, refused or timed-out connections: the transport's own errors
+            hint = ("it is in the local cache: set HF_HUB_OFFLINE=1 to load it from there" if cached else
+                    "it is not in the local cache either; download it on a machine with network "
+                    "(`hf download`) or give a local pipeline directory")
+            raise ModelUnavailable(f"model {repo!r} is not a local directory, and there is no network to the hub "
+                                   f"({constants.ENDPOINT}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                                   f"{hint}") from None
+        fetch = lambda rel: hub.hf_hub_download(repo, rel, etag_timeout=HUB_TIMEOUT_S)  # noqa: E731
+    configs = {"model_index": _read_json(fetch("model_index.json"))}
+    for comp, rel in _component_files(configs["model_index"]).items():
+        try:
+            f = fetch(rel)
+        except Exception:  # an optional component without this file; loading will tell if it matters
+            f = None
+        if isinstance(f, str):
+            configs[comp] = _read_json(f)
+    return configs
+
+
+def inspect_model(model: str) -> ModelRef:
+    """Find out what --model names without loading weights. Raises ModelUnavailable saying what is wrong: a local
+    path missing or incomplete, a hub id while offline or without network, or an id the hub does not know."""
+    from . import pipelines as p
+    if not isinstance(model, str) or not model:
+        raise ModelUnavailable(f"model must be digits, gmm, fixed, a pipeline directory or a hub id; got {model!r}")
+    if model in BUILTIN:
+        return ModelRef(model, model, model)
+    name = model.rstrip("/").split("/")[-1] or model
+    if os.path.isdir(model):
+        configs, source = _local_configs(model), "local"
+    elif os.path.exists(model):
+        raise ModelUnavailable(f"model {model!r} is a file, not a pipeline directory (a folder with "
+                               f"model_index.json) or a hub id ('org/name')")
+    elif not _HUB_ID.match(model):
+        raise ModelUnavailable(f"model {model!r}: no such local directory, and it is not a hub id of the form "
+                               f"'org/name'")
+    else:
+        configs, source = _hub_configs(model), "hub"
+    try:
+        rules = rules_of_configs(configs)
+    except ValueError as e:  # an unsupported pipeline class
+        raise ModelUnavailable(str(e)) from None
+    if rules.family not in p.SCHEDULERS:
+        raise ModelUnavailable(f"model {model!r} is a {rules.family} pipeline, which is not supported")
+    return ModelRef(model, name, "pipeline", source, rules)
+
+
+def check_request(ref: ModelRef, spec: dict, limits: Limits = NO_LIMITS) -> dict:
+    """Validate a request for the model `ref` names, before loading it; returns every resolved value."""
+    if ref.kind == "digits":
+        return check_digits(spec, limits)
+    if ref.kind in ("gmm", "fixed"):
+        return check_toy(ref.kind, spec, limits)
+    return check_pipeline(spec, ref.rules, limits)
+
+
+# ------------------------------------------------------------------------------------- loaded services
 
 
 class DigitsService:
-    """The class-conditional digits model shipped in the package (8x8 digits, one PNG grid per request)."""
+    """The class-conditional digits model shipped in the package: one PNG grid of the prompt's digits per image."""
 
     def __init__(self, device, dtype=torch.float32, path=None):
         from . import digits
@@ -111,36 +396,23 @@ class DigitsService:
         self.path = path
         self.model = digits.DigitsModel(self.unet)
 
-    def request(self, spec: dict, limits: Limits = NO_LIMITS) -> Request:
-        d = self.digits
-        steps, seed, num, g = _common(spec, limits, 50)
-        for key in ("height", "width", "negative_prompt"):
-            if spec.get(key) is not None:
-                raise RequestError(f"{key} does not apply to the digits model (it draws {d.RESOLUTION}x{d.RESOLUTION} "
-                                   f"digits)")
-        name = spec.get("scheduler") or "ddim"
-        if name not in d.SCHEDULERS:
-            raise RequestError(f"scheduler {name!r} is not available for the digits model; choose one of "
-                               f"{', '.join(d.SCHEDULERS)}")
-        try:
-            labels = d.parse_prompt("0123456789" if spec.get("prompt") is None else spec["prompt"])
-        except ValueError as e:
-            raise RequestError(str(e)) from None
-        if num:
-            labels = labels.repeat(-(-num // len(labels)))[:num]
-        if limits.images is not None and len(labels) > limits.images:
-            raise RequestError(f"the prompt asks for {len(labels)} digits; the limit is {limits.images} per request")
-        gen = torch.Generator().manual_seed(seed)
-        x = torch.randn(len(labels), 1, d.RESOLUTION, d.RESOLUTION, generator=gen).to(self.device, self.dtype)
-        kw = {"labels": labels.to(self.device), "guidance_scale": d.DEFAULT_GUIDANCE if g is None else float(g)}
-        return Request(spec, d.make_scheduler(name, self.path), steps, x, kw, gen)
+    def check(self, spec: dict, limits: Limits = NO_LIMITS) -> dict:
+        return check_digits(spec, limits)
 
-    check = request  # validating is as cheap as building the request
+    def request(self, spec: dict, limits: Limits = NO_LIMITS) -> Request:
+        d, r = self.digits, check_digits(spec, limits)
+        labels = torch.tensor(r["labels"]).repeat(r["num_images"])  # image i is rows i*k .. (i+1)*k - 1
+        gen = torch.Generator().manual_seed(r["seed"])
+        x = torch.randn(len(labels), 1, d.RESOLUTION, d.RESOLUTION, generator=gen).to(self.device, self.dtype)
+        kw = {"labels": labels.to(self.device), "guidance_scale": r["guidance_scale"]}
+        return Request(spec, d.make_scheduler(r["scheduler"], self.path), r["steps"], x, kw, gen, r)
 
     def images(self, out, req) -> list:
-        """One PIL image: the grid of the request's digits."""
+        """num_images PIL images, each the grid of the prompt's digits."""
         from PIL import Image
-        return [Image.fromarray(self.digits.grid(self.digits.to_images(out.sample)), mode="L")]
+        digits = self.digits.to_images(out.sample)
+        k = len(req.resolved["labels"])
+        return [Image.fromarray(self.digits.grid(digits[i: i + k]), mode="L") for i in range(0, len(digits), k)]
 
 
 class PipelineService:
@@ -148,42 +420,26 @@ class PipelineService:
 
     def __init__(self, model: str, device, dtype=torch.float32):
         from . import pipelines
-        self.p = pipelines
+        self.p, self.device = pipelines, device
         self.pipe = pipelines.load_pipeline(model, dtype=dtype, device=device)
         self.family = pipelines.family_of(self.pipe)
+        self.rules = rules_of_pipe(self.pipe)
         self.name = model.rstrip("/").split("/")[-1] or model
         self.model = pipelines.model_adapter(self.pipe)
 
-    def check(self, spec: dict, limits: Limits = NO_LIMITS) -> tuple:
+    def check(self, spec: dict, limits: Limits = NO_LIMITS) -> dict:
         """Validate without encoding prompts or drawing noise (what an engine does before accepting a request)."""
-        p = self.p
-        steps, seed, num, g = _common(spec, limits, p.DEFAULT_STEPS[self.family])
-        prompt = spec.get("prompt")
-        if not prompt or not prompt.strip():
-            raise RequestError(f"prompt must be a non-empty string for the {self.family} pipeline")
-        neg = spec.get("negative_prompt")
-        if neg is not None and (not isinstance(neg, str) or (limits.prompt_chars and len(neg) > limits.prompt_chars)):
-            raise RequestError(f"negative_prompt must be a string of at most {limits.prompt_chars} characters")
-        name = spec.get("scheduler")
-        if name is not None and name not in p.SCHEDULERS[self.family]:
-            raise RequestError(f"scheduler {name!r} is not supported for {self.family} pipelines; choose one of "
-                               f"{', '.join(p.SCHEDULERS[self.family])}")
-        h, w = (_int(spec, k, 1, limits.side) for k in ("height", "width"))
-        try:
-            h, w = p.check_size(self.pipe, h, w)
-        except ValueError as e:
-            raise RequestError(str(e)) from None
-        return steps, seed, num, g, prompt, neg, name, h, w
+        return check_pipeline(spec, self.rules, limits)
 
     def request(self, spec: dict, limits: Limits = NO_LIMITS) -> Request:
-        steps, seed, num, g, prompt, neg, name, h, w = self.check(spec, limits)
-        r = self.p.prepare(self.pipe, prompt, negative_prompt=neg, steps=steps, guidance_scale=g, height=h, width=w,
-                           num_images=num or 1, seed=seed, scheduler=name)
-        spec = dict(spec, height=h, width=w)
-        return Request(spec, r.trajectory, r.steps, r.latents, r.model_kwargs, r.generator)
+        r = self.check(spec, limits)
+        q = self.p.prepare(self.pipe, r["prompt"], negative_prompt=r["negative_prompt"], steps=r["steps"],
+                           guidance_scale=r["guidance_scale"], height=r["height"], width=r["width"],
+                           num_images=r["num_images"], seed=r["seed"], scheduler=spec.get("scheduler"))
+        return Request(spec, q.trajectory, q.steps, q.latents, q.model_kwargs, q.generator, r)
 
     def images(self, out, req) -> list:
-        return self.p.decode(self.pipe, out.sample, height=req.spec["height"], width=req.spec["width"],
+        return self.p.decode(self.pipe, out.sample, height=req.resolved["height"], width=req.resolved["width"],
                              output_type="pil").images
 
 
@@ -196,22 +452,21 @@ class ToyService:
         self.name, self.device, self.dtype = name, device, dtype
         self.mixture = GaussianMixture.random(8, shape=(4, 16, 16), seed=0)
         self.model = FixedCostModel(cost) if name == "fixed" else _PerRequest()
+        builtin_scheduler("ddim")  # imports diffusers' schedulers now rather than in the first request
+
+    def check(self, spec: dict, limits: Limits = NO_LIMITS) -> dict:
+        return check_toy(self.name, spec, limits)
 
     def request(self, spec: dict, limits: Limits = NO_LIMITS) -> Request:
         from .gmm import GaussianMixtureModel
         from .trajectory import Trajectory
-        steps, seed, num, _ = _common(spec, limits, 50)
-        name = spec.get("scheduler") or "ddim"
-        if name not in SCHEDULERS:
-            raise RequestError(f"scheduler {name!r} is not one of {', '.join(SCHEDULERS)}")
-        traj = Trajectory.from_scheduler(builtin_scheduler(name), steps)
+        r = self.check(spec, limits)
+        traj = Trajectory.from_scheduler(builtin_scheduler(r["scheduler"]), r["steps"])
         if self.name == "gmm":
             self.model.inner = GaussianMixtureModel(self.mixture, traj)
-        gen = torch.Generator().manual_seed(seed)
-        x = torch.randn(num or 4, *self.mixture.shape, generator=gen).to(self.device, self.dtype)
-        return Request(spec, traj, steps, x, None, gen)
-
-    check = request
+        gen = torch.Generator().manual_seed(r["seed"])
+        x = torch.randn(r["num_images"], *self.mixture.shape, generator=gen).to(self.device, self.dtype)
+        return Request(spec, traj, r["steps"], x, None, gen, r)
 
     def images(self, out, req) -> list:
         return []
