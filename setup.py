@@ -27,9 +27,9 @@ setup(
         "nvidia-ml-py>=12.535",
     ],
     extras_require={
-        "serve": ["starlette>=0.37", "uvicorn>=0.29"],
+        "serve": ["starlette>=0.37", "uvicorn>=0.29", "prometheus_client>=0.20"],
         "test": ["pytest>=8", "scikit-learn>=1.3", "scipy>=1.10", "sentencepiece>=0.2", "protobuf>=4",
-                 "starlette>=0.37", "uvicorn>=0.29", "matplotlib>=3.7"],
+                 "starlette>=0.37", "uvicorn>=0.29", "prometheus_client>=0.20", "matplotlib>=3.7"],
         "perf": ["matplotlib>=3.7", "scikit-learn>=1.3", "scipy>=1.10"],
     },
     entry_points={"console_scripts": ["driffusion-generate=driffusion_rt.generate:main",

@@ -58,7 +58,7 @@ def requests(out_dir):
         rows = []
         for k, spec in enumerate(REQUESTS):
             r = eng.generate(spec)
-            row = {"index": k, "ok": r.ok, "error": r.error, "stats": r.stats}
+            row = {"index": k, "ok": r.ok, "error": r.error, "stats": r.stats, "status": r.status}
             if r.ok:
                 r.images[0].save(os.path.join(out_dir, f"{k}.png"))
                 torch.save(r.latent, os.path.join(out_dir, f"{k}.pt"))
@@ -91,8 +91,8 @@ def memory(out_dir):
     if engine.rank == 1:  # a follower measures itself after the same requests, counted as they come
         run = engine._run
 
-        def counted(spec):
-            r = run(spec)
+        def counted(spec, *rest):
+            r = run(spec, *rest)
             if engine.served in (10, 50):
                 marks[engine.served] = rss_mb()
             return r
@@ -111,7 +111,7 @@ def die(when):
             threading.Timer(3.0, lambda: os._exit(19)).start()
         else:
             run = engine._run
-            engine._run = lambda spec: os._exit(19) if spec.get("seed") == 99 else run(spec)
+            engine._run = lambda spec, *rest: os._exit(19) if spec.get("seed") == 99 else run(spec, *rest)
         return engine.serve()
     assert engine.generate({"prompt": "1", "steps": 4, "parallel": 2}).ok
     if when == "idle":
