@@ -7,10 +7,10 @@ the sampler's preallocated rows.
 
 Timeouts: the process group is created with a long start-up timeout (`init_timeout_s`, which covers model loading:
 a rank loading a large model slowly must not kill the job), `ready()` is a barrier after loading under that
-timeout, and every collective of the runtime then runs on a subgroup created with the short `timeout_s` and waits
-for its result with that timeout (`Work.wait(timeout)`). On NCCL that wait blocks the calling thread until the
-collective completes or times out and raises, so a hung or dead peer is reported by the rank as CollectiveTimeout
-(as on gloo) instead of being found later by NCCL's watchdog, which aborts the process.
+timeout, and every collective of the runtime then runs on a subgroup and waits for its result with the short
+`timeout_s` (`Work.wait(timeout)`). On NCCL that wait blocks the calling thread until the collective completes or
+times out and raises, so a hung or dead peer is reported by the rank as CollectiveTimeout (as on gloo); the
+subgroup's own timeout, after which NCCL's watchdog aborts the process, is `watchdog_grace` longer, as a backstop.
 """
 import datetime
 import math
@@ -106,6 +106,11 @@ def rank_device(spec: str, local_rank: int) -> tuple:
     return torch.device("cuda", local_rank), "nccl"
 
 
+def watchdog_grace(timeout_s: float) -> float:
+    """How much longer than the runtime's wait the group's own (watchdog) timeout is."""
+    return max(5.0, 0.1 * timeout_s)
+
+
 def maybe_init_dist(timeout_s: float = DEFAULT_TIMEOUT_S, device: str = "auto",
                     init_timeout_s: float = DEFAULT_INIT_TIMEOUT_S) -> DistInfo | None:
     """Join the torchrun job (more than one process) and return its DistInfo; None outside torchrun.
@@ -129,7 +134,10 @@ def maybe_init_dist(timeout_s: float = DEFAULT_TIMEOUT_S, device: str = "auto",
     if not dist.is_initialized():
         kw = {"device_id": dev} if backend == "nccl" else {}
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=init_timeout_s), **kw)
-    group = dist.new_group(timeout=datetime.timedelta(seconds=timeout_s), backend=backend)
+    # The group's own timeout (NCCL's watchdog aborts the process when it passes) is a little longer than the
+    # runtime's wait, so that a rank reports a hung peer itself first; the watchdog stays the backstop.
+    group_timeout = datetime.timedelta(seconds=timeout_s + watchdog_grace(timeout_s))
+    group = dist.new_group(timeout=group_timeout, backend=backend)
     _INFO = DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend, weakref.ref(group), timeout_s,
                      init_timeout_s)
     return _INFO

@@ -2,6 +2,7 @@
 
     equal OUT.json   distributed == local sampler (Gaussian mixture and a tiny diffusers UNet), buffer reuse
     fault KIND RANK CALL -- GENERATE_ARGS   run the generate CLI with a model that fails on one rank at one call
+                     (KIND raise, hang, exit; or slowload: rank RANK takes CALL seconds longer to load its model)
     cli MARKER -- GENERATE_ARGS   run the generate CLI; a rank that loads a model creates the file MARKER
     threads OUT.json  the names of this process's threads while the group lives and after teardown
 """
@@ -107,6 +108,8 @@ def fault(kind, bad_rank, bad_call, argv):
     rank = int(os.environ["RANK"])
 
     def faulty_load(*args, **kwargs):
+        if kind == "slowload" and rank == bad_rank:
+            time.sleep(bad_call)
         service = load(*args, **kwargs)
         model, calls = service.model, [0]
 

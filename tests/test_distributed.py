@@ -80,6 +80,17 @@ def test_hung_rank_times_out_with_a_clear_message(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_rank_loading_slowly_does_not_fail_the_job(tmp_path):
+    """Loading is covered by the long start-up timeout (--load-timeout), not by --timeout: rank 1 takes 8 s longer
+    to load than rank 0 while collectives may wait only 3 s, and the job succeeds."""
+    out_dir = tmp_path / "out"
+    r, _ = torchrun(2, WORKER, "fault", "slowload", "1", "8", "--", *GEN_ARGS, "--steps", "8", "--timeout", "3",
+                    "--out", str(out_dir))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(list(out_dir.glob("fixed-*.json"))) == 1
+
+
+@pytest.mark.slow
 def test_generate_under_torchrun_reports_measured_vs_ideal(tmp_path):
     r, _ = torchrun(2, "-m", "driffusion_rt.generate", "--steps", "20", "--prompt", "0123", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
