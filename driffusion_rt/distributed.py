@@ -148,7 +148,11 @@ def ready(info: DistInfo | None):
     not answer within the short timeout is hung or dead, not slow to load."""
     if info is not None:
         kw = {"device_ids": [info.device.index]} if info.backend == "nccl" else {}
-        dist.barrier(timeout=datetime.timedelta(seconds=info.init_timeout_s), **kw)
+        timeout = datetime.timedelta(seconds=info.init_timeout_s)
+        try:
+            dist.barrier(timeout=timeout, **kw)
+        except RuntimeError as e:
+            raise _peer_failure("the barrier after loading", e, info.rank, timeout) or e
 
 
 def rank0_agrees(info: DistInfo | None, ok: bool) -> bool:
@@ -204,6 +208,17 @@ class CollectiveTimeout(RuntimeError):
     """A collective did not complete within the runtime's timeout: another rank is hung or dead."""
 
 
+def _peer_failure(name: str, e: RuntimeError, rank: int, timeout: datetime.timedelta):
+    """A CollectiveTimeout for a backend error that says a peer is gone or silent (None for other errors)."""
+    text = str(e)
+    if not any(s in text for s in _PEER_FAILURES):
+        return None
+    err = CollectiveTimeout(f"rank {rank}: {name} did not complete within {timeout.total_seconds():g} s: another rank "
+                            f"is hung or has died ({text.splitlines()[0] if text else type(e).__name__})")
+    err.__cause__ = e
+    return err
+
+
 def collective(name: str, fn, *args, info: DistInfo | None = None):
     """Run collective `fn(*args)` on the runtime's group and wait for it with the runtime's timeout (explicitly,
     so NCCL blocks this thread and raises on a timeout instead of leaving it to the watchdog)."""
@@ -214,12 +229,7 @@ def collective(name: str, fn, *args, info: DistInfo | None = None):
         if work is not None:
             work.wait(timeout=timeout)
     except RuntimeError as e:  # torch's DistBackendError and gloo's errors are RuntimeErrors
-        text = str(e)
-        if any(s in text for s in _PEER_FAILURES):
-            raise CollectiveTimeout(
-                f"rank {info.rank if info else dist.get_rank()}: {name} did not complete within "
-                f"{timeout.total_seconds():g} s: another rank is hung or has died ({text.splitlines()[0]})") from e
-        raise
+        raise _peer_failure(name, e, info.rank if info else dist.get_rank(), timeout) or e
 
 
 def all_gather_rows(out: torch.Tensor, inp: torch.Tensor, info: DistInfo | None = None):

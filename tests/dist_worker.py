@@ -2,7 +2,8 @@
 
     equal OUT.json   distributed == local sampler (Gaussian mixture and a tiny diffusers UNet), buffer reuse
     fault KIND RANK CALL -- GENERATE_ARGS   run the generate CLI with a model that fails on one rank at one call
-                     (KIND raise, hang, exit; or slowload: rank RANK takes CALL seconds longer to load its model)
+                     (KIND raise, hang, exit; slowload: rank RANK takes CALL seconds longer to load its model;
+                     loadraise: rank RANK fails while loading)
     cli MARKER -- GENERATE_ARGS   run the generate CLI; a rank that loads a model creates the file MARKER
     threads OUT.json  the names of this process's threads while the group lives and after teardown
 """
@@ -110,6 +111,8 @@ def fault(kind, bad_rank, bad_call, argv):
     def faulty_load(*args, **kwargs):
         if kind == "slowload" and rank == bad_rank:
             time.sleep(bad_call)
+        if kind == "loadraise" and rank == bad_rank:
+            raise RuntimeError("injected failure while loading")
         service = load(*args, **kwargs)
         model, calls = service.model, [0]
 

@@ -80,6 +80,18 @@ def test_hung_rank_times_out_with_a_clear_message(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_rank_failing_to_load_brings_the_job_down(tmp_path):
+    """Rank 1 fails while loading; rank 0, waiting in the barrier after loading (under the long start-up timeout),
+    reports it at once instead of waiting for that timeout."""
+    r, took = torchrun(2, WORKER, "fault", "loadraise", "1", "0", "--", *GEN_ARGS, "--out", str(tmp_path / "out"))
+    assert r.returncode != 0 and took < 60, took
+    assert "driffusion_rt: rank 1 failed: RuntimeError: injected failure while loading" in r.stderr
+    assert "rank 0: the barrier after loading did not complete" in r.stderr or \
+        re.search(r"rank\s+: 0 \(local_rank: 0\)\s+exitcode\s+: -15", r.stderr), r.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
 def test_a_rank_loading_slowly_does_not_fail_the_job(tmp_path):
     """Loading is covered by the long start-up timeout (--load-timeout), not by --timeout: rank 1 takes 8 s longer
     to load than rank 0 while collectives may wait only 3 s, and the job succeeds."""

@@ -123,9 +123,12 @@ BAD = [
 
 @pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_input_exits_2_before_the_model_loads(args, message, tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
     def never(*a, **k):
         raise AssertionError("the model was loaded")
     monkeypatch.setattr(services, "load_service", never)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the hub-id case: offline, whatever the environment
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
         generate.main([*args, "--out", str(out)])
