@@ -91,7 +91,8 @@ class Engine:
         """Serve one request (rank 0, on the thread that runs the engine). Never raises for a bad request.
         Setting `cancel` stops the request on every rank at its next round boundary (status 499)."""
         try:
-            body = json.dumps({"spec": self._validate(spec), "cancellable": cancel is not None}, sort_keys=True).encode()
+            msg = {"spec": self._validate(spec), "cancellable": cancel is not None}
+            body = json.dumps(msg, sort_keys=True).encode()
         except RequestError as e:
             return Result(False, error=str(e), status=422)
         if len(body) > MAX_REQUEST_BYTES:

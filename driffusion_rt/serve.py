@@ -102,10 +102,10 @@ class AccessLog:
             await self.app(scope, receive, send_with_id)
         finally:
             path = scope["path"] if scope["path"] in PATHS else "other"
-            code = access.pop("status", status[0])  # a cancelled request logs 499: its client is gone
-            self.metrics.requests.labels(path, str(code)).inc()
-            self.write(access_log_line({"id": rid, "method": scope["method"], "path": scope["path"], "status": code,
-                                        "latency_s": round(time.perf_counter() - t0, 6), **access}))
+            self.metrics.requests.labels(path, str(status[0])).inc()
+            self.write(access_log_line({"id": rid, "method": scope["method"], "path": scope["path"],
+                                        "status": status[0], "latency_s": round(time.perf_counter() - t0, 6),
+                                        **access}))
 
 
 def make_app(engine: Engine, metrics: Metrics | None = None, write=None, poll_s: float = 0.1):
@@ -159,9 +159,7 @@ def make_app(engine: Engine, metrics: Metrics | None = None, write=None, poll_s:
                       mode=result.stats.get("mode"))
         metrics.latency.observe(latency)
         metrics.queue_wait.observe(result.stats.get("queue_s", 0.0))
-        if not result.ok:
-            if result.status == 499:
-                access["status"] = 499
+        if not result.ok:  # 499 when its client left: logged and counted, though nobody reads the answer
             return error(result.status, result.error, request)
         recent["latency_s"] = 0.8 * recent["latency_s"] + 0.2 * latency
         metrics.model_evals.inc(result.stats["model_evals"])

@@ -302,46 +302,53 @@ def _local_configs(path: str) -> dict:
     return configs
 
 
+def _hub_error(repo: str, e: Exception, cached: bool) -> ModelUnavailable:
+    """What went wrong reaching a hub model, in words: gated, unknown, another HTTP answer, or no network."""
+    from huggingface_hub import constants, errors
+    where = f"model {repo!r} is not a local directory, and the hub ({constants.ENDPOINT})"
+    if isinstance(e, errors.GatedRepoError):
+        return ModelUnavailable(f"{where} says it is gated: accept its license on the hub and log in (`hf auth login`)")
+    if isinstance(e, errors.RepositoryNotFoundError):
+        return ModelUnavailable(f"{where} has no such model (check the id; private models need `hf auth login`)")
+    if isinstance(e, errors.HfHubHTTPError):
+        return ModelUnavailable(f"{where} answered {str(e).splitlines()[0]}")
+    # DNS, refused or timed-out connections: the HTTP client's own errors
+    hint = ("it is in the local cache: set HF_HUB_OFFLINE=1 to load it from there" if cached else
+            "it is not in the local cache either; download it on a machine with network (`hf download`) or give a "
+            "local pipeline directory")
+    why = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+    return ModelUnavailable(f"model {repo!r} is not a local directory, and there is no network to the hub "
+                            f"({constants.ENDPOINT}: {why}); {hint}")
+
+
 def _hub_configs(repo: str) -> dict:
     """model_index.json and the component configs of a hub model, from the cache or the hub: fails fast, saying
-    whether the machine is offline, has no network, or the hub has no such model."""
+    whether the machine is offline, has no network, or the hub has no such model (or will not give it)."""
     import huggingface_hub as hub
     from huggingface_hub import constants, errors
-    cached = hub.try_to_load_from_cache(repo, "model_index.json")
-    cached = cached if isinstance(cached, str) else None
+    cached = isinstance(hub.try_to_load_from_cache(repo, "model_index.json"), str)
     if constants.HF_HUB_OFFLINE:
-        if cached is None:
+        if not cached:
             raise ModelUnavailable(f"model {repo!r} is not a local directory, and as a hub id it is not in the local "
                                    f"cache ({constants.HF_HUB_CACHE}) while HF_HUB_OFFLINE=1 forbids downloading it")
         fetch = lambda rel: hub.try_to_load_from_cache(repo, rel)  # noqa: E731
     else:
-        try:
-            hub.model_info(repo, timeout=HUB_TIMEOUT_S)
-        except (errors.RepositoryNotFoundError, errors.GatedRepoError) as e:
-            gated = isinstance(e, errors.GatedRepoError)
-            raise ModelUnavailable(
-                f"model {repo!r} is not a local directory, and the hub ({constants.ENDPOINT}) "
-                + ("says it is gated: accept its license on the hub and log in (`hf auth login`)" if gated else
-                   "has no such model (check the id; private models need `hf auth login`)")) from None
-        except errors.HfHubHTTPError as e:
-            raise ModelUnavailable(f"model {repo!r}: the hub ({constants.ENDPOINT}) answered "
-                                   f"{str(e).splitlines()[0]}") from None
-        except Exception as e:  # DNS, refused or timed-out connections: the transport's own errors
-            hint = ("it is in the local cache: set HF_HUB_OFFLINE=1 to load it from there" if cached else
-                    "it is not in the local cache either; download it on a machine with network "
-                    "(`hf download`) or give a local pipeline directory")
-            raise ModelUnavailable(f"model {repo!r} is not a local directory, and there is no network to the hub "
-                                   f"({constants.ENDPOINT}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                                   f"{hint}") from None
         fetch = lambda rel: hub.hf_hub_download(repo, rel, etag_timeout=HUB_TIMEOUT_S)  # noqa: E731
-    configs = {"model_index": _read_json(fetch("model_index.json"))}
-    for comp, rel in _component_files(configs["model_index"]).items():
-        try:
-            f = fetch(rel)
-        except Exception:  # an optional component without this file; loading will tell if it matters
-            f = None
-        if isinstance(f, str):
-            configs[comp] = _read_json(f)
+    try:
+        if not constants.HF_HUB_OFFLINE:
+            hub.model_info(repo, timeout=HUB_TIMEOUT_S)
+        configs = {"model_index": _read_json(fetch("model_index.json"))}
+        for comp, rel in _component_files(configs["model_index"]).items():
+            try:
+                f = fetch(rel)
+            except errors.EntryNotFoundError:  # a component without this file; loading will tell if it matters
+                continue
+            if isinstance(f, str):
+                configs[comp] = _read_json(f)
+    except ModelUnavailable:
+        raise
+    except Exception as e:
+        raise _hub_error(repo, e, cached) from None
     return configs
 
 
