@@ -20,6 +20,7 @@ import torch
 
 from . import distributed, services
 from .distributed import DEFAULT_INIT_TIMEOUT_S, DEFAULT_TIMEOUT_S, CollectiveTimeout
+from .evaluator import ModelOutputError
 from .outputs import check_output_dir, write_all
 from .parasolver import MODES as ITERATIVE_MODES
 from .plan import MODES
@@ -255,7 +256,8 @@ def main(argv=None) -> int:
         print(f"driffusion_rt: rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         distributed.exit_now(1)
     except Exception as e:
-        print(f"driffusion_rt: rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        if rank == 0 or not isinstance(e, ModelOutputError):  # a model output error is the same on every rank
+            print(f"driffusion_rt: rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         if not isinstance(e, ValueError):  # a bug, not bad data: keep the traceback for the report
             traceback.print_exc()
         distributed.exit_now(1)

@@ -2,7 +2,7 @@
 
     equal OUT.json   distributed == local sampler (Gaussian mixture and a tiny diffusers UNet), buffer reuse
     fault KIND RANK CALL -- GENERATE_ARGS   run the generate CLI with a model that fails on one rank at one call
-                     (KIND raise, hang, exit; slowload: rank RANK takes CALL seconds longer to load its model;
+                     (KIND raise, hang, exit, nan; slowload: rank RANK takes CALL seconds longer to load its model;
                      loadraise: rank RANK fails while loading)
     cli MARKER -- GENERATE_ARGS   run the generate CLI; a rank that loads a model creates the file MARKER
     threads OUT.json  the names of this process's threads while the group lives and after teardown
@@ -125,7 +125,8 @@ def fault(kind, bad_rank, bad_call, argv):
                     time.sleep(3600)
                 if kind == "exit":
                     os._exit(17)
-            return model(x_in, t, **kw)
+            out = model(x_in, t, **kw)
+            return out * float("nan") if kind == "nan" and rank == bad_rank and calls[0] >= bad_call else out
         service.model = wrapped
         return service
 

@@ -80,6 +80,17 @@ def test_hung_rank_times_out_with_a_clear_message(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_non_finite_model_output_is_reported_once(tmp_path):
+    """Rank 1's model returns NaN: the gathered outputs are every rank's, so every rank fails at the same check and
+    only rank 0 says so."""
+    r, _ = torchrun(2, WORKER, "fault", "nan", "1", "3", "--", *GEN_ARGS, "--out", str(tmp_path / "out"))
+    assert r.returncode != 0
+    assert r.stderr.count("non-finite model output") == 1, r.stderr[-3000:]
+    assert "driffusion_rt: rank 0 failed: NonFiniteOutputError" in r.stderr
+    assert "rank 1 failed" not in r.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
 def test_a_rank_failing_to_load_brings_the_job_down(tmp_path):
     """Rank 1 fails while loading; rank 0, waiting in the barrier after loading (under the long start-up timeout),
     reports it at once instead of waiting for that timeout."""

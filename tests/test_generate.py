@@ -105,7 +105,7 @@ BAD = [
     (["--mode", "fast"], "argument --mode: invalid choice: 'fast'"),
     (["--height", "64"], "height does not apply to the digits model"),
     (["--prompt", "12a"], "prompt '12a' has characters that are not digits 0-9: 'a'"),
-    (["--scheduler", "flow"], "scheduler 'flow' is not available for the digits model; choose one of ddim, ddpm, euler"),
+    (["--scheduler", "flow"], "scheduler 'flow' is not available for the digits model; choose one of ddim, ddpm"),
     (["--guidance-scale", "1000"], "guidance_scale must be a number in -100..100, got 1000.0"),
     (["--seed", "-1"], "seed=-1 is out of range"),
     (["--num-images", "100000"], "num_images=100000 is out of range: allowed 1..16"),
