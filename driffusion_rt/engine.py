@@ -159,6 +159,9 @@ class Engine:
             self._current, self.in_flight = job, 1
             try:
                 result = self.generate(job.spec, job.cancel)
+            except BaseException as e:  # fatal for the engine (the ranks may be out of step), but answer first
+                job.future.set_result(Result(False, error=f"internal error: {type(e).__name__}: {e}", status=500))
+                raise
             finally:
                 self._current, self.in_flight = None, 0
             if result.status == 499 and self.stopped_by is not None:  # cancelled by the shutdown, not its client

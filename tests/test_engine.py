@@ -224,7 +224,11 @@ def test_a_disconnected_client_cancels_its_request_on_every_rank(tmp_path):
         print(f"\nnext request after a cancelled one: {took:.2f} s")
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
+        try:
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     lines = access_lines(out)
     assert [r["status"] for r in lines if r["path"] == "/generate"] == [422, 499, 422]
 
