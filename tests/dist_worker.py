@@ -103,6 +103,12 @@ def equal(path):
     teardown(info)
 
 
+def stamp_fault():
+    """Print when the injected fault happens (wall clock), so tests can time the job's end from it rather than
+    from a start-up whose length depends on the machine's load."""
+    print(f"FAULT_AT {time.time():.3f}", file=sys.stderr, flush=True)
+
+
 def fault(kind, bad_rank, bad_call, argv):
     """generate.main(argv) with a model that raises / hangs / exits on rank `bad_rank` at its call `bad_call`."""
     load = services.load_service
@@ -112,6 +118,7 @@ def fault(kind, bad_rank, bad_call, argv):
         if kind == "slowload" and rank == bad_rank:
             time.sleep(bad_call)
         if kind == "loadraise" and rank == bad_rank:
+            stamp_fault()
             raise RuntimeError("injected failure while loading")
         service = load(*args, **kwargs)
         model, calls = service.model, [0]
@@ -119,6 +126,7 @@ def fault(kind, bad_rank, bad_call, argv):
         def wrapped(x_in, t, **kw):
             calls[0] += 1
             if rank == bad_rank and calls[0] == bad_call:
+                stamp_fault()
                 if kind == "raise":
                     raise RuntimeError(f"injected failure at call {bad_call}")
                 if kind == "hang":

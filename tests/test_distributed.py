@@ -20,6 +20,13 @@ def torchrun(nproc, *args, timeout=300):
     return r, time.monotonic() - t0
 
 
+def since_fault(r) -> float:
+    """Seconds from the injected fault (the worker's FAULT_AT stamp) to the end of the job (now)."""
+    stamp = re.search(r"FAULT_AT (\d+\.\d+)", r.stderr)
+    assert stamp, r.stderr[-3000:]
+    return time.time() - float(stamp.group(1))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_distributed_equals_local(nproc, tmp_path):
@@ -54,10 +61,10 @@ GEN_ARGS = ["--model", "fixed", "--model-cost", "0.01", "--steps", "30", "--warm
 def test_failing_rank_brings_the_job_down(kind, rank, tmp_path):
     timeout = 20
     out_dir = tmp_path / "out"
-    r, took = torchrun(2, WORKER, "fault", kind, str(rank), "5", "--", *GEN_ARGS, "--timeout", str(timeout),
-                       "--out", str(out_dir))
+    r, _ = torchrun(2, WORKER, "fault", kind, str(rank), "5", "--", *GEN_ARGS, "--timeout", str(timeout),
+                    "--out", str(out_dir))
     assert r.returncode != 0
-    assert took < timeout + 10, took
+    assert since_fault(r) < timeout / 2  # a dead peer is noticed at once, not after the timeout
     text = r.stdout + r.stderr
     if kind == "raise":
         assert f"driffusion_rt: rank {rank} failed: RuntimeError: injected failure at call 5" in text
@@ -70,10 +77,11 @@ def test_failing_rank_brings_the_job_down(kind, rank, tmp_path):
 @pytest.mark.slow
 def test_hung_rank_times_out_with_a_clear_message(tmp_path):
     timeout = 5
-    r, took = torchrun(2, WORKER, "fault", "hang", "1", "5", "--", *GEN_ARGS, "--timeout", str(timeout),
-                       "--out", str(tmp_path / "out"))
+    r, _ = torchrun(2, WORKER, "fault", "hang", "1", "5", "--", *GEN_ARGS, "--timeout", str(timeout),
+                    "--out", str(tmp_path / "out"))
     assert r.returncode != 0
-    assert took < timeout + 10 + 5, took  # + interpreter start-up of two ranks on a loaded 2-core machine
+    took = since_fault(r)
+    assert timeout - 1 < took < timeout + 10, took  # the timeout, then the job's exit (time to spare for the load)
     assert "driffusion_rt: rank 0 failed: CollectiveTimeout: rank 0:" in r.stderr
     assert "another rank is hung or has died" in r.stderr
     assert not (tmp_path / "out").exists()
@@ -94,8 +102,8 @@ def test_a_non_finite_model_output_is_reported_once(tmp_path):
 def test_a_rank_failing_to_load_brings_the_job_down(tmp_path):
     """Rank 1 fails while loading; rank 0, waiting in the barrier after loading (under the long start-up timeout),
     reports it at once instead of waiting for that timeout."""
-    r, took = torchrun(2, WORKER, "fault", "loadraise", "1", "0", "--", *GEN_ARGS, "--out", str(tmp_path / "out"))
-    assert r.returncode != 0 and took < 60, took
+    r, _ = torchrun(2, WORKER, "fault", "loadraise", "1", "0", "--", *GEN_ARGS, "--out", str(tmp_path / "out"))
+    assert r.returncode != 0 and since_fault(r) < 30  # not the 1800 s start-up timeout
     assert "driffusion_rt: rank 1 failed: RuntimeError: injected failure while loading" in r.stderr
     assert "rank 0: the barrier after loading did not complete" in r.stderr or \
         re.search(r"rank\s+: 0 \(local_rank: 0\)\s+exitcode\s+: -15", r.stderr), r.stderr[-3000:]
