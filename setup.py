@@ -12,7 +12,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["driffusion_rt", "driffusion_rt.kernels"],
+    packages=["driffusion_rt", "driffusion_rt.pipelines", "driffusion_rt.kernels"],
     package_dir={"driffusion_rt": "driffusion_rt", "driffusion_rt.kernels": "kernels"},
     package_data={"driffusion_rt": ["assets/*/*"]},
     install_requires=[
@@ -28,8 +28,11 @@ setup(
     ],
     extras_require={
         "serve": ["starlette>=0.37", "uvicorn>=0.29", "prometheus_client>=0.20"],
+        # video pipelines: Wan's transformer needs accelerate to load, Wan's prompt cleaning ftfy; MP4 output
+        "video": ["accelerate>=0.30", "ftfy>=6.1", "imageio>=2.31", "imageio-ffmpeg>=0.4.9"],
         "test": ["pytest>=8", "scikit-learn>=1.3", "scipy>=1.10", "sentencepiece>=0.2", "protobuf>=4",
-                 "starlette>=0.37", "uvicorn>=0.29", "prometheus_client>=0.20", "matplotlib>=3.7"],
+                 "starlette>=0.37", "uvicorn>=0.29", "prometheus_client>=0.20", "matplotlib>=3.7", "accelerate>=0.30",
+                 "ftfy>=6.1", "imageio>=2.31", "imageio-ffmpeg>=0.4.9"],
         "perf": ["matplotlib>=3.7", "scikit-learn>=1.3", "scipy>=1.10"],
     },
     entry_points={"console_scripts": ["driffusion-generate=driffusion_rt.generate:main",

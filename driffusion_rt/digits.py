@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from . import schedulers as named
 from .outputs import atomic_write
 
 ASSET_DIR = Path(__file__).resolve().parent / "assets" / "digits"
@@ -27,7 +28,7 @@ RESOLUTION = 8
 DEFAULT_GUIDANCE = 1.25
 SPLIT_SEED = 0          # the fixed train / held-out split shared by the diffusion model and the quality classifier
 HELD_OUT_FRACTION = 0.3
-SCHEDULERS = ("ddim", "ddpm", "euler")
+SCHEDULERS = tuple(named.VP)  # every scheduler short name for noise-prediction models
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -53,13 +54,12 @@ def digits_split(seed: int = SPLIT_SEED, held_out: float = HELD_OUT_FRACTION):
 # ---------------------------------------------------------------------------------------------------- loading
 
 def make_scheduler(name: str = "ddim", path=None):
-    """A fresh scheduler of the shipped model's noise schedule: ddim (the saved config), ddpm or euler."""
-    from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
+    """A fresh scheduler of the shipped model's noise schedule: ddim (the saved config) or any other VP short name
+    of driffusion_rt.schedulers (dpm++2m, unipc, euler-a, ...), built from the same config."""
+    from diffusers import DDIMScheduler
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler {name!r} is not one of {', '.join(SCHEDULERS)}")
-    config = DDIMScheduler.load_config(str(_path(path)), local_files_only=True)
-    cls = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "euler": EulerDiscreteScheduler}[name]
-    return cls.from_config(config)
+    return named.build(name, DDIMScheduler.load_config(str(_path(path)), local_files_only=True))
 
 
 def _path(path) -> Path:

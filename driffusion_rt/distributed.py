@@ -288,6 +288,17 @@ class DistributedEvaluator(LocalEvaluator):
         all_gather_rows(gathered, send, self.info)
         return gathered
 
+    def check_in_step(self, t: torch.Tensor, where: str):
+        """Debug check that every rank holds the same bits of `t` (one all-gather of a checksum)."""
+        bits = t.detach().contiguous().view(-1).view({1: torch.uint8, 2: torch.int16, 4: torch.int32,
+                                                      8: torch.int64}[t.element_size()]).to(torch.int64)
+        local = (bits * torch.arange(1, bits.numel() + 1, device=bits.device)).sum().view(1)  # wraps mod 2^64
+        every = torch.empty(self.world, dtype=torch.int64, device=t.device)
+        all_gather_rows(every, local)
+        if not bool((every == every[0]).all()):
+            raise RuntimeError(f"rank {self.rank}: ranks hold different bits {where} (checksums {every.tolist()}); "
+                               f"the model or a kernel is not deterministic across ranks")
+
 
 def default_evaluator(model):
     """The distributed evaluator inside a torchrun process group, the local one otherwise."""

@@ -74,7 +74,8 @@ class Engine:
         self.rank = self.info.rank if self.info else 0
         self.device = self.info.device if self.info else getattr(service, "device", torch.device("cpu"))
         self.service, self.limits, self.heartbeat_s = service, limits, heartbeat_s
-        self.sampler = Sampler(service.model, distributed.default_evaluator(service.model), cuda_graphs=cuda_graphs)
+        self.sampler = Sampler(service.model, distributed.default_evaluator(service.model),
+                               cuda_graphs=cuda_graphs and getattr(service.model, "cuda_graphs", True))
         self.header = torch.zeros(2, dtype=torch.long, device=self.device)
         self.payload = torch.zeros(MAX_REQUEST_BYTES, dtype=torch.uint8, device=self.device)
         self.queue = queue.Queue(maxsize=max_queue)  # requests waiting (0: unbounded); the one in flight is not in it
@@ -259,4 +260,5 @@ class Engine:
         stats = dict(mode=st.mode, parallel=st.parallel, steps=st.steps, serial_rounds=st.serial_rounds,
                      model_evals=st.model_evals, ideal_speedup=st.ideal_speedup, sample_s=st.wall_time,
                      total_s=time.perf_counter() - t0)
+        stats.update(getattr(req, "output_stats", {}))  # video: frames, fps, the decode's seconds and peak memory
         return Result(True, images, stats, latent=out.sample)

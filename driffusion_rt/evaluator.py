@@ -53,12 +53,15 @@ class ModelCall:
     """One model call on c trajectory points of a latent batch B: model(x / divisor, t, **kwargs) -> [c, B, ...]."""
 
     def __init__(self, model, traj, latent: torch.Tensor, model_kwargs: dict | None, graphs=None):
-        self.model, self.traj, self.graphs = model, traj, graphs
+        # a model that cannot be captured (it syncs with the host) says so with `cuda_graphs = False`
+        self.model, self.traj = model, traj
+        self.graphs = graphs if getattr(model, "cuda_graphs", True) else None
         self.batch, self.shape = latent.shape[0], tuple(latent.shape)
         self.kwargs = model_kwargs or {}
         dev = latent.device
         self.scaled = bool((traj.input_divisor != 1).any())
-        self.divisor = traj.input_divisor.to(dev, latent.dtype)
+        # float32 (float64 data: float64) like the scheduler's own divisor: never rounded to the latent's half type
+        self.divisor = traj.input_divisor.to(dev, torch.float64 if latent.dtype == torch.float64 else torch.float32)
         self.timesteps = traj.timesteps.to(dev)
         self._t, self._d, self._kw, self._x = {}, {}, {}, {}
 
@@ -90,7 +93,10 @@ class ModelCall:
         if self.scaled:
             x = self._scaled_input(x, idx)
         t, kw = self._t_rows(idx), self._kwargs(c)
-        y = self.graphs(self.forward, x, t, kw) if self.graphs is not None else self.forward(x, t, **kw)
+        if self.graphs is not None:
+            y = self.graphs(self.forward, x, t, kw, getattr(self.model, "tensor_scalars", False))
+        else:
+            y = self.forward(x, t, **kw)
         if tuple(y.shape) != tuple(x.shape):
             raise ModelOutputError(f"model output shape {tuple(y.shape)} differs from its input {tuple(x.shape)} "
                                    f"(timesteps {self._t_rows(idx).tolist()[:: self.batch]})")
@@ -132,3 +138,6 @@ class LocalEvaluator:
     def gather(self, gathered, send) -> torch.Tensor:
         """Collect every rank's chunk into `gathered` [world * chunk, B, ...] (nothing to do on one process)."""
         return gathered
+
+    def check_in_step(self, t: torch.Tensor, where: str):
+        """Debug check that every rank holds the same bits of `t` (one process: nothing to compare)."""

@@ -2,8 +2,9 @@
 `torchrun --nproc_per_node=N -m driffusion_rt.generate`.
 
 With no --model it samples the small digits model shipped in the package (no network, no GPU) and writes one PNG
-grid. --model also takes a diffusers pipeline directory or hub id (SD 1.5 / 2.1, SDXL, SD3, Flux), or the built-in
-test models gmm (analytic Gaussian mixture) and fixed (a model costing --model-cost seconds per call).
+grid. --model also takes a diffusers pipeline directory or hub id (SD 1.5 / 2.1, SDXL, SD3, Flux; video: Wan 2.1 /
+2.2, HunyuanVideo 1.5, LTX-Video, written as MP4), or the built-in test models gmm (analytic Gaussian mixture) and
+fixed (a model costing --model-cost seconds per call).
 Everything is checked before any model loads (on rank 0 under torchrun; bad input exits with status 2 and one
 message). Every rank then loads its model replica once; rank 0 prints progress and the measured-versus-ideal table
 and writes the outputs, all of them or none, only when the run succeeds.
@@ -75,10 +76,15 @@ def parser() -> argparse.ArgumentParser:
                         "Flux 3.5 as its guidance embedding)")
     p.add_argument("--height", type=int, default=None, help="pipelines: image height in pixels (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="pipelines: image width in pixels (default: the model's)")
+    p.add_argument("--num-frames", type=int, default=None,
+                   help="video pipelines: frames per video, as the VAE takes them (Wan and HunyuanVideo 1.5: 4k+1, "
+                        "LTX: 8k+1; default: the model's); the output is an MP4")
+    p.add_argument("--fps", type=int, default=None,
+                   help="video pipelines: frames per second of the MP4 (default: the model's, e.g. Wan 2.1 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and of stochastic steps")
     p.add_argument("--num-images", type=int, default=None,
-                   help="images per request (default 1; digits: one grid of the prompt's digits per image; gmm and "
-                        "fixed: 4 latents)")
+                   help="images (videos) per request (default 1; digits: one grid of the prompt's digits per image; "
+                        "gmm and fixed: 4 latents)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="model and latent dtype")
     p.add_argument("--out", default=".",
                    help="directory for the images and the run's JSON (created if missing); names in README")
@@ -139,13 +145,15 @@ def output_stem(args, ref, resolved: dict, options: dict, world: int) -> str:
 
 
 def output_names(ref, resolved: dict, stem: str) -> list:
-    """The run's files: <stem>.png (one image), <stem>-<i>.png (several), <stem>.pt (no images), and <stem>.json."""
+    """The run's files: <stem>.png (one image; .mp4 for a video), <stem>-<i>.png (several), <stem>.pt (no images),
+    and <stem>.json."""
+    ext = "mp4" if ref.rules is not None and ref.rules.video else "png"
     if ref.kind in ("gmm", "fixed"):
         files = [f"{stem}.pt"]
     elif resolved["num_images"] == 1:
-        files = [f"{stem}.png"]
+        files = [f"{stem}.{ext}"]
     else:
-        files = [f"{stem}-{i}.png" for i in range(resolved["num_images"])]
+        files = [f"{stem}-{i}.{ext}" for i in range(resolved["num_images"])]
     return files + [f"{stem}.json"]
 
 
@@ -222,11 +230,15 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         service = services.load_service(args.model, device, getattr(torch, args.dtype), args.model_cost)
         sampler = Sampler(service.model, distributed.default_evaluator(service.model),
-                          cuda_graphs=not args.no_cuda_graphs)
+                          cuda_graphs=not args.no_cuda_graphs and getattr(service.model, "cuda_graphs", True))
         distributed.ready(info)  # every rank loaded: from here a silent rank fails the job after --timeout
         load_s = time.perf_counter() - t0
         spec = request_spec(args)
         options = services.sampling_options(spec, limits)
+        try:  # what only the loaded model can tell (a video family's frame rule): the same verdict on every rank
+            service.check(spec, limits)
+        except services.RequestError as e:
+            bad_input(str(e), info)
 
         def run(progress):
             req = service.request(spec, limits)
@@ -276,11 +288,15 @@ def print_summary(args, info, service, out, load_s):
 def write_outputs(args, info, service, out, req, load_s, plan) -> list:
     """The images (or latents) and the run's JSON, all or none (rank 0)."""
     *targets, json_path = plan["files"]
-    images = service.images(out, req)
+    images = service.images(out, req)  # videos: each a list of frames
     if images:
         if len(images) != len(targets):
             raise RuntimeError(f"{len(images)} images for {len(targets)} file names")
-        items = [(t, lambda f, im=im: im.save(f, format="PNG")) for t, im in zip(targets, images)]
+        if getattr(service, "video", False):
+            from .video_service import mp4_bytes
+            items = [(t, lambda f, v=v: f.write(mp4_bytes(v, req.spec["fps"]))) for t, v in zip(targets, images)]
+        else:
+            items = [(t, lambda f, im=im: im.save(f, format="PNG")) for t, im in zip(targets, images)]
     else:
         items = [(targets[0], lambda f: torch.save(out.cpu(), f))]
     st = out.stats
@@ -292,7 +308,8 @@ def write_outputs(args, info, service, out, req, load_s, plan) -> list:
            "latency_s": st.wall_time, "serial_rounds": st.serial_rounds,
            "serial_rounds_plan": out.plan.serial_rounds if out.plan else None, "model_evals": st.model_evals,
            "ideal_speedup": st.ideal_speedup, "batch_widths": st.batch_widths,
-           "files": [os.path.basename(t) for t in targets], "args": vars(args)}
+           "files": [os.path.basename(t) for t in targets], "args": vars(args),
+           **(getattr(req, "output_stats", None) or {})}  # video: frames, fps, the decode's seconds and memory
     items.append((json_path, lambda f: f.write(json.dumps(run, indent=2, default=str).encode())))
     return write_all(items)
 

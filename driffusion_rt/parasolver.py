@@ -9,7 +9,9 @@ Newton iteration of the paper (its Eq. 13):
 and the window slides past the leading points that changed by less than the tolerance (Eq. 14):
 (1/D) ||X_i(new) - X_i(old)||^2 <= tolerance^2 sigma_i^2. N = S is Picard iteration; N = 1 is sequential.
 The Phi_i of a window run side by side: each sub-step is one evaluator round of width <= p.
-Every rank keeps the same states (the outputs are all-gathered); rank 0's stride decision is broadcast.
+Multistep schedulers carry registers (trajectory.py): the Newton update acts on the samples, and each boundary's
+registers are the ones Phi leaves there, so a converged point is exact and tolerance 0 reproduces the sequential
+sampler. Every rank keeps the same states (the outputs are all-gathered); rank 0's stride decision is broadcast.
 """
 import time
 from dataclasses import dataclass, field
@@ -17,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .evaluator import ModelCall
-from .sampler import Cancelled, NonFiniteOutputError, SampleOutput, SampleStats, _Clock, draw_noise, replica_generator
+from .noise import draw_noise, replica_generator
+from .results import Clock, NonFiniteOutputError, SampleOutput, SampleStats
 from .trajectory import Trajectory
 
 MODES = ("picard", "parasolver")
@@ -64,30 +67,25 @@ def boundaries(steps: int, n: int) -> list:
     return [i * steps // n for i in range(n + 1)]
 
 
-def _rows(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.to(like.device, like.dtype).view(-1, *[1] * (like.dim() - 1))
-
-
 @torch.no_grad()
 def run(sampler, traj: Trajectory, x: torch.Tensor, mode: str, parallel: int, cfg: IterativeConfig,
         generator=None, model_kwargs=None, cancel=None) -> SampleOutput:
+    from .sampler import Cancelled  # sampler imports this module
     ev, S = sampler.ev, traj.steps
-    t0, clock = time.perf_counter(), _Clock(x.device)
+    t0, clock = time.perf_counter(), Clock(x.device)
     stats = IterativeStats(mode, S, parallel)
     call = ModelCall(sampler.model, traj, x, model_kwargs)
     b = boundaries(S, cfg.subintervals)
     N = cfg.subintervals
     dims = tuple(range(2, x.dim() + 1))  # per-sample dims of a [points, B, ...] tensor
-    A, Bc, C = (_rows(v, x.unsqueeze(0)) for v in (traj.A, traj.B, traj.C))
     sigma2 = traj.sigma.to(x.device, torch.float64) ** 2
 
     # The noise of every stochastic step, drawn up front in the sequential sampler's order, the same on every rank.
-    noisy = [j for j in range(S) if traj.noisy[j]]
-    Z = torch.zeros(S, *x.shape, dtype=x.dtype, device=x.device) if noisy else None
-    if noisy:
+    Z = torch.empty(traj.draws, *x.shape, dtype=x.dtype, device=x.device)
+    if traj.draws:
         gen = replica_generator(ev, generator, x.device)
-        for j in noisy:
-            draw_noise(Z[j], gen)
+        for q in range(traj.draws):
+            draw_noise(Z[q], gen, traj.draw_dtypes[q])
 
     rows = torch.empty(ev.world * ev.chunk(cfg.window), *x.shape, dtype=x.dtype, device=x.device)
 
@@ -111,31 +109,33 @@ def run(sampler, traj: Trajectory, x: torch.Tensor, mode: str, parallel: int, cf
         stats.batch_widths.append(k)
         return gathered[:k]
 
-    def step(states, idx, outs):
-        j = list(idx)
-        y = A[j] * states + Bc[j] * outs
-        return y + C[j] * Z[j] if Z is not None else y
+    def step(j, y, o, h):
+        m = traj.maps[j]
+        return traj.apply(j, y, o, h, Z[m.first_draw: m.first_draw + m.draws])
 
     X = torch.empty(N + 1, *x.shape, dtype=x.dtype, device=x.device)
+    H = [[] for _ in range(N + 1)]  # the registers at each boundary
     X[0] = x * traj.init_noise_sigma
-    # Preconditioning: the first M subintervals sequentially; the last (state, output) pair predicts x0.
-    y, latest = X[0].clone(), None
+    # Preconditioning: the first M subintervals sequentially; the last (state, output, registers) predicts x0.
+    y, h, latest = X[0].clone(), [], None
     for j in range(b[cfg.preconditioning]):
-        o = evaluate(y.unsqueeze(0), (j,))
-        latest = (y.clone(), o[0].clone(), j)
-        y = step(y.unsqueeze(0), (j,), o)[0]
+        o = evaluate(y.unsqueeze(0), (j,))[0].clone()
+        latest = (y, o, h, j)
+        y, h = step(j, y, o, h)
         if j + 1 in b:
-            X[b.index(j + 1)] = y
+            X[b.index(j + 1)], H[b.index(j + 1)] = y, h
 
     def initialise(points):
-        """Later boundaries start on the noise-free jump through the latest clean-sample prediction (x0_hat)."""
+        """Later boundaries start on the scheduler's chain from the latest evaluated point with its output held
+        (through the latest clean-sample prediction; the paper's initialisation), noise included."""
         for n in points:
-            if latest is None:
-                X[n] = X[0]  # nothing evaluated yet: start every point at the initial state (ParaDiGMS)
-            else:
-                ys, os_, j = latest
-                a, bb = traj.jump(j, b[n])
-                X[n] = a * ys + bb * os_
+            if latest is None:  # nothing evaluated yet: every point starts at the initial state (ParaDiGMS)
+                X[n], H[n] = X[0], [torch.zeros_like(x) for _ in range(traj.registers(b[n]))]
+                continue
+            ys, os_, hs, j = latest
+            (w,), regs = traj.express(j, [b[n]], output=lambda l: {"o": 1.0}, registers_at=b[n])
+            value = lambda terms: sum(c * _symbol(k, ys, os_, hs, Z) for k, c in terms.items())  # noqa: E731
+            X[n], H[n] = value(w), [value(r) for r in regs]
 
     n0 = cfg.preconditioning
     initialise(range(n0 + 1, min(n0 + cfg.window, N) + 1))
@@ -144,13 +144,15 @@ def run(sampler, traj: Trajectory, x: torch.Tensor, mode: str, parallel: int, cf
         pts = list(range(n0, n0 + p))
         lens = [b[i + 1] - b[i] for i in pts]
         Y = X[n0: n0 + p].clone()
+        HY = [list(H[i]) for i in pts]
         for s in range(max(lens)):  # the p subproblems side by side, one evaluator round per sub-step
             active = [q for q in range(p) if s < lens[q]]
             idx = tuple(b[pts[q]] + s for q in active)
             outs = evaluate(Y[active], idx)
-            last = len(active) - 1
-            latest = (Y[active[last]].clone(), outs[last].clone(), idx[last])
-            Y[active] = step(Y[active], idx, outs)
+            last = active[-1]
+            latest = (Y[last].clone(), outs[-1].clone(), list(HY[last]), idx[-1])
+            for q, j, o in zip(active, idx, outs):
+                Y[q], HY[q] = step(j, Y[q], o, HY[q])
         new = X[n0] + torch.cumsum(Y - X[n0: n0 + p], dim=0)  # Eq. 13: X_{i+1} = X_{n0} + sum Delta_j
         if not torch.isfinite(new).all():
             raise NonFiniteOutputError(f"non-finite state in iteration {stats.iterations} "
@@ -158,6 +160,8 @@ def run(sampler, traj: Trajectory, x: torch.Tensor, mode: str, parallel: int, cf
         err = ((new - X[n0 + 1: n0 + p + 1]) ** 2).mean(dim=dims).to(torch.float64)  # [p, B]
         ok = (err <= cfg.tolerance ** 2 * sigma2[[b[i + 1] for i in pts]][:, None]).all(dim=1)
         X[n0 + 1: n0 + p + 1] = new
+        for q in range(p):
+            H[n0 + 1 + q] = HY[q]
         ok[0] = True  # X_{n0+1} = Phi(X_{n0}) from a converged point: exact
         stride = torch.tensor([int(ok.long().cumprod(0).sum())], device=x.device)
         ev.broadcast(stride)  # one decision for every rank
@@ -171,3 +175,11 @@ def run(sampler, traj: Trajectory, x: torch.Tensor, mode: str, parallel: int, cf
     stats.wall_time = time.perf_counter() - t0
     stats.ideal_speedup = S / max(stats.serial_rounds, 1)
     return SampleOutput(X[N].clone(), stats)
+
+
+def _symbol(name, y, o, h, Z):
+    """The tensor an express() symbol stands for at the latest evaluated point."""
+    if name == "o":
+        return o
+    kind, k = name
+    return {"x": lambda: y, "h": lambda: h[k], "z": lambda: Z[k]}[kind]()

@@ -1,116 +1,48 @@
 """The draft-and-refine sampler: executes a plan against an evaluator (DESIGN.md sections 1-3).
 
-Per round at anchor i, advancing m steps:
-  broadcast x_i from rank 0 -> [evaluate o_i] -> draw the round's refine noise (rank 0, sequential order)
-  -> each rank drafts its slots with one fused pass -> model -> all-gather -> rank 0 refines x_{i+m} in one pass.
-Rank 0 is the one authority on the trajectory (its anchor is broadcast each round), so ranks cannot drift apart.
+Per round at anchor i, advancing m steps, on every rank:
+  [evaluate o_i] -> draw the round's noise (replica generators, the scheduler's order) -> draft this rank's slots
+  in one fused pass -> model -> all-gather the outputs -> refine x_{i+m} and the scheduler's registers in one pass.
+Every rank refines from the same gathered outputs with the same noise, so every rank holds the same anchor bit for
+bit and one collective per round suffices (the all-gather; conservative anchors on CPU ranks add a broadcast).
 
-One buffer `rows` [2 + slots, B, ...] holds the round: row 0 = x_i, row 1 = o_i, rows 2.. = draft outputs
-in slot order (slot s is draft i+1+s). So the refine is one weighted sum over rows 0..m, written back into
-row 0, and the aggressive carry is row 2 + (m - 1). The draft of x_{i+1} is step(i) itself, its noise
-included, so it is exact: with n = 1 every mode reproduces the sequential sampler, stochastic ones too.
+All rows of a request live in one buffer, the arena [rows, B, ...]: two anchor blocks used in turn (x, o, prev,
+registers; a round reads one and writes the other), the round's noise draws, this rank's drafts and the gathered
+outputs. Drafts and refines are `kernels.combine` calls with row numbers and weights precomputed once per
+(trajectory, plan, draft rule, rank) from rounds.py; nothing is allocated per round.
 """
-import math
+import contextlib
 import os
 import time
+import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from . import kernels
-from .cuda_graphs import GraphCache
+from . import kernels, parasolver
 from .distributed import default_evaluator
-from .evaluator import LocalEvaluator, ModelCall, ModelOutputError
+from .cuda_graphs import GraphCache
+from .evaluator import LocalEvaluator, ModelCall
+from .noise import PinnedStage, draw_noise, replica_generator
 from .plan import MODES, Plan, make_plan
+from .results import Clock, NonFiniteOutputError, SampleOutput, SampleStats
+from .rounds import DRAFT_RULES, round_weights
 from .trajectory import Trajectory
 
+ALL_MODES = MODES + parasolver.MODES
+# Stochastic schedulers keep the sequential sample's spread (within 5%) from this many model calls per parallel
+# evaluation on; below it their noise amplifies draft errors (perf/bench_spread.py, perf/results/spread.md).
+STOCHASTIC_CALLS_PER_N = 8
+# Every rank refines the same rows with the same weights and noise, so ranks hold the same anchor bit for bit by
+# construction. DRIFFUSION_CHECK_SYNC=k checks that every k rounds (one all-gather of a checksum), for debugging.
+CHECK_SYNC = int(os.environ.get("DRIFFUSION_CHECK_SYNC", "0") or 0)
 
-class NonFiniteOutputError(ModelOutputError):
-    """A model output contained NaN or inf."""
 
 
 class Cancelled(RuntimeError):
     """The caller cancelled the request (`cancel` was set on rank 0); every rank stopped at the same round."""
-
-
-@dataclass
-class SampleStats:
-    mode: str
-    steps: int
-    parallel: int
-    serial_rounds: int = 0           # counted while executing, not read off the plan
-    model_evals: int = 0
-    batch_widths: list = field(default_factory=list)  # points per serial model call, in order (anchor calls are 1)
-    wall_time: float = 0.0
-    ideal_speedup: float = 0.0       # the plan's S / serial_rounds
-    phases: dict = field(default_factory=dict)  # seconds per phase: draft, model, comm, refine, check
-
-
-@dataclass
-class SampleOutput:
-    sample: torch.Tensor
-    stats: SampleStats
-    plan: Plan = None
-    host: torch.Tensor | None = None  # CUDA runs: the result in page-locked host memory, reused by the next request
-
-    def cpu(self) -> torch.Tensor:
-        """The result on the host (from the pinned copy when there is one)."""
-        if self.host is None:
-            return self.sample.cpu()
-        torch.cuda.current_stream().synchronize()  # the pinned copy was queued without a sync
-        return self.host.clone()
-
-
-DRAFT_RULES = ("jump", "extrapolate")
-
-
-@dataclass(frozen=True)
-class _RoundWork:
-    """Everything a round needs, precomputed once per (trajectory, plan, draft rule, world) on the device."""
-    draft_coef: torch.Tensor   # [own slots, len(inputs)] for this rank's drafts
-    inputs: tuple              # which of x (x_i), o (o_i), z (z_i), prev (o_{i-1}) this rank's drafts read
-    refine_w: torch.Tensor     # [m + 1] over rows 0..m
-    noise_w: torch.Tensor      # [q] over the round's noise draws
-    chunk: int                 # slots per rank
-    own: tuple                 # this rank's draft indices (slots rank*chunk ..)
-    eval_offset: int           # index of this round's first model evaluation (for error reports)
-
-
-def _previous_output(plan: Plan, r: int) -> int:
-    """The index of the output that extrapolated drafts pair with round r's anchor output.
-
-    Outputs of equal quality extrapolate well: aggressive anchors carry a draft output, so they pair with the
-    previous draft's (index i - 1); conservative anchors are evaluated on refined states, so they pair with the
-    previous anchor's. (Measured: pairing a conservative anchor with a draft output amplifies that draft's error.)"""
-    return plan.rounds[r].anchor - 1 if plan.mode == "aggressive" else plan.rounds[r - 1].anchor
-
-
-def _round_work(traj: Trajectory, plan: Plan, rule: str, ev, device, acc) -> list:
-    works, offset = [], 0
-    for r, rnd in enumerate(plan.rounds):
-        i, m, k = rnd.anchor, rnd.advance, len(rnd.drafts)
-        c = ev.chunk(k) if k else 0
-        lo = ev.rank * c
-        own = rnd.drafts[lo: lo + c] if k else ()
-        coef = torch.zeros(k, 4, dtype=torch.float64)  # over (x_i, o_i, z_i, o_{i-1})
-        if k:
-            if rule == "extrapolate" and r > 0:  # round 0 holds a single output: plain jumps
-                e = traj.extrapolated(i, _previous_output(plan, r), rnd.drafts)
-                coef[:, :2], coef[:, 3] = e[:, :2], e[:, 2]
-            else:
-                coef[:, :2] = traj.jumps(i, rnd.drafts)
-            coef[0, 2] = traj.C[i]  # draft i+1 is exactly step(i), its noise included
-        mine = coef[lo: lo + len(own)]
-        names = ("x", "o", "z", "prev")
-        cols = [q for q in range(4) if q < 2 or (len(own) and bool(mine[:, q].ne(0).any()))]
-        w, nw = traj.chain(i, m)
-        works.append(_RoundWork(mine[:, cols].to(device, acc), tuple(names[q] for q in cols), w.to(device, acc),
-                                nw.to(device, acc), c, own, offset))
-        offset += rnd.evals
-    return works
-
 
 class LRU(OrderedDict):
     """A small least-recently-used cache: a long-lived server sees many shapes and step counts."""
@@ -130,244 +62,266 @@ class LRU(OrderedDict):
             self.popitem(last=False)
 
 
-class Buffers:
-    """Device buffers for one (latent shape, dtype, slots), allocated once and reused by every round and request."""
+@dataclass(frozen=True)
+class Layout:
+    """Row numbers of the arena for a plan: block b's x, o, prev and registers; noise; drafts; gathered outputs."""
+    registers: int
+    noise: int        # first noise row
+    drafts: int       # first row of this rank's drafts
+    gathered: int     # first row of the gathered outputs (world * chunk rows)
+    rows: int         # total
 
-    def __init__(self, latent: torch.Tensor, slots: int, world: int, noise: int, evals: int):
+    def block(self, b: int) -> int:
+        return b * (3 + self.registers)
+
+    @classmethod
+    def make(cls, registers, noise_rows, chunk, world):
+        noise = 2 * (3 + registers)
+        drafts = noise + noise_rows
+        gathered = drafts + chunk
+        return cls(registers, noise, drafts, gathered, gathered + world * chunk)
+
+
+@dataclass(frozen=True)
+class Table:
+    """One combine call: rows written, rows read, weights [written, read] (on the device)."""
+    out: torch.Tensor
+    inp: torch.Tensor
+    coef: torch.Tensor
+
+
+@dataclass(frozen=True)
+class RoundTable:
+    draft: Table | None     # this rank's drafts (None: no own draft this round)
+    refine: Table
+    own: tuple              # this rank's draft indices
+    chunk: int              # draft slots per rank this round
+    noise: range            # the scheduler's draws this round
+    block: int              # the anchor block read (0 or 1); the refine writes the other
+    eval_offset: int        # index of the round's first model evaluation (for error reports)
+
+
+def _row(name, lay: Layout, block: int, anchor: int) -> int:
+    base = lay.block(block)
+    if name == "x":
+        return base
+    if name == "o":
+        return base + 1
+    if name == "prev":
+        return base + 2
+    kind, k = name
+    if kind == "h":
+        return base + 3 + k
+    if kind == "z":
+        return lay.noise + k
+    return lay.gathered + (k - anchor - 1)  # ("d", j): slot s holds draft anchor + 1 + s
+
+
+def _table(terms: list, lay, block, anchor, out_rows, device, acc) -> Table:
+    names = sorted({k for t in terms for k in t}, key=repr)
+    coef = torch.tensor([[t.get(n, 0.0) for n in names] for t in terms], dtype=torch.float64)
+    rows = [_row(n, lay, block, anchor) for n in names]
+    return Table(torch.tensor(out_rows, dtype=torch.long, device=device),
+                 torch.tensor(rows, dtype=torch.long, device=device), coef.to(device, acc))
+
+
+def round_tables(traj: Trajectory, plan: Plan, rule: str, ev, device, acc) -> tuple:
+    """(Layout, [RoundTable]) of `plan` on this rank: rows and weights of every draft and refine."""
+    weights = round_weights(traj, plan, rule)
+    chunk = max([ev.chunk(len(r.drafts)) for r in plan.rounds if r.drafts] + [0])
+    lay = Layout.make(max(traj.registers(r.anchor + r.advance) for r in plan.rounds) if plan.rounds else 0,
+                      max(len(w.noise) for w in weights), chunk, ev.world)
+    tables, offset = [], 0
+    for r, (rnd, w) in enumerate(zip(plan.rounds, weights)):
+        b, k = r % 2, len(rnd.drafts)
+        c = ev.chunk(k) if k else 0
+        lo = ev.rank * c
+        own = rnd.drafts[lo: lo + c]
+        draft = None
+        if own:
+            draft = _table(list(w.drafts[lo: lo + len(own)]), lay, b, rnd.anchor,
+                           list(range(lay.drafts, lay.drafts + len(own))), device, acc)
+        outs = list(w.refine)
+        refine = _table([w.refine[o] for o in outs], lay, b, rnd.anchor, [_row(o, lay, 1 - b, 0) for o in outs],
+                        device, acc)
+        tables.append(RoundTable(draft, refine, own, c, w.noise, b, offset))
+        offset += rnd.evals
+    return lay, tables
+
+
+class Arena:
+    """The rows of a request [rows, B, ...] on the latent's device, with page-locked noise staging and result
+    rows for CUDA latents; allocated once per (shape, dtype, device) and grown when a plan needs more."""
+
+    def __init__(self, latent: torch.Tensor, rows: int, evals: int, noise_rows: int):
         kw = dict(device=latent.device, dtype=latent.dtype)
-        self.rows = torch.empty(2 + world * slots, *latent.shape, **kw)
-        self.drafts = torch.empty(max(slots, 1), *latent.shape, **kw)
-        self.noise = torch.empty(max(noise, 1), *latent.shape, **kw)
-        self.prev = torch.empty(latent.shape, **kw)  # o_{i-1}, for extrapolated drafts
+        self.rows = torch.empty(rows, *latent.shape, **kw)
         self.flags = torch.empty(max(evals, 1), device=latent.device, dtype=torch.float32)
-        self.stage = self.result = None  # page-locked host staging (CPU-generator noise) and results on CUDA
+        self.stages, self.noise_rows, self.result = {}, noise_rows, None
         if latent.is_cuda:
-            self.stage = torch.empty(latent.shape, dtype=latent.dtype, pin_memory=True)
             self.result = torch.empty(latent.shape, dtype=latent.dtype, pin_memory=True)
 
+    def fits(self, rows, evals, noise_rows) -> bool:
+        return self.rows.shape[0] >= rows and self.flags.shape[0] >= evals and self.noise_rows >= noise_rows
 
-def replica_generator(ev, generator, device: torch.device):
-    """On rank 0 `generator` itself; on the other ranks a generator in the same state, so every rank draws the
-    numbers rank 0 draws (generator None: rank 0's default generator of `device`). One broadcast per request."""
-    if ev.world == 1:
-        return generator
-    dev = generator.device if generator is not None else device
-    if ev.rank == 0:
-        state = generator.get_state() if generator is not None else (
-            torch.cuda.get_rng_state(dev) if dev.type == "cuda" else torch.get_rng_state())
-    else:
-        probe = torch.Generator(device=dev)
-        state = torch.empty_like(probe.get_state())  # the state size is fixed per generator type
-    buf = state.to(device)
-    ev.broadcast(buf)
-    if ev.rank == 0:
-        return generator
-    probe.set_state(buf.cpu())
-    return probe
+    def stage(self, dtype) -> PinnedStage:
+        if dtype not in self.stages:
+            self.stages[dtype] = PinnedStage(max(self.noise_rows, 1), self.rows.shape[1:], dtype)
+        return self.stages[dtype]
 
 
-def draw_noise(out: torch.Tensor, generator, stage=None) -> torch.Tensor:
-    """Fill `out` with N(0, 1) exactly as diffusers' randn_tensor(out.shape, generator, ...) would draw it."""
-    gen_dev = generator.device.type if generator is not None else out.device.type
-    if gen_dev == out.device.type:
-        return torch.randn(out.shape, generator=generator, dtype=out.dtype, device=out.device, out=out)
-    # A CPU generator with a CUDA latent: diffusers draws on the CPU and moves; stage through pinned memory.
-    host = stage if stage is not None else torch.empty(out.shape, dtype=out.dtype)
-    torch.randn(out.shape, generator=generator, dtype=out.dtype, out=host)
-    return out.copy_(host, non_blocking=True)
-
-
-NVTX = os.environ.get("DRIFFUSION_NVTX") == "1"  # perf/nsys.sh sets it; otherwise ranges cost nothing
-
-
-class _Clock:
-    """Per-phase time of a run: perf_counter on CPU; CUDA events on GPU, resolved once at the end (no per-round
-    sync). With DRIFFUSION_NVTX=1 on CUDA, every round and phase is also an NVTX range for Nsight Systems."""
-
-    PHASES = ("draft", "model", "comm", "refine", "check")
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.nvtx = NVTX and self.cuda
-        self.t = dict.fromkeys(self.PHASES, 0.0)
-        self.marks, self.phase, self.in_round = [], None, False
-        self.last = self._mark()
-
-    def _mark(self):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return time.perf_counter()
-
-    def start(self, phase: str | None):
-        """End the current phase (charging its time) and start `phase` (None: stop)."""
-        now = self._mark()
-        if self.phase is not None:
-            if self.cuda:
-                self.marks.append((self.phase, self.last, now))
-            else:
-                self.t[self.phase] += now - self.last
-            if self.nvtx:
-                torch.cuda.nvtx.range_pop()
-        if phase is not None and self.nvtx:
-            torch.cuda.nvtx.range_push(phase)
-        self.phase, self.last = phase, now
-
-    def round(self, r: int | None):
-        """NVTX range around round r (None closes the last one)."""
-        if self.nvtx:
-            self.start(None)
-            if self.in_round:
-                torch.cuda.nvtx.range_pop()
-            if r is not None:
-                torch.cuda.nvtx.range_push(f"round {r}")
-        self.in_round = r is not None
-
-    def stop(self) -> dict:
-        """End the current phase and return seconds per phase."""
-        self.start(None)
-        if self.cuda:
-            torch.cuda.current_stream().synchronize()
-            for phase, a, b in self.marks:
-                self.t[phase] += a.elapsed_time(b) / 1e3
-            self.marks.clear()
-        return self.t
+def _device_scope(device: torch.device):
+    """Kernels, graph capture and events use the current CUDA device: make it the latent's."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 class Sampler:
-    """A persistent draft-and-refine executor for one model. Buffers and round tables live across requests."""
+    """A persistent draft-and-refine executor for one model. Buffers, round tables and CUDA graphs live across
+    requests."""
 
     def __init__(self, model, evaluator=None, cuda_graphs: bool = True):
         self.model = model
         self.ev = evaluator if evaluator is not None else LocalEvaluator(model)
         self.cuda_graphs = cuda_graphs  # used on CUDA latents only
         self._graphs = GraphCache()
-        self._buffers, self._works = LRU(8), LRU(64)
+        self._arenas, self._tables = LRU(8), LRU(64)
 
-    def buffers(self, latent, plan: Plan, traj: Trajectory) -> Buffers:
-        slots = max([math.ceil(len(r.drafts) / self.ev.world) for r in plan.rounds] + [0])
-        noise = max(sum(traj.noisy[r.anchor: r.anchor + r.advance]) for r in plan.rounds)
-        key = (tuple(latent.shape), latent.dtype, latent.device)
-        b = self._buffers.get(key)
-        if b is None or b.rows.shape[0] < 2 + self.ev.world * slots or b.noise.shape[0] < noise \
-                or b.flags.shape[0] < plan.model_evals:
-            b = self._buffers[key] = Buffers(latent, slots, self.ev.world, noise, plan.model_evals)
-        return b
+    def arena(self, x, lay: Layout, plan: Plan) -> Arena:
+        key = (tuple(x.shape), x.dtype, x.device)
+        a = self._arenas.get(key)
+        noise_rows = lay.drafts - lay.noise
+        if a is None or not a.fits(lay.rows, plan.model_evals, noise_rows):
+            a = self._arenas[key] = Arena(x, lay.rows, plan.model_evals, noise_rows)
+        return a
 
-    def works(self, traj, plan, rule, latent) -> list:
-        acc = kernels.fallback.accum_dtype(latent.dtype)
-        key = (traj.key, plan, rule, latent.device, acc)
-        if key not in self._works:
-            self._works[key] = _round_work(traj, plan, rule, self.ev, latent.device, acc)
-        return self._works[key]
+    def tables(self, traj, plan, rule, x) -> tuple:
+        acc = kernels.fallback.accum_dtype(x.dtype)
+        key = (traj.key, plan, rule, x.device, acc)
+        if key not in self._tables:
+            self._tables[key] = round_tables(traj, plan, rule, self.ev, x.device, acc)
+        return self._tables[key]
 
     def __call__(self, scheduler, x, *, steps, mode="aggressive", parallel=None, generator=None,
-                 model_kwargs=None, timesteps_kwargs=None, progress=False, drafts="jump", subintervals=None,
-                 preconditioning=None, window=None, tolerance=None, cancel=None, **step_kwargs) -> SampleOutput:
-        from . import parasolver
-        if mode not in MODES + parasolver.MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES + parasolver.MODES)}")
+                 model_kwargs=None, timesteps_kwargs=None, progress=False, drafts="jump", start=0,
+                 subintervals=None, preconditioning=None, window=None, tolerance=None, cancel=None,
+                 **step_kwargs) -> SampleOutput:
+        if mode not in ALL_MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(ALL_MODES)}")
         parallel = self.ev.world if parallel is None else parallel
+        if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
+            raise ValueError(f"parallel must be an integer >= 1, got {parallel!r}")
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or not x.is_floating_point():
             raise ValueError(f"x must be a floating-point latent tensor [B, ...], got {type(x).__name__}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be one torch.Generator, got {type(generator).__name__}")
-        iterative = mode in parasolver.MODES
         if drafts not in DRAFT_RULES:
             raise ValueError(f"unknown draft rule {drafts!r}; choose one of {', '.join(DRAFT_RULES)}")
-        if iterative:
-            if drafts != "jump":
-                raise ValueError(f"drafts={drafts!r} applies to the draft-and-refine modes, not mode={mode!r}")
-            if not isinstance(parallel, int) or parallel < 1:
-                raise ValueError(f"parallel must be an integer >= 1, got {parallel!r}")
-            cfg = parasolver.IterativeConfig.make(mode, steps, parallel, subintervals, preconditioning, window,
-                                                  tolerance)
-        else:
+        if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+            raise ValueError(f"start must be an integer >= 0, got {start!r}")
+        iterative = mode in parasolver.MODES
+        if iterative and drafts != "jump":
+            raise ValueError(f"drafts={drafts!r} applies to the draft-and-refine modes, not mode={mode!r}")
+        if not iterative:
             extra = {k: v for k, v in dict(subintervals=subintervals, preconditioning=preconditioning, window=window,
                                            tolerance=tolerance).items() if v is not None}
             if extra:
                 raise ValueError(f"{sorted(extra)} apply to modes picard and parasolver only, not mode={mode!r}")
-            plan = make_plan(mode, steps, parallel)
         traj = scheduler if isinstance(scheduler, Trajectory) else \
-            Trajectory.from_scheduler(scheduler, steps, timesteps_kwargs, **step_kwargs)
-        if traj.steps != steps:
-            raise ValueError(f"the trajectory has {traj.steps} steps, steps={steps}")
-        if iterative:
-            return parasolver.run(self, traj, x, mode, parallel, cfg, generator, model_kwargs, cancel=cancel)
-        return self.run(plan, traj, x, generator, model_kwargs, progress, drafts, cancel=cancel)
+            Trajectory.from_scheduler(scheduler, steps, timesteps_kwargs, start, **step_kwargs)
+        if isinstance(scheduler, Trajectory) and (traj.num_inference_steps != steps or traj.start != start):
+            raise ValueError(f"the trajectory was built for steps={traj.num_inference_steps}, start={traj.start}; "
+                             f"got steps={steps}, start={start}")
+        if mode in ("aggressive", "conservative") and parallel > 1 and traj.draws and self.ev.rank == 0:
+            _warn_spread(traj, parallel)
+        with _device_scope(x.device):
+            if iterative:
+                cfg = parasolver.IterativeConfig.make(mode, traj.steps, parallel, subintervals, preconditioning,
+                                                      window, tolerance)
+                return parasolver.run(self, traj, x, mode, parallel, cfg, generator, model_kwargs, cancel=cancel)
+            return self.run(make_plan(mode, traj.steps, parallel), traj, x, generator, model_kwargs, progress, drafts,
+                            cancel=cancel)
 
     @torch.no_grad()  # sampling never needs gradients: no autograd graph per model call, whatever the model
     def run(self, plan: Plan, traj: Trajectory, x, generator=None, model_kwargs=None, progress=False,
             drafts="jump", cancel=None) -> SampleOutput:
         """Execute `plan`; every rank calls this with the same plan, trajectory and latent shape. `cancel` (an object
         with is_set(), given on every rank or on none; rank 0's counts) stops every rank at a round boundary."""
-        ev, rank = self.ev, self.ev.rank
-        buf, works = self.buffers(x, plan, traj), self.works(traj, plan, drafts, x)
-        named = {"x": buf.rows[0], "o": buf.rows[1], "z": buf.noise[0], "prev": buf.prev}
+        ev = self.ev
+        lay, tables = self.tables(traj, plan, drafts, x)
+        arena = self.arena(x, lay, plan)
+        rows = arena.rows
         graphs = self._graphs if self.cuda_graphs and x.is_cuda else None
         call = ModelCall(self.model, traj, x, model_kwargs, graphs)
+        gen = replica_generator(ev, generator, x.device) if traj.draws else None
         stats = SampleStats(plan.mode, plan.steps, plan.parallel, ideal_speedup=plan.ideal_speedup)
-        rows, clock, t0 = buf.rows, _Clock(x.device), time.perf_counter()
+        clock, t0 = Clock(x.device), time.perf_counter()
         bar = tqdm(total=len(plan.rounds), desc=f"{plan.mode} n={plan.parallel}", unit="round", leave=False,
-                   disable=None) if progress and rank == 0 else None  # disable=None: only on a terminal
-        torch.mul(x, traj.init_noise_sigma, out=rows[0])
-        for r, (rnd, w) in enumerate(zip(plan.rounds, works)):
+                   disable=None) if progress and ev.rank == 0 else None  # disable=None: only on a terminal
+        torch.mul(x, traj.init_noise_sigma, out=rows[lay.block(0)])
+        for r, (rnd, tab) in enumerate(zip(plan.rounds, tables)):
             if cancel is not None and ev.agree(cancel.is_set()):
                 raise Cancelled(f"cancelled before round {r} of {len(plan.rounds)}")
-            i, m, k = rnd.anchor, rnd.advance, len(rnd.drafts)
+            i, k, cur = rnd.anchor, len(rnd.drafts), lay.block(tab.block)
             clock.round(r)
-            clock.start("comm")
-            ev.broadcast(rows[0])
             if rnd.eval_anchor:
                 clock.start("model")
-                ev.anchor(call, rows[0:1], (i,), rows[1:2])  # every rank ends with o_i (see DistributedEvaluator)
-                self._flag(rows[1:2], buf.flags, w.eval_offset)
+                ev.anchor(call, rows[cur: cur + 1], (i,), rows[cur + 1: cur + 2])  # every rank ends with o_i
+                self._flag(rows[cur + 1: cur + 2], arena.flags, tab.eval_offset)
                 stats.serial_rounds += 1
                 stats.model_evals += 1
                 stats.batch_widths.append(1)
             clock.start("draft")
-            q = len(w.noise_w)
-            if rank == 0:  # only rank 0 refines; its slot 0 is draft i+1, the one draft with noise
-                for s in range(q):
-                    draw_noise(buf.noise[s], generator, buf.stage)
+            self._draw(arena, lay, traj, tab.noise, gen)
             if k:
-                own, c = w.own, w.chunk
-                if own:
-                    kernels.draft(buf.drafts[: len(own)], [named[n] for n in w.inputs], w.draft_coef)
-                gathered = rows[2: 2 + ev.world * c]
+                if tab.draft is not None:
+                    kernels.combine(rows, tab.draft.out, tab.draft.inp, tab.draft.coef)
+                gathered = rows[lay.gathered: lay.gathered + ev.world * tab.chunk]
                 send = ev.send_buffer(gathered)
                 clock.start("model")
-                if own:
-                    ev.call(call, buf.drafts[: len(own)], own, send[: len(own)])
+                if tab.own:
+                    ev.call(call, rows[lay.drafts: lay.drafts + len(tab.own)], tab.own, send[: len(tab.own)])
                 clock.start("comm")
                 ev.gather(gathered, send)
-                self._flag(gathered[:k], buf.flags, w.eval_offset + int(rnd.eval_anchor))
+                self._flag(gathered[:k], arena.flags, tab.eval_offset + int(rnd.eval_anchor))
                 stats.serial_rounds += 1
                 stats.model_evals += k
                 stats.batch_widths.append(k)
             clock.start("refine")
-            if rank == 0:
-                noise = buf.noise[:q] if q else None
-                kernels.refine(rows[0], rows[: m + 1], w.refine_w, noise, w.noise_w if q else None)
-            if drafts == "extrapolate":  # keep the output _previous_output names for the next round
-                buf.prev.copy_(rows[m] if plan.mode == "aggressive" else rows[1])
-            if rnd.carry is not None:
-                rows[1].copy_(rows[1 + m])  # aggressive: draft i+m's output is the next anchor's output
+            kernels.combine(rows, tab.refine.out, tab.refine.inp, tab.refine.coef)
+            if CHECK_SYNC and (r + 1) % CHECK_SYNC == 0:
+                ev.check_in_step(rows[lay.block(1 - tab.block)], f"after round {r} (anchor {i + rnd.advance})")
             if bar is not None:
                 bar.update()
         clock.round(None)
         if bar is not None:
             bar.close()
-        clock.start("comm")
-        ev.broadcast(rows[0])  # every rank returns the result
+        result = rows[lay.block(len(plan.rounds) % 2)]
         clock.start("check")
-        self._check(plan, traj, buf.flags)
-        if buf.result is not None:
-            buf.result.copy_(rows[0], non_blocking=True)
+        self._check(plan, traj, arena.flags)
+        if arena.result is not None:
+            arena.result.copy_(result, non_blocking=True)
         stats.phases = clock.stop()
         stats.wall_time = time.perf_counter() - t0
-        return SampleOutput(rows[0].clone(), stats, plan, buf.result)
+        return SampleOutput(result.clone(), stats, plan, arena.result)
+
+    @staticmethod
+    def _draw(arena: Arena, lay: Layout, traj: Trajectory, draws: range, gen):
+        """The round's noise draws into the noise rows, in the scheduler's order (every rank draws the same)."""
+        if not draws:
+            return
+        rows = arena.rows
+        staged = rows.is_cuda and (gen is None or gen.device.type == "cpu")
+        stages = {}
+        for s, q in enumerate(draws):
+            dtype = traj.draw_dtypes[q] or rows.dtype
+            host = None
+            if staged and gen is not None:
+                if dtype not in stages:
+                    stages[dtype] = (arena.stage(dtype), arena.stage(dtype).take())
+                host = stages[dtype][1][s]
+            draw_noise(rows[lay.noise + s], gen, dtype, host)
+        for stage, _ in stages.values():
+            stage.queued()
 
     @staticmethod
     def _flag(outputs, flags, offset):
@@ -389,19 +343,35 @@ class Sampler:
                 e -= len(points)
 
 
+def _warn_spread(traj: Trajectory, parallel: int):
+    """A stochastic scheduler with too few model calls per parallel evaluation: say so, and what would be safe."""
+    if traj.steps >= STOCHASTIC_CALLS_PER_N * parallel:
+        return
+    safe_n = traj.steps // STOCHASTIC_CALLS_PER_N
+    warnings.warn(
+        f"{traj.scheduler_name} draws noise during sampling; with {traj.steps} model calls and parallel={parallel} "
+        f"({traj.steps / parallel:.1f} per parallel evaluation, below {STOCHASTIC_CALLS_PER_N}) the parallel modes "
+        f"amplify draft errors and the sample's spread grows: use parallel <= {max(safe_n, 1)}"
+        + ("" if safe_n >= 2 else " (i.e. sequential)") + f", or >= {STOCHASTIC_CALLS_PER_N * parallel} model calls "
+        f"(perf/results/spread.md)", stacklevel=3)
+
+
 def sample(model, scheduler, x, *, steps, mode="aggressive", parallel=None, generator=None, model_kwargs=None,
-           timesteps_kwargs=None, progress=False, drafts="jump", subintervals=None, preconditioning=None, window=None,
-           tolerance=None, **step_kwargs) -> SampleOutput:
+           timesteps_kwargs=None, progress=False, drafts="jump", start=0, subintervals=None, preconditioning=None,
+           window=None, tolerance=None, **step_kwargs) -> SampleOutput:
     """Sample with draft-and-refine parallelism. Returns `.sample` (the final latent) and `.stats`.
 
     model(x_in, t, **model_kwargs) sees what a diffusers loop gives it: x_in = scale_model_input(x, t), one
-    timestep per batch row. x is unit-variance noise [B, ...]; init_noise_sigma is applied here. mode is
-    sequential, aggressive or conservative; parallel (n) defaults to the world size (1 outside torchrun).
-    step_kwargs are the scheduler's step options (e.g. eta for DDIM); timesteps_kwargs go to set_timesteps
-    (e.g. mu for Flux). drafts="jump" drafts with the paper's jumps; "extrapolate" extrapolates the model
-    output from the anchor's and the previous output (same model calls, closer drafts). progress shows a tqdm bar of rounds on rank 0. Under torchrun every rank calls this
-    with the same arguments (the generator matters on rank 0 only) and every rank receives the result.
-    For many requests on one model, keep a `Sampler` instead: its buffers and CUDA graphs persist.
+    timestep per batch row. scheduler: any diffusers scheduler whose step is affine (probed, see trajectory.py).
+    x is unit-variance noise [B, ...] (init_noise_sigma is applied here), or with start=k > 0 the noised state at
+    timestep index k (img2img: what scheduler.add_noise gives; the run covers timesteps[k:]). mode is sequential,
+    aggressive or conservative; parallel (n) defaults to the world size (1 outside torchrun). step_kwargs are the
+    scheduler's step options (e.g. eta for DDIM); timesteps_kwargs go to set_timesteps (e.g. mu for Flux).
+    drafts="jump" drafts with the scheduler's chain at the anchor's output (the paper's jumps); "extrapolate"
+    extrapolates the output from the anchor's and the previous one (same model calls, closer drafts). progress
+    shows a tqdm bar of rounds on rank 0. Under torchrun every rank calls this with the same arguments (the
+    generator matters on rank 0 only) and every rank receives the result. For many requests on one model, keep
+    a `Sampler` instead: its buffers and CUDA graphs persist.
 
     mode="parasolver" (and "picard", its subintervals = steps case) iterate to a tolerance instead of following
     a fixed plan: subintervals N (default steps // 2), preconditioning M (default 2; picard 0), window p (default
@@ -409,5 +379,5 @@ def sample(model, scheduler, x, *, steps, mode="aggressive", parallel=None, gene
     """
     return Sampler(model, default_evaluator(model))(
         scheduler, x, steps=steps, mode=mode, parallel=parallel, generator=generator, model_kwargs=model_kwargs,
-        timesteps_kwargs=timesteps_kwargs, progress=progress, drafts=drafts, subintervals=subintervals,
+        timesteps_kwargs=timesteps_kwargs, progress=progress, drafts=drafts, start=start, subintervals=subintervals,
         preconditioning=preconditioning, window=window, tolerance=tolerance, **step_kwargs)

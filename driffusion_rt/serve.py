@@ -4,13 +4,15 @@
     curl -s localhost:8000/generate -d '{"prompt": "2026", "steps": 30, "mode": "aggressive"}' -o digits.png
 
 POST /generate takes a JSON request (the fields of driffusion_rt.services: prompt, negative_prompt, steps,
-guidance_scale, height, width, seed, num_images, scheduler, mode, parallel, drafts, ...) plus "response": "png"
-(the default: the first image as image/png, stats in X-Driffusion-* headers) or "base64" (JSON with every image
-as base64 PNG and the stats). GET /health reports readiness, GET /metrics Prometheus metrics. Requests are served
-one at a time in arrival order; at most --max-queue wait (more get 503 with Retry-After). A request whose client
-disconnects is cancelled at its next round. SIGTERM / SIGINT drain the server: new requests get 503, the one in
-flight is cancelled, every rank exits 0. One JSON access-log line per request goes to rank 0's standard output.
-The server binds 127.0.0.1 unless --host names another address and --allow-remote says so explicitly.
+guidance_scale, height, width, seed, num_images, scheduler, mode, parallel, drafts, ...; video pipelines also
+num_frames and fps) plus "response": "png" (the default for image models: the first image as image/png, stats in
+X-Driffusion-* headers), "mp4" (the default for video models: the first video as video/mp4, stats in headers) or
+"base64" (JSON with every image as base64 PNG, or every video as base64 MP4, and the stats). GET /health reports
+readiness, GET /metrics Prometheus metrics. Requests are served one at a time in arrival order; at most
+--max-queue wait (more get 503 with Retry-After). A request whose client disconnects is cancelled at its next
+round. SIGTERM / SIGINT drain the server: new requests get 503, the one in flight is cancelled, every rank exits 0.
+One JSON access-log line per request goes to rank 0's standard output. The server binds 127.0.0.1 unless --host
+names another address and --allow-remote says so explicitly.
 """
 import argparse
 import asyncio
@@ -135,9 +137,12 @@ def make_app(engine: Engine, metrics: Metrics | None = None, write=None, poll_s:
             return error(400, f"request body is not JSON: {e}", request)
         if not isinstance(spec, dict):
             return error(400, "request body must be a JSON object", request)
-        kind = spec.pop("response", "png")
-        if kind not in ("png", "base64"):
-            return error(400, f"response must be 'png' or 'base64', got {kind!r}", request)
+        video = getattr(engine.service, "video", False)
+        kinds = ("mp4", "base64") if video else ("png", "base64")
+        kind = spec.pop("response", kinds[0])
+        if kind not in kinds:
+            return error(400, f"response must be {' or '.join(map(repr, kinds))} for {'video' if video else 'image'} "
+                              f"model {engine.service.name}, got {kind!r}", request)
         cancel = threading.Event()
         try:
             future = engine.submit(spec, cancel)
@@ -166,11 +171,19 @@ def make_app(engine: Engine, metrics: Metrics | None = None, write=None, poll_s:
         metrics.rounds.inc(result.stats["serial_rounds"])
         if not result.images:
             return error(422, f"model {engine.service.name} produces no images", request)
-        if kind == "base64":
+        if video:
+            from .video_service import mp4_bytes
+            fps = result.stats["fps"]
+            if kind == "base64":
+                videos = [base64.b64encode(mp4_bytes(v, fps)).decode() for v in result.images]
+                return JSONResponse({"videos": videos, "stats": result.stats, "request_id": request.state.request_id})
+        elif kind == "base64":
             images = [base64.b64encode(png_bytes(im)).decode() for im in result.images]
             return JSONResponse({"images": images, "stats": result.stats, "request_id": request.state.request_id})
         headers = {f"X-Driffusion-{k.replace('_', '-')}": str(v) for k, v in result.stats.items()}
         headers["X-Driffusion-images"] = str(len(result.images))
+        if video:
+            return Response(mp4_bytes(result.images[0], fps), media_type="video/mp4", headers=headers)
         return Response(png_bytes(result.images[0]), media_type="image/png", headers=headers)
 
     async def health(request: Request):

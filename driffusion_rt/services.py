@@ -25,7 +25,7 @@ from .sampler import DRAFT_RULES
 SCHEDULERS = ("ddim", "ddpm", "euler", "flow")
 BUILTIN = ("digits", "gmm", "fixed")
 MODEL_KEYS = ("prompt", "negative_prompt", "steps", "guidance_scale", "height", "width", "seed", "num_images",
-              "scheduler")
+              "scheduler", "num_frames", "fps")  # num_frames, fps: video pipelines only (video_service.py)
 SAMPLING_KEYS = ("mode", "parallel", "drafts", "subintervals", "preconditioning", "window", "tolerance")
 HUB_TIMEOUT_S = 10.0  # one attempt to reach the hub before saying there is no network
 
@@ -46,14 +46,16 @@ class Limits:
     steps: int | None = 200
     images: int | None = 16        # images per request (num_images), and digits in a digits prompt
     parallel: int | None = 64
+    frames: int | None = 257       # frames per video (video pipelines)
 
 
-NO_LIMITS = Limits(None, None, None, None, None)
+NO_LIMITS = Limits(None, None, None, None, None, None)
 LIMIT_FLAGS = (("prompt_chars", "--max-prompt-chars", "longest prompt accepted, characters"),
                ("side", "--max-side", "largest height or width accepted, pixels"),
                ("steps", "--max-steps", "most sampling steps accepted"),
-               ("images", "--max-images", "most images per request (and digits in a digits prompt)"),
-               ("parallel", "--max-parallel", "largest parallel n accepted"))
+               ("images", "--max-images", "most images (videos) per request, and digits in a digits prompt"),
+               ("parallel", "--max-parallel", "largest parallel n accepted"),
+               ("frames", "--max-frames", "most frames per video accepted"))
 
 
 def add_limit_flags(parser):
@@ -128,7 +130,12 @@ def sampling_options(spec: dict, limits: Limits = NO_LIMITS) -> dict:
     return opts
 
 
-def _common(spec, limits: Limits, default_steps: int) -> dict:
+def _common(spec, limits: Limits, default_steps: int, video: bool = False) -> dict:
+    if not video:
+        for key in ("num_frames", "fps"):
+            if spec.get(key) is not None:
+                from .video_service import video_families
+                raise RequestError(f"{key} applies to video pipelines ({video_families()}); this model makes images")
     steps = _int(spec, "steps", 1, limits.steps, default_steps)
     seed = _int(spec, "seed", 0, 2**63 - 1, 0)
     num = _int(spec, "num_images", 1, limits.images)
@@ -185,16 +192,19 @@ def check_toy(name: str, spec: dict, limits: Limits = NO_LIMITS) -> dict:
 class PipelineRules:
     """What a request is checked against for a pipeline, from its configs (no weights needed)."""
     family: str
-    multiple: int            # height and width must be multiples of this
+    multiple: int | None     # height and width must be multiples of this (None: checked once loaded)
     why: str                 # ... for this reason
-    default_size: tuple      # (height, width) when a request names none
+    default_size: tuple | None  # (height, width) when a request names none (None: known once loaded)
     scheduler: str           # the scheduler used when a request names none
+    video: bool = False      # a video family: num_frames (its rule checked once loaded) and fps
 
 
 def check_pipeline(spec: dict, rules: PipelineRules, limits: Limits = NO_LIMITS) -> dict:
-    """Validate a text-to-image request for a pipeline without encoding prompts or drawing noise."""
+    """Validate a text-to-image (or text-to-video) request for a pipeline without encoding prompts or drawing
+    noise. Video requests also get num_frames (at most limits.frames) and fps checked here; a video family's frame
+    rule and default fps need the loaded pipeline (VideoService.check)."""
     from . import pipelines as p
-    r = _common(spec, limits, p.DEFAULT_STEPS[rules.family])
+    r = _common(spec, limits, p.DEFAULT_STEPS[rules.family], video=rules.video)
     prompt = r["prompt"]
     if not prompt or not prompt.strip():
         raise RequestError(f"prompt must be a non-empty string for the {rules.family} pipeline")
@@ -206,45 +216,62 @@ def check_pipeline(spec: dict, rules: PipelineRules, limits: Limits = NO_LIMITS)
         raise RequestError(f"scheduler {name!r} is not supported for {rules.family} pipelines; choose one of "
                            f"{', '.join(p.SCHEDULERS[rules.family])}")
     size = []
-    for key, default in zip(("height", "width"), rules.default_size):
+    for key, default in zip(("height", "width"), rules.default_size or (None, None)):
         v = _int(spec, key, 1, limits.side)
         v = default if v is None else v
-        if v % rules.multiple:
+        if v is not None and rules.multiple is not None and v % rules.multiple:
             lo = v - v % rules.multiple
             hint = f"{lo} or {lo + rules.multiple}" if lo else f"{rules.multiple}"
             raise RequestError(f"{key}={v} is not a multiple of {rules.multiple}, which the {rules.family} pipeline "
                                f"needs ({rules.why}); use e.g. {hint}")
         size.append(v)
     g = p.DEFAULT_GUIDANCE[rules.family] if r["guidance_scale"] is None else float(r["guidance_scale"])
-    return dict(r, negative_prompt=neg, num_images=r["num_images"] or 1, guidance_scale=g,
-                scheduler=name or rules.scheduler, height=size[0], width=size[1])
+    r = dict(r, negative_prompt=neg, num_images=r["num_images"] or 1, guidance_scale=g,
+             scheduler=name or rules.scheduler, height=size[0], width=size[1])
+    if rules.video:
+        from .video_service import MAX_FPS
+        r.update(num_frames=_int(spec, "num_frames", 1, limits.frames), fps=_int(spec, "fps", 1, MAX_FPS))
+    return r
 
 
-def _rules(family: str, vae_scale: int, patch: int, default_size: tuple, scheduler_class: str | None) -> PipelineRules:
-    """The size rule of each family (as its diffusers pipeline enforces it) and the default scheduler."""
+def _scheduler_name(scheduler) -> str:
+    """The short name of a scheduler instance (driffusion_rt.schedulers), else its class name."""
+    from . import schedulers as named
+    return named.name_of(scheduler) or type(scheduler).__name__
+
+
+def _rules(family: str, vae_scale: int, patch: int, default_size: tuple, scheduler: str) -> PipelineRules:
+    """The size rule of each image family (as its diffusers pipeline enforces it): the same rule as the family's
+    size_multiple (tests compare the two on every family). Video families' rules are read once loaded."""
     from . import pipelines as p
+    if getattr(p.REGISTRY[family], "video", False):
+        return PipelineRules(family, None, "", None, scheduler, video=True)
     if family in ("sd", "sdxl"):
         mult, why = math.lcm(8, vae_scale), f"multiples of 8 and of the VAE scale factor {vae_scale}"
     elif family == "sd3":
         mult, why = vae_scale * patch, f"VAE scale factor {vae_scale} x transformer patch size {patch}"
-    else:
+    elif family == "flux":
         mult, why = vae_scale * 2, f"VAE scale factor {vae_scale} x 2 for the 2 x 2 latent packing"
-    own = {v: k for k, v in p.SCHEDULER_CLASSES.items()}.get(scheduler_class)
-    scheduler = own if own in p.SCHEDULERS[family] else p.DEFAULT_SCHEDULER[family]
+    else:  # a family registered later: its size rule is checked once loaded
+        return PipelineRules(family, None, "", None, scheduler)
     return PipelineRules(family, mult, why, tuple(int(v) for v in default_size), scheduler)
 
 
 def rules_of_pipe(pipe) -> PipelineRules:
-    """PipelineRules of a loaded pipeline."""
+    """PipelineRules of a loaded pipeline (its family's own size rule, default size and scheduler)."""
     from . import pipelines as p
     fam = p.family_of(pipe)
-    patch = int(pipe.transformer.config.patch_size) if fam == "sd3" else 1
-    return _rules(fam, int(pipe.vae_scale_factor), patch, p.default_size(pipe), type(pipe.scheduler).__name__)
+    mult, why = p.size_multiple(pipe)
+    video = getattr(p.REGISTRY[fam], "video", False)
+    return PipelineRules(fam, int(mult), why, tuple(int(v) for v in p.default_size(pipe)),
+                         _scheduler_name(pipe.scheduler), video)
 
 
 def rules_of_configs(configs: dict) -> PipelineRules:
     """PipelineRules from a pipeline's model_index.json and component configs (what diffusers' pipelines derive
     at load time: the VAE scale factor from the VAE's blocks, the default size from the denoiser's sample size)."""
+    import diffusers
+
     from . import pipelines as p
     fam = p.family_of_class(configs["model_index"].get("_class_name"))
     vae = configs.get("vae") or {}
@@ -254,7 +281,10 @@ def rules_of_configs(configs: dict) -> PipelineRules:
     sample = 128 if fam == "flux" else (den.get("sample_size") or (64 if fam == "sd" else 128))
     h, w = (sample, sample) if isinstance(sample, int) else tuple(sample[:2])
     patch = int(den.get("patch_size", 1)) if fam == "sd3" else 1
-    return _rules(fam, vsf, patch, (h * vsf, w * vsf), (configs.get("scheduler") or {}).get("_class_name"))
+    cfg = configs.get("scheduler") or {}
+    cls = getattr(diffusers, str(cfg.get("_class_name")), None)
+    scheduler = _scheduler_name(cls.from_config(cfg)) if cls is not None else str(cfg.get("_class_name"))
+    return _rules(fam, vsf, patch, (h * vsf, w * vsf), scheduler)
 
 
 # ------------------------------------------------------------------------------------- the model reference
@@ -469,11 +499,13 @@ class ToyService:
         from .trajectory import Trajectory
         r = self.check(spec, limits)
         traj = Trajectory.from_scheduler(builtin_scheduler(r["scheduler"]), r["steps"])
-        if self.name == "gmm":
+        kw = None
+        if self.name == "gmm":  # the trajectory is a model input: a graph captured for one request serves the next
             self.model.inner = GaussianMixtureModel(self.mixture, traj)
+            kw = GaussianMixtureModel.table_kwargs(traj, self.device)
         gen = torch.Generator().manual_seed(r["seed"])
         x = torch.randn(r["num_images"], *self.mixture.shape, generator=gen).to(self.device, self.dtype)
-        return Request(spec, traj, r["steps"], x, None, gen, r)
+        return Request(spec, traj, r["steps"], x, kw, gen, r)
 
     def images(self, out, req) -> list:
         return []
@@ -503,4 +535,8 @@ def load_service(model: str, device, dtype=torch.float32, cost: float = 0.04):
         return DigitsService(device, dtype)
     if model in ("gmm", "fixed"):
         return ToyService(model, device, dtype, cost)
-    return PipelineService(model, device, dtype)
+    service = PipelineService(model, device, dtype)
+    if getattr(service.p.get_family(service.pipe), "video", False):
+        from .video_service import VideoService
+        return VideoService(service)
+    return service

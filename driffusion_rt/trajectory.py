@@ -1,297 +1,481 @@
-"""A sampler run as affine maps: step(i), jump(i, j) and whole refine chains, from a diffusers scheduler.
+"""A diffusers scheduler run as affine maps, read off the scheduler's own arithmetic (DESIGN.md section 1).
 
-Index convention (DESIGN.md section 1): i = 0..S, x_0 the initial noise, x_S the result; the model sees
-timestep tau_i = timesteps[i] at index i < S. Every supported step is
+Index convention: i = 0..S, x_0 the initial state, x_S the result. The model is called once per index i < S, with
+timestep timesteps[i] on the input x_i / input_divisor[i] (S = len(scheduler.timesteps): PNDM repeats a timestep,
+Heun and KDPM2 call the model twice per step). A scheduler's state at index i is the sample x_i and the tensors it
+keeps between steps, its registers h^i (DPM-Solver's and UniPC's converted outputs, PNDM's ets, UniPC's corrected
+sample, ...). Every supported step is affine in the state, the model output o_i and the step's noise draws z:
 
-    x_{i+1} = A_i x_i + B_i o_i + C_i z_i        (z_i drawn only where `noisy[i]`)
+    x_{i+1} = wx x_i + wo o_i + sum_k wh_k h^i_k + sum_d wz_d z_{first_draw[i] + d}
+    h^{i+1}_k = the same form with its own weights
 
-and a jump i -> j is the same formula aimed at the level step j-1 lands on, so jump(i, i+1) is step(i).
+A history-free scheduler (DDIM, DDPM, Euler, flow matching) has no registers: x_{i+1} = A_i x_i + B_i o_i + C_i z_i.
 
-Scalars are computed the way the scheduler computes them (float32 tensors, same operation order) and then
-composed in float64, so step(i) reproduces `scheduler.step` to float64 rounding, not to float32 rounding.
+The weights are probed, not derived per class: a fresh copy of the scheduler runs set_timesteps, scale_model_input
+and step in float64, and before each step its sample, the model output, every register and every noise draw is
+replaced by a unit vector of a small basis. Each step then computes its own weights with its own arithmetic, so
+parity with diffusers holds by construction and a new diffusers scheduler costs nothing. A run on random data
+verifies that the steps really are affine (clip_sample, thresholding and the like are not) and that the noise is
+drawn the way it was recorded.
 """
+import contextlib
 import copy
+import inspect
+import sys
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
 F32, F64 = torch.float32, torch.float64
-
-SUPPORTED = {
-    "DDIMScheduler": ("epsilon", "v_prediction"),
-    "DDPMScheduler": ("epsilon", "v_prediction"),
-    "EulerDiscreteScheduler": ("epsilon", "v_prediction"),
-    "FlowMatchEulerDiscreteScheduler": ("flow",),
-}
-SPACINGS = ("leading", "trailing", "linspace")
-DDPM_VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large")
-STEP_KWARGS = {
-    "DDIMScheduler": {"eta": 0.0, "use_clipped_model_output": False},
-    "DDPMScheduler": {},
-    "EulerDiscreteScheduler": {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0},
-    "FlowMatchEulerDiscreteScheduler": {},
-}
+NONLINEAR_FLAGS = ("clip_sample", "thresholding")   # config options that make a step nonlinear in the model output
+LEARNED_VARIANCE = ("learned", "learned_range")     # the model predicts its own variance: not affine
+PREDICTIONS = ("epsilon", "v_prediction", "sample", "flow")
+BASIS = 64                                          # probe basis size: x, o, registers and one step's draws
+_STEP_ARGS = ("self", "model_output", "timestep", "sample", "generator", "return_dict", "variance_noise")
+_PROBE_LOCK = threading.Lock()  # probing swaps a module-level function for a moment
+_CACHE, _CACHE_LOCK = OrderedDict(), threading.Lock()  # probed trajectories by key (they are immutable)
 
 
 class UnsupportedScheduler(ValueError):
-    """The scheduler (or one of its options) is not an affine sampler this runtime supports."""
+    """The scheduler (or one of its options) is not an affine sampler this runtime can run."""
 
 
-def supported_text() -> str:
-    return "; ".join(f"{name} ({', '.join(preds)})" for name, preds in SUPPORTED.items())
+@dataclass(frozen=True)
+class StepMap:
+    """Step i as weights over its basis [x_i, o_i, h^i_0..h^i_{r-1}, z_{first_draw}..]: the next sample and the
+    registers the scheduler keeps for step i + 1 (the live ones only)."""
+    x: tuple          # weights of x_{i+1}
+    h: tuple          # per register of step i + 1: its weights
+    first_draw: int   # global index of this step's first noise draw
+    draws: int        # noise draws of this step
+    registers: int    # r, registers read (h^i)
 
 
 @dataclass(frozen=True, eq=False)
 class Trajectory:
-    """The S-step trajectory of one (scheduler config, steps, step options): timesteps and float64 coefficients."""
+    """The run of one (scheduler config, steps, start, step options): timesteps, levels and float64 step maps."""
 
-    key: str                    # identity of (scheduler class + config, steps, options): equal keys, equal trajectories
+    key: str                    # identity of (class + config, steps, start, options): equal keys, equal trajectories
     scheduler_name: str
-    prediction: str             # "epsilon", "v_prediction" or "flow" (velocity)
+    prediction: str             # "epsilon", "v_prediction", "sample" or "flow" (velocity)
+    num_inference_steps: int    # what set_timesteps was given
+    start: int                  # index of the first model call in the scheduler's timesteps (img2img: > 0)
     timesteps: torch.Tensor     # [S] what the model is given at index i (the scheduler's values and dtype)
     input_divisor: torch.Tensor  # [S] float64: the model sees x_i / input_divisor[i] (scale_model_input)
-    init_noise_sigma: float     # x_0 = unit noise * init_noise_sigma
-    A: torch.Tensor             # [S] float64 step coefficient of x_i
-    B: torch.Tensor             # [S] float64 step coefficient of o_i
-    C: torch.Tensor             # [S] float64 step coefficient of z_i (0 where not noisy)
-    noisy: tuple                # [S] bools: step i draws noise (exactly where the scheduler draws it)
-    alpha: torch.Tensor         # [S+1] float64 state levels: x_i = alpha_i x0 + sigma_i eps (level told to the model;
-    sigma: torch.Tensor         #       index S is where the last step lands)
+    init_noise_sigma: float     # start = 0: x_0 = unit noise * init_noise_sigma
+    maps: tuple                 # [S] StepMap
+    draw_dtypes: tuple          # [Q] per noise draw: None (the latent's dtype) or the dtype the scheduler draws in
+    alpha: torch.Tensor         # [S+1] float64 state levels x_i = alpha_i x0 + sigma_i eps (index S: the result,
+    sigma: torch.Tensor         #       where a perfect model's run lands); NaN where the scheduler has no levels
     in_alpha: torch.Tensor      # [S] float64 the same levels for the model input x_i / input_divisor[i]
     in_sigma: torch.Tensor
-    _map: object                # (i, j) int64 tensors -> (A, B, C) float64 of the map from index i to index j
 
     @property
     def steps(self) -> int:
+        """S, the number of model calls on the trajectory."""
         return len(self.timesteps)
 
+    @property
+    def noisy(self) -> tuple:
+        """Per step: whether it draws noise."""
+        return tuple(m.draws > 0 for m in self.maps)
+
+    @property
+    def draws(self) -> int:
+        return len(self.draw_dtypes)
+
+    def registers(self, i: int) -> int:
+        """The number of registers the state at index i carries (0 at i = 0 and for history-free schedulers)."""
+        return self.maps[i].registers if i < self.steps else 0
+
+    @property
+    def history_free(self) -> bool:
+        return all(m.registers == 0 for m in self.maps)
+
     @classmethod
-    def from_scheduler(cls, scheduler, steps: int, timesteps_kwargs: dict | None = None, **step_kwargs) -> "Trajectory":
-        """Build from a diffusers scheduler and step count; the scheduler itself is neither mutated nor kept."""
-        return build(scheduler, steps, timesteps_kwargs, step_kwargs)
+    def from_scheduler(cls, scheduler, steps: int, timesteps_kwargs: dict | None = None, start: int = 0,
+                       **step_kwargs) -> "Trajectory":
+        """Probe a diffusers scheduler (never mutated nor kept) for `steps` inference steps, from timestep index
+        `start` (the img2img convention: diffusers' pipelines call set_begin_index(start) and loop over
+        timesteps[start:]). step_kwargs are step() options such as eta (DDIM) or s_churn (Euler)."""
+        key = trajectory_key(scheduler, steps, timesteps_kwargs, step_kwargs, start)
+        with _CACHE_LOCK:
+            if key in _CACHE:
+                _CACHE.move_to_end(key)
+                return _CACHE[key]
+        traj = build(scheduler, steps, timesteps_kwargs, step_kwargs, start)
+        with _CACHE_LOCK:
+            _CACHE[key] = traj
+            while len(_CACHE) > 128:
+                _CACHE.popitem(last=False)
+        return traj
 
     def step(self, i: int) -> tuple:
-        """(A_i, B_i, C_i) as floats."""
-        return float(self.A[i]), float(self.B[i]), float(self.C[i])
+        """(A_i, B_i, C_i) of a history-free step x_{i+1} = A_i x_i + B_i o_i + C_i z_i (C_i = 0 without noise)."""
+        m = self.maps[i]
+        if m.registers or m.h or m.draws > 1:
+            raise ValueError(f"{self.scheduler_name} step {i} keeps registers or draws twice; use express()")
+        return m.x[0], m.x[1], (m.x[2] if m.draws else 0.0)
 
-    def jump(self, i: int, j: int) -> tuple:
-        """Noise-free skip x_j = a x_i + b o_i (j > i), the k-step form of the scheduler's own update."""
-        if not 0 <= i < j <= self.steps:
-            raise ValueError(f"jump({i}, {j}) needs 0 <= i < j <= S = {self.steps}")
-        a, b, _ = self._map(torch.tensor([i]), torch.tensor([j]))
-        return float(a[0]), float(b[0])
+    def express(self, i: int, targets, output=None, registers_at: int | None = None) -> tuple:
+        """States x_j (j in targets, i <= j <= S) as weighted sums over what is known at anchor i.
 
-    def jumps(self, i: int, targets) -> torch.Tensor:
-        """[k, 2] float64 jump coefficients from index i to each target index."""
-        j = torch.as_tensor(list(targets), dtype=torch.long)
-        if len(j) and not (j.min() > i and j.max() <= self.steps):
-            raise ValueError(f"jump targets {j.tolist()} must lie in ({i}, {self.steps}]")
-        a, b, _ = self._map(torch.full_like(j, i), j)
-        return torch.stack([a, b], dim=1)
-
-    def extrapolated(self, i: int, prev: int, targets) -> torch.Tensor:
-        """[k, 3] coefficients over (x_i, o_i, o_prev) of drafts built with extrapolated outputs.
-
-        The model output is extrapolated linearly in log-SNR from o_prev (index prev < i) and o_i:
-        o_l ~ o_i + r_l (o_i - o_prev) with r_l = (v_l - v_i) / (v_i - v_prev), v = log(alpha^2 / sigma^2), and the
-        draft x_j is the refine chain from x_i with those outputs, x_j = P x_i + sum_l Q_l o_l: affine in the three
-        inputs. log-SNR was chosen by measurement over timestep and sigma (README, "Better drafts"). A draft whose
-        extrapolation is ill-defined is the plain jump: a repeated level, an infinite log-SNR (sigma = 1 or 0), or
-        a stochastic step between the two outputs (their difference is then mostly injected noise)."""
-        v = 2 * torch.log(self.alpha[:-1] / self.sigma[:-1])
-        out = torch.zeros(len(targets), 3, dtype=F64)
-        out[:, :2] = self.jumps(i, targets)
-        dv = v[i] - v[prev]
-        if dv == 0 or not torch.isfinite(dv) or any(self.noisy[prev:i]):
-            return out
-        for q, j in enumerate(targets):
-            r = (v[i:j] - v[i]) / dv
-            if not torch.isfinite(r).all():
-                continue  # keep the jump
-            w, _ = self.chain(i, j - i)
-            out[q] = torch.stack([w[0], (w[1:] * (1 + r)).sum(), -(w[1:] * r).sum()])
-        return out
-
-    def chain(self, i: int, m: int) -> tuple:
-        """Refine chain from anchor i over m steps as one weighted sum, in float64:
-
-        x_{i+m} = P x_i + sum_{s<m} Q[s] o_{i+s} + sum_q R[q] z_q   (R over the noisy steps, in draw order).
-        Returns (weights [m+1] = [P, Q...], noise_weights [q])."""
-        if not (0 <= i and m >= 1 and i + m <= self.steps):
-            raise ValueError(f"chain({i}, {m}) leaves the trajectory of {self.steps} steps")
-        w = torch.ones(1, dtype=F64)
-        r = torch.zeros(0, dtype=F64)
-        for s in range(i, i + m):
-            w = torch.cat([w * self.A[s], self.B[s:s + 1]])
-            if self.noisy[s]:
-                r = torch.cat([r * self.A[s], self.C[s:s + 1]])
-            else:
-                r = r * self.A[s]
-        return w, r
+        Symbols: ("x", i) the anchor sample; ("h", k) its registers; ("z", q) noise draws; ("o", l), l >= i, the
+        outputs along the chain, or whatever `output(l)` returns for them (a dict symbol -> weight: the anchor's
+        output held, an extrapolation, ...). Also returns the registers at index `registers_at` (a target) in the
+        same form. Composed in float64 in the scheduler's step order: ([dict per target], [dict per register])."""
+        targets = list(targets)
+        last = max(targets + ([registers_at] if registers_at is not None else []), default=i)
+        if not (min(targets + [last]) >= i >= 0 and last <= self.steps):
+            raise ValueError(f"express({i}, {targets}) leaves the trajectory of {self.steps} steps")
+        x = {("x", i): 1.0}
+        h = [{("h", k): 1.0} for k in range(self.registers(i))]
+        states, regs = {i: x}, {i: h}
+        for l in range(i, last):
+            m = self.maps[l]
+            o = output(l) if output is not None else {("o", l): 1.0}
+            basis = [x, o, *h, *({("z", m.first_draw + d): 1.0} for d in range(m.draws))]
+            x, h = _combine(m.x, basis), [_combine(w, basis) for w in m.h]
+            states[l + 1], regs[l + 1] = x, h
+        return [dict(states[j]) for j in targets], (regs[registers_at] if registers_at is not None else [])
 
 
-# ---------------------------------------------------------------------------------------------- builders
+    def apply(self, i: int, x, o, h=(), z=()) -> tuple:
+        """Step i on tensors: (x_{i+1}, [registers at i + 1]) from x_i, o_i, the registers at i and the step's
+        noise draws (the sequential sampler's update, with the probed weights)."""
+        m = self.maps[i]
+        basis = [x, o, *h, *z]
+        return _lin(m.x, basis), [_lin(w, basis) for w in m.h]
 
 
-def _config_value(scheduler, name, default=None):
+def _lin(weights, tensors):
+    """sum_k weights[k] * tensors[k], skipping zero weights (an unused register may be absent)."""
+    out = None
+    for w, t in zip(weights, tensors):
+        if w:
+            out = w * t if out is None else out + w * t
+    return out if out is not None else 0 * tensors[0]
+
+
+def _combine(weights, basis) -> dict:
+    acc = {}
+    for w, terms in zip(weights, basis):
+        if w:
+            for k, v in terms.items():
+                acc[k] = acc.get(k, 0.0) + w * v
+    return acc
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def _config(scheduler, name, default=None):
     return getattr(scheduler.config, name, default)
 
 
-def _check_common(scheduler, steps, step_kwargs):
+def prediction_of(scheduler) -> str:
+    """What the model predicts for this scheduler: epsilon, v_prediction, sample or flow (velocity)."""
+    if type(scheduler).__name__.startswith("FlowMatch") or _config(scheduler, "use_flow_sigmas", False) \
+            or _config(scheduler, "prediction_type") == "flow_prediction":
+        return "flow"
+    return _config(scheduler, "prediction_type", "epsilon")
+
+
+def _check_options(scheduler, steps, step_kwargs) -> tuple:
+    """Reject what cannot be affine before probing; returns (step() accepts a generator, step options)."""
     name = type(scheduler).__name__
-    if name not in SUPPORTED:
-        raise UnsupportedScheduler(f"scheduler {name} is not supported; supported: {supported_text()}")
+    if not (hasattr(scheduler, "set_timesteps") and hasattr(scheduler, "step") and hasattr(scheduler, "config")):
+        raise UnsupportedScheduler(f"{name} is not a diffusers scheduler (it needs set_timesteps, step and config)")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    train = _config_value(scheduler, "num_train_timesteps", 1000)
-    if name != "FlowMatchEulerDiscreteScheduler" and steps > train:
+    train = _config(scheduler, "num_train_timesteps", None)
+    if train is not None and not name.startswith("FlowMatch") and steps > train:
         raise ValueError(f"steps={steps} exceeds the scheduler's num_train_timesteps={train}")
-    pred = "flow" if name == "FlowMatchEulerDiscreteScheduler" else _config_value(scheduler, "prediction_type")
-    if pred not in SUPPORTED[name]:
-        raise UnsupportedScheduler(
-            f"{name} with prediction_type={pred!r} is not supported; supported: {', '.join(SUPPORTED[name])}")
-    spacing = _config_value(scheduler, "timestep_spacing")
-    if spacing is not None and spacing not in SPACINGS:
-        raise UnsupportedScheduler(f"timestep_spacing={spacing!r} is not supported; supported: {', '.join(SPACINGS)}")
-    for flag in ("clip_sample", "thresholding"):
-        if _config_value(scheduler, flag, False):
+    takes = inspect.signature(type(scheduler).__init__).parameters  # from_config keeps keys a class ignores
+    for flag in NONLINEAR_FLAGS:
+        if flag in takes and _config(scheduler, flag, False):
             raise UnsupportedScheduler(
                 f"{name} has {flag}=True, which makes a step nonlinear in the model output; turn it off with "
                 f"`scheduler = {name}.from_config(scheduler.config, {flag}=False)` (SD-family configs have it off)")
-    allowed = STEP_KWARGS[name]
+    vt = _config(scheduler, "variance_type") if "variance_type" in takes else None
+    if vt in LEARNED_VARIANCE:
+        raise UnsupportedScheduler(f"{name} variance_type={vt!r} needs a model-predicted variance, which is not "
+                                   f"affine in the model output; use variance_type='fixed_small' (or omit it)")
+    pred = prediction_of(scheduler)
+    if pred not in PREDICTIONS:
+        raise UnsupportedScheduler(f"{name} prediction_type={pred!r} is not supported; supported: "
+                                   f"epsilon, v_prediction, sample, flow_prediction")
+    params = inspect.signature(scheduler.step).parameters
+    allowed = sorted(p for p in params if p not in _STEP_ARGS and params[p].kind == params[p].POSITIONAL_OR_KEYWORD)
     unknown = sorted(set(step_kwargs) - set(allowed))
     if unknown:
-        raise ValueError(f"unknown step option(s) {unknown} for {name}; allowed: {sorted(allowed) or 'none'}")
-    return name, pred, {**allowed, **step_kwargs}
+        raise ValueError(f"unknown step option(s) {unknown} for {name}; allowed: {allowed or 'none'}")
+    if "eta" in step_kwargs and not step_kwargs["eta"] >= 0:
+        raise ValueError(f"{name} eta must be >= 0, got {step_kwargs['eta']}")
+    return "generator" in params, dict(step_kwargs)
 
 
-def build(scheduler, steps, timesteps_kwargs, step_kwargs) -> Trajectory:
-    name, pred, opts = _check_common(scheduler, steps, step_kwargs)
-    sched = copy.deepcopy(scheduler)  # set_timesteps mutates; the caller's scheduler may be serving others
-    sched.set_timesteps(steps, device="cpu", **(timesteps_kwargs or {}))
-    if len(sched.timesteps) != steps:
-        raise ValueError(f"{name}.set_timesteps({steps}) produced {len(sched.timesteps)} timesteps")
-    family = {"DDIMScheduler": _ddim, "DDPMScheduler": _ddpm,
-              "EulerDiscreteScheduler": _euler, "FlowMatchEulerDiscreteScheduler": _flow}[name]
-    parts = family(sched, steps, pred, opts)
-    i = torch.arange(steps)
-    A, B, C = parts["map"](i, i + 1)
-    C = torch.where(torch.tensor(parts["noisy"]), C, torch.zeros_like(C))
-    init = getattr(sched, "init_noise_sigma", 1.0)  # flow matching has none: the pipelines use unit noise
-    key = repr((name, sorted(dict(scheduler.config).items()), steps, sorted((timesteps_kwargs or {}).items()),
-                sorted(opts.items())))
-    return Trajectory(
-        key=key, scheduler_name=name, prediction=pred, timesteps=sched.timesteps.clone(),
-        input_divisor=parts.get("divisor", torch.ones(steps, dtype=F32)).to(F64),
-        init_noise_sigma=float(init), A=A, B=B, C=C, noisy=tuple(parts["noisy"]),
-        alpha=parts["alpha"].to(F64), sigma=parts["sigma"].to(F64),
-        in_alpha=parts["in_alpha"].to(F64), in_sigma=parts["in_sigma"].to(F64), _map=parts["map"])
+@contextlib.contextmanager
+def _drawing(sched, draw):
+    """Inside the block the scheduler's noise comes from draw(shape, dtype) instead of diffusers' randn_tensor."""
+    mods = {sys.modules[c.__module__] for c in type(sched).__mro__ if c.__module__ in sys.modules}
+    mods = [m for m in mods if hasattr(m, "randn_tensor")]
+    with _PROBE_LOCK:
+        saved = [(m, m.randn_tensor) for m in mods]
+        for m in mods:
+            m.randn_tensor = lambda shape, generator=None, device=None, dtype=None, layout=None: draw(shape, dtype)
+        try:
+            yield
+        finally:
+            for m, f in saved:
+                m.randn_tensor = f
 
 
-def _vp_levels(abar: torch.Tensor):
-    return abar.to(F64).sqrt(), (1 - abar.to(F64)).sqrt()
+def _fresh(scheduler, steps, timesteps_kwargs, start):
+    """A copy of the scheduler with its timesteps set as a pipeline sets them, and the timesteps it will run."""
+    sched = copy.deepcopy(scheduler)  # set_timesteps and step mutate; the caller's scheduler may serve others
+    try:
+        sched.set_timesteps(steps, device="cpu", **(timesteps_kwargs or {}))
+    except (ValueError, TypeError, NotImplementedError) as e:
+        raise UnsupportedScheduler(f"{type(sched).__name__}.set_timesteps({steps}) failed: {e}") from e
+    ts = sched.timesteps
+    if not 0 <= start < len(ts):
+        raise ValueError(f"start={start} must be an index into the {len(ts)} timesteps of {steps} steps")
+    if start and hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(start)
+    return sched, ts[start:]
 
 
-def _ddim(sched, steps, pred, opts):
-    eta = float(opts["eta"])
-    if eta < 0:
-        raise ValueError(f"DDIM eta must be >= 0, got {eta}")
-    ac = sched.alphas_cumprod.to(F32)
-    ts = sched.timesteps.long()
-    # DDIM's step lands on tau_i - T // S (not always tau_{i+1}: linspace/trailing rounding), or the final alpha.
-    prev = ts - sched.config.num_train_timesteps // steps
-    final = sched.final_alpha_cumprod.to(F32)
-    a_src = ac[ts]
-    a_land = torch.where(prev >= 0, ac[prev.clamp(min=0)], final)  # a_land[j-1]: level of index j
-
-    def map_(i, j):
-        a_t, a_p = a_src[i], a_land[j - 1]
-        b_t = 1 - a_t
-        var = ((1 - a_p) / b_t) * (1 - a_t / a_p)
-        std = eta * var ** 0.5
-        dir_ = (1 - a_p - std ** 2) ** 0.5
-        sa_t, sb_t, sa_p = (v.to(F64) for v in (a_t ** 0.5, b_t ** 0.5, a_p ** 0.5))
-        dir_ = dir_.to(F64)
-        if pred == "epsilon":   # x0 = (x - sb_t o) / sa_t, eps = o
-            A, B = sa_p / sa_t, dir_ - sa_p * sb_t / sa_t
-        else:                   # x0 = sa_t x - sb_t o, eps = sa_t o + sb_t x
-            A, B = sa_p * sa_t + dir_ * sb_t, dir_ * sa_t - sa_p * sb_t
-        return A, B, std.to(F64)
-
-    alpha, sigma = _vp_levels(torch.cat([a_src, a_land[-1:]]))
-    return dict(map=map_, noisy=[eta > 0] * steps, alpha=alpha, sigma=sigma,
-                in_alpha=alpha[:-1], in_sigma=sigma[:-1])
+def _run(sched, ts, x, outputs, draw, step_kwargs, accepts_generator) -> tuple:
+    """The diffusers loop on given outputs: (model inputs, states x_0..x_S); noise from draw(shape, dtype)."""
+    inputs, states = [], [x]
+    kw = dict(step_kwargs, **({"generator": None} if accepts_generator else {}))
+    with _drawing(sched, draw):
+        for i, t in enumerate(ts):
+            inputs.append(sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x)
+            x = sched.step(outputs(i), t, x, return_dict=True, **kw).prev_sample
+            states.append(x)
+    return inputs, states
 
 
-def _ddpm(sched, steps, pred, opts):
-    vt = sched.config.variance_type
-    if vt not in DDPM_VARIANCES:
-        raise UnsupportedScheduler(f"DDPMScheduler variance_type={vt!r} is not supported (it is not affine in the "
-                                   f"model output); supported: {', '.join(DDPM_VARIANCES)}")
-    ac = sched.alphas_cumprod.to(F32)
-    ts = sched.timesteps.long()
-    a_src = ac[ts]
-    a_land = torch.cat([a_src[1:], torch.ones(1, dtype=F32)])  # DDPM steps to the next listed timestep, then to 1
-
-    def map_(i, j):
-        a_t, a_p = a_src[i], a_land[j - 1]
-        b_t, b_p = 1 - a_t, 1 - a_p
-        cur_a = a_t / a_p
-        cur_b = 1 - cur_a
-        c0 = ((a_p ** 0.5 * cur_b) / b_t).to(F64)
-        cs = (cur_a ** 0.5 * b_p / b_t).to(F64)
-        var = torch.clamp((1 - a_p) / (1 - a_t) * cur_b, min=1e-20)
-        std = {"fixed_small": var ** 0.5, "fixed_small_log": torch.exp(0.5 * torch.log(var)),
-               "fixed_large": cur_b ** 0.5}[vt]
-        sa_t, sb_t = (a_t ** 0.5).to(F64), (b_t ** 0.5).to(F64)
-        if pred == "epsilon":
-            A, B = c0 / sa_t + cs, -c0 * sb_t / sa_t
-        else:
-            A, B = c0 * sa_t + cs, -c0 * sb_t
-        return A, B, std.to(F64)
-
-    alpha, sigma = _vp_levels(torch.cat([a_src, a_land[-1:]]))
-    return dict(map=map_, noisy=[bool(t > 0) for t in ts], alpha=alpha, sigma=sigma,
-                in_alpha=alpha[:-1], in_sigma=sigma[:-1])
+def _slots(sched) -> list:
+    """Where the scheduler keeps probe tensors between steps: [(attribute, list index or None)]."""
+    out = []
+    for name, v in vars(sched).items():
+        if _is_probe(v):
+            out.append((name, None))
+        elif isinstance(v, list):
+            out += [(name, j) for j, u in enumerate(v) if _is_probe(u)]
+    return out
 
 
-def _euler(sched, steps, pred, opts):
-    sig = sched.sigmas.to(F32)  # [S+1]
-    churn, tmin, tmax, s_noise = (float(opts[k]) for k in ("s_churn", "s_tmin", "s_tmax", "s_noise"))
-    gamma = torch.tensor([min(churn / (len(sig) - 1), 2 ** 0.5 - 1) if tmin <= s <= tmax else 0.0
-                          for s in sig[:-1].tolist()], dtype=F64)
-    sig_hat = sig[:-1] * (gamma + 1).to(F32)
-    churn_std = ((sig_hat ** 2 - sig[:-1] ** 2) ** 0.5).to(F64) * s_noise  # x_hat = x + churn_std z
-    divisor = (sig[:-1] ** 2 + 1) ** 0.5
-
-    def map_(i, j):
-        s, sh = sig[i], sig_hat[i]
-        dt = (sig[j] - sh).to(F64)
-        sh64 = sh.to(F64)
-        if pred == "epsilon":   # x0 = x_hat - sigma_hat o: the derivative is o
-            A, B = torch.ones_like(dt), dt
-        else:                   # x0 = c_out o + x_hat / (sigma^2 + 1); derivative = (x_hat - x0) / sigma_hat
-            c_out = (-s / (s ** 2 + 1) ** 0.5).to(F64)
-            d2 = (s ** 2 + 1).to(F64)
-            A, B = 1 + dt / sh64 - dt / (sh64 * d2), -dt * c_out / sh64
-        return A, B, A * churn_std[i]
-
-    s64 = sig.to(F64)
-    return dict(map=map_, noisy=(gamma > 0).tolist(), divisor=divisor,
-                alpha=torch.ones_like(s64), sigma=s64,
-                in_alpha=1 / (1 + s64[:-1] ** 2).sqrt(), in_sigma=s64[:-1] / (1 + s64[:-1] ** 2).sqrt())
+def _is_probe(v) -> bool:
+    return isinstance(v, torch.Tensor) and tuple(v.shape) == (1, BASIS)
 
 
-def _flow(sched, steps, pred, opts):
-    if _config_value(sched, "stochastic_sampling", False):
-        raise UnsupportedScheduler("FlowMatchEulerDiscreteScheduler with stochastic_sampling=True is not supported; "
-                                   "use stochastic_sampling=False (the default)")
-    sig = sched.sigmas.to(F32)
+def _get(sched, slot):
+    v = getattr(sched, slot[0])
+    return v if slot[1] is None else v[slot[1]]
 
-    def map_(i, j):
-        dt = (sig[j] - sig[i]).to(F64)
-        return torch.ones_like(dt), dt, torch.zeros_like(dt)
 
-    s64 = sig.to(F64)
-    return dict(map=map_, noisy=[False] * steps, alpha=1 - s64, sigma=s64,
-                in_alpha=1 - s64[:-1], in_sigma=s64[:-1])
+def _set(sched, slot, value):
+    if slot[1] is None:
+        setattr(sched, slot[0], value)
+    else:
+        getattr(sched, slot[0])[slot[1]] = value
+
+
+def build(scheduler, steps, timesteps_kwargs=None, step_kwargs=None, start: int = 0) -> Trajectory:
+    name = type(scheduler).__name__
+    accepts_generator, step_kwargs = _check_options(scheduler, steps, step_kwargs or {})
+    sched, ts = _fresh(scheduler, steps, timesteps_kwargs, start)
+    S = len(ts)
+    if S == 0:
+        raise ValueError(f"{name}.set_timesteps({steps}) produced no timesteps")
+    unit = torch.eye(BASIS, dtype=F64)
+    dtypes, drawn = [], [0]
+
+    def draw(shape, dtype):
+        q = drawn[0]
+        if tuple(shape) != (1, BASIS) or q >= BASIS:
+            raise UnsupportedScheduler(f"{name} draws noise of shape {tuple(shape)} (or too often in a step); "
+                                       f"only latent-shaped draws are supported")
+        dtypes.append(None if dtype in (None, F64) else dtype)
+        drawn[0] += 1
+        return unit[q: q + 1].to(dtype or F64)
+
+    # Before each step the sample, the model output, every register and every noise draw become unit vectors
+    # [x, o, h_0.., z_0..], so the step's results (the next sample and the registers it leaves) are its weights.
+    xs, hs, regs, first, scales = [], [], [], [], []
+    kw = dict(step_kwargs, **({"generator": None} if accepts_generator else {}))
+    try:
+        with _drawing(sched, draw):
+            for i, t in enumerate(ts):
+                slots = _slots(sched)
+                if i:
+                    hs.append([_get(sched, sl).to(F64)[0] for sl in slots])
+                for k, sl in enumerate(slots):
+                    _set(sched, sl, unit[2 + k: 3 + k].clone())
+                regs.append(len(slots))
+                first.append(len(dtypes))
+                drawn[0] = 2 + len(slots)
+                x = unit[0:1].clone()
+                inp = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
+                scales.append(inp.to(F64)[0])
+                xs.append(sched.step(unit[1:2].clone(), t, x, return_dict=True, **kw).prev_sample.to(F64)[0])
+    except UnsupportedScheduler:
+        raise
+    except Exception as e:  # a scheduler that cannot run on probes is not one this runtime can express
+        raise UnsupportedScheduler(f"{name} could not be probed as an affine sampler: {type(e).__name__}: {e}") from e
+    hs.append([])
+    first.append(len(dtypes))
+
+    divisor = torch.empty(S, dtype=F64)
+    for i, v in enumerate(scales):
+        c = float(v[0])
+        if c == 0 or bool((v[1:] != 0).any()):
+            raise UnsupportedScheduler(f"{name}.scale_model_input is not a scaling of the sample at step {i}")
+        divisor[i] = 1.0 / c
+    for i, v in enumerate(xs + [h for hi in hs for h in hi]):
+        if not bool(torch.isfinite(v).all()):
+            raise UnsupportedScheduler(f"{name} computes non-finite weights for this configuration and {steps} steps "
+                                       f"(its own step() returns NaN or inf); try another final_sigmas_type, "
+                                       f"solver or step count")
+    maps = _step_maps(name, xs, hs, regs, first)
+    pred = prediction_of(scheduler)
+    in_alpha, in_sigma, alpha, sigma = _levels(sched, ts, start, divisor, pred)
+    init = 1.0 if start else float(getattr(sched, "init_noise_sigma", 1.0))  # flow matching has none: unit noise
+    key = trajectory_key(scheduler, steps, timesteps_kwargs, step_kwargs, start)
+    traj = Trajectory(key=key, scheduler_name=name, prediction=pred, num_inference_steps=steps, start=start,
+                      timesteps=ts.clone(), input_divisor=divisor, init_noise_sigma=init, maps=maps,
+                      draw_dtypes=tuple(dtypes), alpha=alpha, sigma=sigma, in_alpha=in_alpha, in_sigma=in_sigma)
+    last = perfect_run(traj)[-1]
+    alpha[-1], sigma[-1] = last
+    _verify(traj, scheduler, steps, timesteps_kwargs, step_kwargs, accepts_generator)
+    return traj
+
+
+def _step_maps(name, xs, hs, regs, first) -> tuple:
+    """StepMaps from the probed vectors, keeping only live registers (read by a later step, directly or not)."""
+    S = len(xs)
+    live = [[] for _ in range(S + 1)]
+    for i in range(S - 1, -1, -1):
+        n_draw = first[i + 1] - first[i]
+        read = [xs[i]] + [hs[i][k] for k in live[i + 1]]
+        for v in read:
+            if bool((v[2 + regs[i] + n_draw:] != 0).any()):
+                raise UnsupportedScheduler(f"{name} step {i} reads something that is neither its sample, its model "
+                                           f"output, a register nor its own noise")
+        live[i] = [k for k in range(regs[i]) if any(float(v[2 + k]) != 0 for v in read)]
+    maps = []
+    for i in range(S):
+        n_draw = first[i + 1] - first[i]
+        cols = [0, 1] + [2 + k for k in live[i]] + list(range(2 + regs[i], 2 + regs[i] + n_draw))
+        pick = lambda v: tuple(float(v[c]) for c in cols)  # noqa: E731
+        maps.append(StepMap(pick(xs[i]), tuple(pick(hs[i][k]) for k in live[i + 1]), first[i], n_draw,
+                            len(live[i])))
+    return tuple(maps)
+
+
+def perfect_run(traj: Trajectory) -> list:
+    """(alpha, sigma) of x_0..x_S when a perfect model is sampled from x_0 = alpha_0 x0 + sigma_0 eps: each state
+    as a weight of x0 and a vector over the independent noises (eps and every draw), whose norm is sigma.
+    A perfect model returns the prediction of the state's own noise direction. For tests and the result's level."""
+    Q = traj.draws
+    eps = torch.zeros(1 + Q, dtype=F64)
+    eps[0] = float(traj.sigma[0])
+    x, h = (float(traj.alpha[0]), eps), []
+    out = [(x[0], float(x[1].norm()))]
+    for i, m in enumerate(traj.maps):
+        a, c = x
+        s = float(c.norm())
+        u, div = c / s if s else c, float(traj.input_divisor[i])
+        o = {"epsilon": (0.0, u), "sample": (1.0, 0 * u), "flow": (-1.0, u), "v_prediction": (-s / div, a / div * u)}
+        noise = [(0.0, torch.eye(1 + Q, dtype=F64)[1 + m.first_draw + d]) for d in range(m.draws)]
+        basis = [x, o[traj.prediction], *h, *noise]
+        lin = lambda w: (sum(wi * b[0] for wi, b in zip(w, basis)), sum(wi * b[1] for wi, b in zip(w, basis)))  # noqa: E731
+        x, h = lin(m.x), [lin(w) for w in m.h]
+        out.append((x[0], float(x[1].norm())))
+    return out
+
+
+def trajectory_key(scheduler, steps, timesteps_kwargs=None, step_kwargs=None, start=0) -> str:
+    """Equal keys, equal trajectories: the scheduler's class and config, steps, start and options."""
+    config = dict(getattr(scheduler, "config", None) or {})
+    return repr((type(scheduler).__name__, sorted((k, _plain(v)) for k, v in config.items()), steps,
+                 start, sorted((k, _plain(v)) for k, v in (timesteps_kwargs or {}).items()),
+                 sorted((step_kwargs or {}).items())))
+
+
+def _plain(v):
+    """A repr-stable form of a config or set_timesteps value (numpy arrays and tensors as tuples)."""
+    if hasattr(v, "tolist"):
+        v = v.tolist()
+    return tuple(_plain(u) for u in v) if isinstance(v, (list, tuple)) else v
+
+
+def _levels(sched, ts, start, divisor, pred) -> tuple:
+    """Noise levels from the scheduler's tables: the model input at index i is in_alpha x0 + in_sigma eps, the state
+    alpha x0 + sigma eps ([S+1]; index S is filled in from a perfect model's run).
+
+    Flow sigmas s: x = (1 - s) x0 + s eps. k-diffusion sigmas k: x0 + k eps for schedulers that scale the model
+    input, VP-scaled otherwise (DPM-Solver, UniPC, DEIS). Else alphas_cumprod at the timestep the model is told (a
+    DDIM step with linspace or trailing spacing lands between listed timesteps: the model is told the listed one).
+    NaN without tables."""
+    S = len(ts)
+    sig = getattr(sched, "sigmas", None)
+    k = sig[start: start + S].to(F64) if isinstance(sig, torch.Tensor) and len(sig) >= start + S else None
+    if pred == "flow":
+        s = k if k is not None else ts.to(F64) / sched.config.num_train_timesteps
+        alpha, sigma = 1 - s, s
+    elif bool((divisor != 1).any()):
+        # x0 + k eps with the input scaled to unit variance, divisor sqrt(k^2 + 1): the table's k where it is the
+        # one the input was scaled with, else k from the divisor (KDPM2's interpolated sigmas)
+        k_div = (divisor ** 2 - 1).clamp(min=0).sqrt()
+        same = k is not None and bool(((k ** 2 + 1).sqrt() - divisor).abs().le(1e-6 * divisor).all())
+        alpha, sigma = torch.ones(S, dtype=F64), (k if same else k_div)
+    elif k is not None:  # DPM-Solver, UniPC, DEIS: VP-scaled states at k-diffusion sigmas
+        alpha = 1 / (1 + k ** 2).sqrt()
+        sigma = k * alpha
+    elif isinstance(getattr(sched, "alphas_cumprod", None), torch.Tensor):
+        abar = sched.alphas_cumprod.to(F64)[ts.long()]
+        alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    else:
+        alpha = sigma = torch.full((S,), float("nan"), dtype=F64)
+    nan = torch.full((1,), float("nan"), dtype=F64)
+    return alpha / divisor, sigma / divisor, torch.cat([alpha, nan]), torch.cat([sigma, nan])
+
+
+def _verify(traj: Trajectory, scheduler, steps, timesteps_kwargs, step_kwargs, accepts_generator):
+    """Run the scheduler on random data and outputs and compare every state with the probed maps."""
+    sched, ts = _fresh(scheduler, steps, timesteps_kwargs, traj.start)
+    g = torch.Generator().manual_seed(1234)
+    shape = (2, 3)
+    x0 = 3 * torch.randn(shape, generator=g, dtype=F64)
+    outs = 3 * torch.randn(traj.steps, *shape, generator=g, dtype=F64)
+    zs = []
+
+    def draw(shp, dtype):
+        z = torch.randn(shp, generator=g, dtype=dtype or F64)
+        zs.append(z.to(F64))
+        return z
+
+    try:
+        _, states = _run(sched, ts, x0, lambda i: outs[i], draw, step_kwargs, accepts_generator)
+    except Exception as e:
+        raise UnsupportedScheduler(f"{traj.scheduler_name} failed on random data after probing: {e}") from e
+    if len(zs) != traj.draws:
+        raise UnsupportedScheduler(f"{traj.scheduler_name} draws noise {len(zs)} times on data but "
+                                   f"{traj.draws} times on probes: its noise depends on the data")
+    x, h = x0, []
+    for i, m in enumerate(traj.maps):
+        x, h = traj.apply(i, x, outs[i], h, zs[m.first_draw: m.first_draw + m.draws])
+        b = states[i + 1].to(F64)
+        err = float((x - b).abs().max() / max(float(b.abs().max()), 1e-30))
+        if not err <= 1e-4:  # float32 arithmetic inside a scheduler is ~1e-7; nonlinear steps are O(1)
+            raise UnsupportedScheduler(
+                f"{traj.scheduler_name} is not affine in the model output (step {i} differs by {err:.2g} from "
+                f"the probed map); options that make a step nonlinear: clip_sample, thresholding, "
+                f"learned variance, sample clipping")

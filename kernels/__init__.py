@@ -1,14 +1,12 @@
-"""Fused draft and refine updates (installed as driffusion_rt.kernels).
+"""The fused combine of draft and refine updates (installed as driffusion_rt.kernels).
 
-Every draft and refine update of the runtime goes through `draft` and `refine` here. They are affine
-maps with coefficients from the trajectory (DESIGN.md section 1):
+Every draft and refine update of the runtime is one call of `combine` on the round's buffer (DESIGN.md section 1):
 
-    draft:  out[r] = sum_s coef[r, s] * inputs[s]          k outputs from 1..4 inputs, one pass
-    refine: out    = sum_r w[r] * stack[r] + sum_q wz[q] * noise[q]   one output from m (+ q) inputs
+    arena[out_rows[r]] = sum_s coef[r, s] * arena[in_rows[s]]        k outputs from s inputs, one pass
 
-Backend choice: Triton on CUDA tensors and under TRITON_INTERPRET=1 (how the tests run the kernels),
-plain torch otherwise. `backend("torch")` / `backend("triton")` force one (DRIFFUSION_KERNELS sets the
-default: auto, torch or triton).
+Backend choice: Triton on CUDA tensors and under TRITON_INTERPRET=1 (how the tests run the kernel), plain torch
+otherwise. `backend("torch")` / `backend("triton")` force one (DRIFFUSION_KERNELS sets the default: auto, torch or
+triton).
 """
 import contextlib
 import os
@@ -48,48 +46,26 @@ def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or _interpreting()
 
 
-def _check(out: torch.Tensor, tensors) -> list:
-    """Reject a non-contiguous output; copy non-contiguous inputs to contiguous ones (never read storage order)."""
-    if not out.is_contiguous():
-        raise ValueError(f"kernel output must be contiguous (got shape {tuple(out.shape)}, strides {out.stride()})")
-    fixed = []
-    for t in tensors:
-        if t.dtype != out.dtype or t.device != out.device:
-            raise ValueError(f"kernel input {t.dtype} on {t.device} does not match output {out.dtype} on {out.device}")
-        fixed.append(t if t.is_contiguous() else t.contiguous())
-    return fixed
+def combine(arena: torch.Tensor, out_rows: torch.Tensor, in_rows: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """Write arena[out_rows[r]] = sum_s coef[r, s] * arena[in_rows[s]] for every r in one pass over the inputs.
 
-
-def draft(out: torch.Tensor, inputs, coef: torch.Tensor) -> torch.Tensor:
-    """Write k drafts out[r] = sum_s coef[r, s] * inputs[s] in one pass over the 1..4 inputs.
-
-    out: [k, *shape] contiguous; inputs: tensors of `shape`; coef: [k, len(inputs)] on out's device.
-    """
-    inputs = _check(out, inputs)
-    if not 1 <= len(inputs) <= 4 or coef.shape != (out.shape[0], len(inputs)):
-        raise ValueError(f"draft: coef shape {tuple(coef.shape)} does not match {out.shape[0]} outputs x {len(inputs)} inputs")
-    if any(t.shape != out.shape[1:] for t in inputs):
-        raise ValueError(f"draft: input shapes {[tuple(t.shape) for t in inputs]} differ from {tuple(out.shape[1:])}")
-    if _use_triton(out):
+    arena: [R, ...] contiguous (the rows of a round); out_rows [k], in_rows [s]: int64 row numbers on arena's
+    device (out_rows distinct; they may repeat input rows: every input is read before any output is written);
+    coef: [k, s] (accumulation is float32, float64 for float64 data). Returns arena."""
+    if not arena.is_contiguous():
+        raise ValueError(f"combine: the arena must be contiguous (shape {tuple(arena.shape)}, strides {arena.stride()})")
+    if out_rows.dim() != 1 or in_rows.dim() != 1 or coef.shape != (out_rows.numel(), in_rows.numel()):
+        raise ValueError(f"combine: coef {tuple(coef.shape)} does not match {out_rows.numel()} outputs x "
+                         f"{in_rows.numel()} inputs")
+    for name, t in (("out_rows", out_rows), ("in_rows", in_rows), ("coef", coef)):
+        if t.device != arena.device:
+            raise ValueError(f"combine: {name} is on {t.device}, the arena on {arena.device}")
+    if out_rows.dtype != torch.int64 or in_rows.dtype != torch.int64:
+        raise ValueError("combine: row numbers must be int64 tensors")
+    if _use_triton(arena):
         from . import fused
-        return fused.draft(out, inputs, coef)
-    return fallback.draft(out, inputs, coef)
-
-
-def refine(out: torch.Tensor, stack: torch.Tensor, weights: torch.Tensor,
-           noise: torch.Tensor | None = None, noise_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Write out = sum_r weights[r] * stack[r] + sum_q noise_weights[q] * noise[q] in one pass.
-
-    out: [*shape] contiguous (may alias stack[0]); stack: [m, *shape]; weights: [m]; noise: [q, *shape] or None.
-    """
-    tensors = [stack] if noise is None else [stack, noise]
-    stack, *rest = _check(out, tensors)
-    noise = rest[0] if rest else None
-    if stack.shape[1:] != out.shape or weights.shape != (stack.shape[0],):
-        raise ValueError(f"refine: stack {tuple(stack.shape)} / weights {tuple(weights.shape)} do not match out {tuple(out.shape)}")
-    if noise is not None and (noise.shape[1:] != out.shape or noise_weights is None or noise_weights.shape != (noise.shape[0],)):
-        raise ValueError(f"refine: noise {tuple(noise.shape)} / noise_weights do not match out {tuple(out.shape)}")
-    if _use_triton(out):
-        from . import fused
-        return fused.refine(out, stack, weights, noise, noise_weights)
-    return fallback.refine(out, stack, weights, noise, noise_weights)
+        if arena.is_cuda:
+            with torch.cuda.device(arena.device):  # Triton launches on the current device
+                return fused.combine(arena, out_rows, in_rows, coef)
+        return fused.combine(arena, out_rows, in_rows, coef)
+    return fallback.combine(arena, out_rows, in_rows, coef)

@@ -1,4 +1,4 @@
-"""Plain-torch draft and refine updates: the reference semantics of the fused kernels, and the CPU path."""
+"""Plain-torch combine: the reference semantics of the fused kernel, and the CPU path."""
 import torch
 
 
@@ -7,19 +7,11 @@ def accum_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def draft(out: torch.Tensor, inputs, coef: torch.Tensor) -> torch.Tensor:
-    """out[r] = sum_s coef[r, s] * inputs[s], accumulated in float32 (float64 for float64 data)."""
-    acc = accum_dtype(out.dtype)
-    x = torch.stack([t.reshape(-1) for t in inputs]).to(acc)
-    out.view(out.shape[0], -1).copy_(coef.to(acc) @ x)
-    return out
-
-
-def refine(out, stack, weights, noise=None, noise_weights=None) -> torch.Tensor:
-    """out = sum_r weights[r] * stack[r] (+ sum_q noise_weights[q] * noise[q]); out may alias stack[0]."""
-    acc = accum_dtype(out.dtype)
-    y = weights.to(acc) @ stack.reshape(stack.shape[0], -1).to(acc)
-    if noise is not None:
-        y = y + noise_weights.to(acc) @ noise.reshape(noise.shape[0], -1).to(acc)
-    out.view(-1).copy_(y)
-    return out
+def combine(arena: torch.Tensor, out_rows: torch.Tensor, in_rows: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """arena[out_rows[r]] = sum_s coef[r, s] * arena[in_rows[s]], accumulated in float32 (float64 for float64).
+    All inputs are read before any output is written, so output rows may be input rows."""
+    acc = accum_dtype(arena.dtype)
+    flat = arena.view(arena.shape[0], -1)
+    y = coef.to(acc) @ flat.index_select(0, in_rows).to(acc)
+    flat.index_copy_(0, out_rows, y.to(arena.dtype))
+    return arena

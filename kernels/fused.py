@@ -1,7 +1,10 @@
-"""Triton kernels for the fused draft and refine updates (semantics: fallback.py).
+"""The Triton kernel of the fused combine (semantics: fallback.py).
 
-Both are memory-bound affine maps, so each kernel reads every input element once and writes every output
-element once. Tensors are treated as flat arrays; coefficients stay on the device (no host sync).
+One memory-bound affine map for every draft and refine of a round: k output rows of a buffer from s input rows of
+the same buffer. Each program owns one block of elements: it reads that block of every input once, accumulates all
+k outputs in registers ([K, BLOCK], K = k rounded up to a power of two) and writes them with one masked 2-D store
+after the last load, so outputs may alias inputs. Row offsets are int64 (buffers past 2^31 elements); row numbers
+and coefficients stay on the device (no host sync).
 """
 import os
 
@@ -14,87 +17,41 @@ from .fallback import accum_dtype
 NUM_WARPS = 4
 
 
-def block_size() -> int:
-    """Elements per program: small enough to spread SD-sized latents over many SMs; huge under the
-    interpreter, where every program costs a Python-level launch."""
-    return 1 << 16 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 1024
+def block_size(k: int, n: int | None = None) -> int:
+    """Elements per program for k outputs of n elements: about 64 accumulators per thread on a GPU; huge under
+    the interpreter, where every program costs a Python-level launch (but never much more than n)."""
+    size = 1 << 16 if os.environ.get("TRITON_INTERPRET", "0") == "1" else max(128, min(1024, 8192 // k))
+    return size if n is None else min(size, max(16, triton.next_power_of_2(n)))
 
 
 @triton.jit
-def _draft_kernel(out_ptr, x0_ptr, x1_ptr, x2_ptr, x3_ptr, coef_ptr, n, k,
-                  N_IN: tl.constexpr, BLOCK: tl.constexpr):
-    """out[r] = sum_s coef[r, s] * x_s for r < k; the accumulation dtype is coef's dtype."""
+def _combine_kernel(arena_ptr, out_rows_ptr, in_rows_ptr, coef_ptr, n, n_in, n_out,
+                    K: tl.constexpr, BLOCK: tl.constexpr):
+    """arena[out_rows[r]] = sum_s coef[r, s] * arena[in_rows[s]] on this program's block; accumulates in coef's dtype."""
     acc_ty = coef_ptr.dtype.element_ty
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n  # the last block runs past the end; the interpreter does not catch that
-    x0 = tl.load(x0_ptr + offs, mask=mask).to(acc_ty)
-    if N_IN > 1:
-        x1 = tl.load(x1_ptr + offs, mask=mask).to(acc_ty)
-    if N_IN > 2:
-        x2 = tl.load(x2_ptr + offs, mask=mask).to(acc_ty)
-    if N_IN > 3:
-        x3 = tl.load(x3_ptr + offs, mask=mask).to(acc_ty)
-    o_ptrs = out_ptr + offs
-    for r in range(k):
-        y = tl.load(coef_ptr + r * N_IN) * x0
-        if N_IN > 1:
-            y += tl.load(coef_ptr + r * N_IN + 1) * x1
-        if N_IN > 2:
-            y += tl.load(coef_ptr + r * N_IN + 2) * x2
-        if N_IN > 3:
-            y += tl.load(coef_ptr + r * N_IN + 3) * x3
-        tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
-        o_ptrs += n  # advance the pointer rather than computing r * n, which can overflow int32
+    ks = tl.arange(0, K)
+    kmask = ks < n_out
+    acc = tl.zeros([K, BLOCK], dtype=acc_ty)
+    for s in range(n_in):
+        row = tl.load(in_rows_ptr + s).to(tl.int64)
+        x = tl.load(arena_ptr + row * n + offs, mask=mask, other=0.0).to(acc_ty)
+        c = tl.load(coef_ptr + ks * n_in + s, mask=kmask, other=0.0)
+        acc += c[:, None] * x[None, :]
+    rows = tl.load(out_rows_ptr + ks, mask=kmask, other=0).to(tl.int64)
+    ptrs = arena_ptr + rows[:, None] * n + offs[None, :]
+    tl.store(ptrs, acc.to(arena_ptr.dtype.element_ty), mask=kmask[:, None] & mask[None, :])
 
 
-@triton.jit
-def _refine_kernel(out_ptr, stack_ptr, w_ptr, noise_ptr, wz_ptr, n, m, q, BLOCK: tl.constexpr):
-    """out = sum_r w[r] * stack[r] + sum_j wz[j] * noise[j]; the accumulation dtype is w's dtype."""
-    acc_ty = w_ptr.dtype.element_ty
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    acc = tl.zeros([BLOCK], dtype=acc_ty)
-    s_ptrs = stack_ptr + offs
-    for r in range(m):
-        acc += tl.load(w_ptr + r) * tl.load(s_ptrs, mask=mask).to(acc_ty)
-        s_ptrs += n
-    z_ptrs = noise_ptr + offs
-    for j in range(q):
-        acc += tl.load(wz_ptr + j) * tl.load(z_ptrs, mask=mask).to(acc_ty)
-        z_ptrs += n
-    # Single store after all loads: `out` may alias stack[0], and each program reads only its own block.
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def _coef(c: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Coefficients as a contiguous device tensor in the accumulation dtype (a no-op when already so)."""
-    return c.to(device=out.device, dtype=accum_dtype(out.dtype)).contiguous()
-
-
-def draft(out: torch.Tensor, inputs, coef: torch.Tensor) -> torch.Tensor:
-    """Launch the draft kernel: out [k, *shape] from 1..4 contiguous inputs and coef [k, len(inputs)]."""
-    n, k = out[0].numel(), out.shape[0]
-    if n == 0:
-        return out
-    xs = list(inputs) + [inputs[0]] * (4 - len(inputs))  # unused pointer slots, never read
-    block = block_size()
-    _draft_kernel[(triton.cdiv(n, block),)](out, *xs, _coef(coef, out), n, k,
-                                            N_IN=len(inputs), BLOCK=block, num_warps=NUM_WARPS)
-    return out
-
-
-def refine(out: torch.Tensor, stack: torch.Tensor, weights: torch.Tensor,
-           noise: torch.Tensor | None = None, noise_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Launch the refine kernel: out [*shape] (may alias stack[0]) from stack [m, *shape] and optional noise."""
-    n = out.numel()
-    if n == 0:
-        return out
-    w = _coef(weights, out)
-    if noise is None:
-        noise, wz, q = stack, w, 0  # unused pointer slots, never read (q = 0)
-    else:
-        wz, q = _coef(noise_weights, out), noise.shape[0]
-    block = block_size()
-    _refine_kernel[(triton.cdiv(n, block),)](out, stack, w, noise, wz, n, stack.shape[0], q,
-                                             BLOCK=block, num_warps=NUM_WARPS)
-    return out
+def combine(arena: torch.Tensor, out_rows: torch.Tensor, in_rows: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """Launch the combine kernel on a contiguous arena [R, ...] with int64 row tensors and coef [k, s]."""
+    n, k, s = arena[0].numel(), out_rows.numel(), in_rows.numel()
+    if n == 0 or k == 0:
+        return arena
+    c = coef.to(device=arena.device, dtype=accum_dtype(arena.dtype)).contiguous()
+    K = triton.next_power_of_2(k)
+    block = block_size(K, n)
+    _combine_kernel[(triton.cdiv(n, block),)](arena, out_rows, in_rows, c, n, s, k, K=K, BLOCK=block,
+                                              num_warps=NUM_WARPS)
+    return arena

@@ -1,10 +1,12 @@
 """Latency scaling of the runtime against the plan's ideal, under torchrun (one rank per device or CPU process).
 
     python perf/bench_latency.py --model fixed --modes aggressive conservative --parallel 2 4 --out DIR
+    python perf/bench_latency.py --model unet --parallel 2 4 --ranks 1     # one device: a round's drafts batched
 
-For each model and each n, one torchrun job of n ranks runs every mode: warm-up, then --repeats timed requests.
-The sequential baseline is mode=sequential on one rank. Reported per (model, mode, n): median latency and spread,
-speedup over sequential, the plan's ideal speedup, efficiency = speedup / ideal, the per-round time of each phase
+For each model and each n, one torchrun job of n ranks (or of --ranks R ranks, each evaluating ceil(n / R) drafts
+of a round as one batched call; R = 1 is the local evaluator, draft-and-refine on a single device) runs every mode:
+warm-up, then --repeats timed requests. The sequential baseline is mode=sequential on one rank. Reported per
+(model, mode, n): median latency and spread, speedup over sequential, the plan's ideal speedup, efficiency = speedup / ideal, the per-round time of each phase
 (draft, model, comm, refine) and the runtime overhead per serial round (wall time minus model time). On GPUs it
 also samples NVML memory/utilisation/power per rank and reports the extra device memory over sequential.
 Writes latency.json, latency.csv and latency.png (latency vs n with the ideal 1/n and 2/(n+1) curves) to --out.
@@ -34,7 +36,11 @@ def parser():
     p.add_argument("--modes", nargs="+", default=["sequential", "aggressive", "conservative"], choices=MODES,
                    help="sampling modes to time (sequential is always timed on one rank as the baseline)")
     p.add_argument("--parallel", nargs="+", type=int, default=None,
-                   help="n values = ranks per job (default 1 2 4 8, capped by visible GPUs, or by CPU cores)")
+                   help="n values, model evaluations per parallel round (default 1 2 4 8; without --ranks capped "
+                        "by visible GPUs, or by CPU cores)")
+    p.add_argument("--ranks", type=int, default=None,
+                   help="ranks per job (default: n, one rank per draft); fewer ranks than n batch a round's drafts, "
+                        "--ranks 1 measures single-device draft-and-refine with the local evaluator")
     p.add_argument("--steps", type=int, default=50, help="sampling steps S")
     p.add_argument("--repeats", type=int, default=5, help="timed requests per (model, mode, n)")
     p.add_argument("--warmup", type=int, default=1, help="untimed requests first (buffers, graphs, compilation)")
@@ -44,6 +50,7 @@ def parser():
     p.add_argument("--timeout", type=float, default=600, help="seconds before one torchrun job is abandoned")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="directory for latency.json/.csv/.png")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run as a torchrun rank
+    p.add_argument("--worker-parallel", type=int, default=None, help=argparse.SUPPRESS)  # internal: n of the job
     return p
 
 
@@ -92,14 +99,15 @@ def worker(args):
     model, sched, x, kw = build_model(name, args, device)
     x = x.to(device)
     sampler = Sampler(model, default_evaluator(model))
-    modes = ["sequential"] if world == 1 else []
+    n = args.worker_parallel or world
+    modes = ["sequential"] if n == 1 else []
     modes += [m for m in args.modes if m != "sequential"]
     monitor = GpuMonitor(device)
     rows = []
     with torch.no_grad():
         for mode in modes:
             extra = {"drafts": args.drafts} if mode in ("aggressive", "conservative") else {}
-            run = lambda: sampler(sched, x, steps=args.steps, mode=mode, parallel=world, model_kwargs=kw, **extra)
+            run = lambda: sampler(sched, x, steps=args.steps, mode=mode, parallel=n, model_kwargs=kw, **extra)
             for _ in range(args.warmup):
                 run()
             monitor.reset_peak()
@@ -117,7 +125,7 @@ def worker(args):
             st = outs[-1].stats
             rounds = max(len(outs[-1].plan.rounds) if outs[-1].plan else st.serial_rounds, 1)
             phases = {k: statistics.mean(o.stats.phases[k] for o in outs) for k in st.phases}
-            row = dict(model=name, mode=mode, parallel=world, steps=args.steps, repeats=args.repeats,
+            row = dict(model=name, mode=mode, parallel=n, ranks=world, steps=args.steps, repeats=args.repeats,
                        latency_s=statistics.median(times), latency_min_s=min(times), latency_max_s=max(times),
                        serial_rounds=st.serial_rounds, model_evals=st.model_evals, ideal_speedup=st.ideal_speedup,
                        rounds=rounds, **{f"{k}_ms_per_round": v / rounds * 1e3 for k, v in phases.items()},
@@ -143,25 +151,27 @@ def worker(args):
 # ----------------------------------------------------------------------------------------------- driver
 
 
-def launch(model, n, args, result):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", __file__,
-           "--worker", result, "--model", model, "--modes", *args.modes, "--steps", str(args.steps),
+def launch(model, n, ranks, args, result):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", __file__,
+           "--worker", result, "--worker-parallel", str(n), "--model", model, "--modes", *args.modes,
+           "--steps", str(args.steps),
            "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--model-cost", str(args.model_cost),
            "--threads", str(args.threads), "--drafts", args.drafts]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     if r.returncode != 0:
-        raise RuntimeError(f"benchmark job ({model}, n={n}) failed:\n{r.stderr[-4000:]}")
+        raise RuntimeError(f"benchmark job ({model}, n={n}, {ranks} ranks) failed:\n{r.stderr[-4000:]}")
     with open(result) as f:
         return json.load(f)
 
 
 def table(rows) -> str:
-    cols = [("model", "{}"), ("mode", "{}"), ("parallel", "{}"), ("latency_s", "{:.3f}"), ("speedup", "{:.2f}x"),
-            ("ideal_speedup", "{:.2f}x"), ("efficiency", "{:.3f}"), ("overhead_ms_per_serial_round", "{:.2f}"),
+    cols = [("model", "{}"), ("mode", "{}"), ("parallel", "{}"), ("ranks", "{}"), ("latency_s", "{:.3f}"),
+            ("speedup", "{:.2f}x"), ("ideal_speedup", "{:.2f}x"), ("efficiency", "{:.3f}"),
+            ("overhead_ms_per_serial_round", "{:.2f}"),
             ("comm_ms_per_round", "{:.2f}"), ("draft_ms_per_round", "{:.3f}"), ("refine_ms_per_round", "{:.3f}")]
-    head = ["model", "mode", "n", "latency s (median)", "speedup", "ideal", "efficiency", "overhead ms/serial round",
-            "comm ms/round", "draft ms/round", "refine ms/round"]
+    head = ["model", "mode", "n", "ranks", "latency s (median)", "speedup", "ideal", "efficiency",
+            "overhead ms/serial round", "comm ms/round", "draft ms/round", "refine ms/round"]
     if any("extra_device_mb" in r for r in rows):
         cols += [("extra_device_mb", "{:+.0f}"), ("gpu_util_mean_pct", "{:.0f}")]
         head += ["extra device MB vs sequential", "GPU util %"]
@@ -187,7 +197,9 @@ def plot(rows, path):
             pts = sorted((r["parallel"], r["latency_s"]) for r in mine if r["mode"] == mode)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=mode)
         ax.axhline(seq, color="gray", lw=0.8, label="sequential")
-        ax.set(title=f"{model}", xlabel="n (ranks)", ylabel="latency (s)", xticks=ns)
+        one_rank = all(r["ranks"] == 1 for r in mine)
+        ax.set(title=f"{model}" + (" (one rank: drafts batched)" if one_rank else ""),
+               xlabel="n" if one_rank else "n (ranks)", ylabel="latency (s)", xticks=ns)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -197,10 +209,11 @@ def main(argv=None):
     args = parser().parse_args(argv)
     if args.worker:
         return worker(args)
-    for name, v in (("steps", args.steps), ("repeats", args.repeats), ("threads", args.threads)):
-        if v < 1:
+    for name, v in (("steps", args.steps), ("repeats", args.repeats), ("threads", args.threads),
+                    ("ranks", args.ranks)):
+        if v is not None and v < 1:
             parser().error(f"--{name} must be >= 1, got {v}")
-    ns = args.parallel or default_parallel()
+    ns = args.parallel or (default_parallel() if args.ranks is None else [1, 2, 4, 8])
     if any(n < 1 for n in ns):
         parser().error(f"--parallel values must be >= 1, got {ns}")
     ns = sorted(set([1] + ns))  # n = 1 carries the sequential baseline
@@ -213,12 +226,14 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.model:
             for n in ns:
-                if not torch.cuda.is_available() and model != "fixed" and n > cores:
+                ranks = n if args.ranks is None else min(args.ranks, n)
+                if not torch.cuda.is_available() and model != "fixed" and ranks > cores:
                     # a compute-bound model on more CPU ranks than cores measures oversubscription, not the runtime
-                    print(f"[bench] {model}: skipping n={n} > {cores} CPU cores (only the fixed-cost model sleeps)")
+                    print(f"[bench] {model}: skipping {ranks} ranks > {cores} CPU cores (only the fixed-cost model "
+                          f"sleeps)")
                     continue
-                print(f"[bench] {model}: {n} rank(s), modes {' '.join(args.modes)} ...", flush=True)
-                rows += launch(model, n, args, os.path.join(tmp, f"{model}-{n}.json"))
+                print(f"[bench] {model}: n={n} on {ranks} rank(s), modes {' '.join(args.modes)} ...", flush=True)
+                rows += launch(model, n, ranks, args, os.path.join(tmp, f"{model}-{n}.json"))
     for model in args.model:
         seq = next(r for r in rows if r["model"] == model and r["mode"] == "sequential")
         for r in rows:

@@ -65,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of noises, classifier init and projections (default 0)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--tolerance", type=float, default=0.05, help="tolerance of the picard / parasolver rows")
+    p.add_argument("--schedulers", nargs="*", default=["dpm++2m", "unipc"],
+                   help="further schedulers (short names) with sequential, aggressive and conservative rows "
+                        "(default dpm++2m unipc; the main rows use DDIM)")
     p.add_argument("--skip-digits", action="store_true", help="only the Gaussian-mixture part")
     p.add_argument("--skip-gmm", action="store_true", help="only the digits part")
     args = p.parse_args(argv)
@@ -180,23 +183,26 @@ def digits_part(args, configs, log=print) -> dict:
     ref_idx = torch.randperm(len(x_tr), generator=g)[: len(x_te)]
     floor = frechet_distance(clf.features(x_tr[ref_idx]), real_feat)
 
-    unet, sched = dg.load_digits_model(args.model)
+    unet, _ = dg.load_digits_model(args.model)
     model = dg.DigitsModel(unet, args.guidance)
     sampler = Sampler(model)
     labels = torch.arange(10).repeat(args.per_class)
     noise = torch.randn(len(labels), 1, dg.RESOLUTION, dg.RESOLUTION, generator=g)
-    out, seq = {}, None
+    out, seqs = {}, {}
     for cfg in configs + fine_config(args):
         mode, n, steps, opts = cfg
+        opts = dict(opts)
+        name = opts.pop("scheduler", "ddim")
+        sched = dg.make_scheduler(name, args.model)
         t0, finals, rounds = time.perf_counter(), [], 0
         for k in range(0, len(labels), args.batch):
             o = sampler(sched, noise[k: k + args.batch], steps=steps, mode=mode, parallel=n,
                         generator=torch.Generator().manual_seed(args.seed),
-                        model_kwargs={"labels": labels[k: k + args.batch]}, **dict(opts))
+                        model_kwargs={"labels": labels[k: k + args.batch]}, **opts)
             finals.append(o.sample)
             rounds = max(rounds, o.stats.serial_rounds)
         lat = torch.cat(finals)
-        seq = lat if seq is None else seq
+        seq = seqs.setdefault(name, lat)  # each scheduler's first row is its sequential sample
         images = dg.to_images(lat)
         inp = images_to_input(images)
         acc = float((clf(inp).argmax(1) == labels).double().mean())
@@ -210,16 +216,19 @@ def digits_part(args, configs, log=print) -> dict:
             "n_held_out": len(x_te), "guidance": args.guidance}
 
 
-def gmm_scheduler():
-    """Stable Diffusion's DDIM configuration (scaled-linear betas, leading spacing), as for the runtime's toy models."""
+def gmm_scheduler(name: str = "ddim"):
+    """Stable Diffusion's DDIM configuration (scaled-linear betas, leading spacing), as for the runtime's toy models,
+    or another scheduler by short name built from it."""
     from diffusers import DDIMScheduler
-    return DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+
+    from driffusion_rt import schedulers
+    ddim = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                          set_alpha_to_one=False, steps_offset=1)
+    return ddim if name == "ddim" else schedulers.build(name, ddim.config)
 
 
 def gmm_part(args, configs, log=print) -> dict:
     mixture = GaussianMixture.random(8, shape=(4, 8, 8), seed=0)
-    sched = gmm_scheduler()
     n = args.gmm_samples
     g = torch.Generator().manual_seed(args.seed + 1)
     noise = torch.randn(n, *mixture.shape, generator=g, dtype=torch.float64)
@@ -227,18 +236,20 @@ def gmm_part(args, configs, log=print) -> dict:
     true_b, comp_b = mixture.sample(n, generator=torch.Generator().manual_seed(args.seed + 3))
     floor = sliced_wasserstein(true_a, true_b, seed=args.seed)
     true_spread = spread(mixture, true_b, comp_b)
-    out, seq, seq_comp, samplers = {}, None, None, {}
+    out, seqs, samplers = {}, {}, {}
     for cfg in configs + fine_config(args):
         mode, p, steps, opts = cfg
-        if steps not in samplers:  # the model is exact on one trajectory's timesteps
-            samplers[steps] = Sampler(GaussianMixtureModel.for_scheduler(mixture, sched, steps))
+        opts = dict(opts)
+        name = opts.pop("scheduler", "ddim")
+        sched = gmm_scheduler(name)
+        if (name, steps) not in samplers:  # the model is exact on one trajectory's timesteps
+            samplers[name, steps] = Sampler(GaussianMixtureModel.for_scheduler(mixture, sched, steps))
         t0 = time.perf_counter()
-        o = samplers[steps](sched, noise, steps=steps, mode=mode, parallel=p,
-                            generator=torch.Generator().manual_seed(args.seed), **dict(opts))
+        o = samplers[name, steps](sched, noise, steps=steps, mode=mode, parallel=p,
+                                  generator=torch.Generator().manual_seed(args.seed), **opts)
         lat = o.sample
         comp = mixture.classify(lat)
-        if seq is None:
-            seq, seq_comp = lat, comp
+        seq, seq_comp = seqs.setdefault(name, (lat, comp))  # each scheduler's first row is its sequential sample
         r = {"sw": sliced_wasserstein(lat, true_a, seed=args.seed),
              "same_comp": float((comp == seq_comp).double().mean()),
              "spread": spread(mixture, lat, comp),
@@ -290,7 +301,9 @@ def build(args, configs, dig, gmm) -> tuple:
         lines.append(_row_line(r["mode"], r["n"], r["serial_rounds"], f"{r['ideal_speedup']:.2f}x", d, m))
     notes = [f"S = {args.steps} DDIM steps (eta 0), local evaluator (all points of a round in one batched call; "
              f"the distributed evaluator gives the same samples), seed {args.seed}. rel. dev. = mean |x - x_seq| / "
-             f"|x_seq| against the {args.steps}-step sequential sample from the same noise.",
+             f"|x_seq| against the {args.steps}-step sequential sample from the same noise (of the same scheduler).",
+             "Rows prefixed with a scheduler name use that scheduler (driffusion_rt.schedulers short names, built from "
+             "the same noise schedule) with the paper's jump drafts generalised as the scheduler's own chain.",
              "+extrapolate: drafts from extrapolated model outputs (drafts='extrapolate'); the other draft-and-refine "
              "rows use the paper's jumps. picard and parasolver iterate to the tolerance shown with window p = n "
              "(parasolver: N = S/2 subintervals, M = 2 preconditioning); their serial rounds depend on the data: the "
@@ -324,9 +337,10 @@ def write_atomic(path: Path, text: str):
 def label(cfg) -> str:
     mode, _, _, opts = cfg
     o = dict(opts)
+    prefix = f"{o['scheduler']}: " if "scheduler" in o else ""
     if o.get("drafts") == "extrapolate":
-        return f"{mode} +extrapolate"
-    return f"{mode} (tol {o['tolerance']:g})" if "tolerance" in o else mode
+        return f"{prefix}{mode} +extrapolate"
+    return prefix + (f"{mode} (tol {o['tolerance']:g})" if "tolerance" in o else mode)
 
 
 def fine_config(args) -> list:
@@ -342,6 +356,9 @@ def make_configs(args) -> list:
     cfgs += [("picard", n, S, (("tolerance", tol), ("window", n))) for n in args.parallel]
     cfgs += [("parasolver", n, S, (("preconditioning", 2), ("subintervals", S // 2), ("tolerance", tol),
                                    ("window", n))) for n in args.parallel]
+    for name in args.schedulers:  # multistep schedulers: their own sequential row first, then the parallel modes
+        cfgs += [("sequential", 1, S, (("scheduler", name),))]
+        cfgs += [(m, n, S, (("scheduler", name),)) for m in ("aggressive", "conservative") for n in args.parallel]
     return cfgs
 
 

@@ -144,9 +144,12 @@ def test_quality_quick_writes_table(tmp_path):
     rows = json.loads((tmp_path / "quality.json").read_text())["rows"]
     modes = ["sequential"] + [f"{m}{d}" for d in ("", " +extrapolate") for m in ("aggressive", "conservative")
                               for _ in (2, 4, 8)] + [f"{m} (tol 0.05)" for m in ("picard", "parasolver") for _ in (2, 4, 8)]
+    for name in ("dpm++2m", "unipc"):  # further schedulers: their own sequential row, then the parallel modes
+        modes += [f"{name}: sequential"] + [f"{name}: {m}" for m in ("aggressive", "conservative") for _ in (2, 4, 8)]
     assert [r["mode"] for r in rows] == modes
-    assert [r["n"] for r in rows] == [1] + [2, 4, 8] * 6
-    assert rows[0]["digits_rel_dev"] == 0 and rows[0]["gmm_same_comp"] == 1
+    assert [r["n"] for r in rows] == [1] + [2, 4, 8] * 6 + ([1] + [2, 4, 8] * 2) * 2
+    for first in (0, 19, 26):  # each scheduler's deviations are measured against its own sequential sample
+        assert rows[first]["digits_rel_dev"] == 0 and rows[first]["gmm_same_comp"] == 1
     assert all(0 <= r["digits_class_acc"] <= 1 and r["gmm_sw"] > 0 for r in rows)
     # a static plan's serial rounds are the plan's; the iterative modes report what they ran
     assert [r["serial_rounds"] for r in rows[1:4]] == [6, 4, 3] and all(r["serial_rounds"] >= 1 for r in rows)

@@ -5,7 +5,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-from driffusion_rt import GaussianMixture, GaussianMixtureModel, Trajectory, kernels, sample
+from driffusion_rt import GaussianMixture, GaussianMixtureModel, Trajectory, kernels, make_plan, sample
+from driffusion_rt.rounds import round_weights
 
 F64 = torch.float64
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
@@ -55,36 +56,67 @@ def test_same_rounds_and_evaluations_and_n1_is_still_exact(mode):
 
 def test_extrapolation_is_the_chain_with_linearly_extrapolated_outputs():
     traj = Trajectory.from_scheduler(DDIM, 30)
-    i, prev, targets = 10, 9, (11, 13, 16)
-    coef = traj.extrapolated(i, prev, targets)
+    plan = make_plan("aggressive", 30, 4)
+    r = 3
+    rnd, w = plan.rounds[r], round_weights(traj, plan, "extrapolate")[r]
+    i, prev = rnd.anchor, rnd.anchor - 1
     g = torch.Generator().manual_seed(0)
     x, o_i, o_p = (torch.randn(6, dtype=F64, generator=g) for _ in range(3))
     v = 2 * torch.log(traj.alpha / traj.sigma)
-    for q, j in enumerate(targets):
+    for q, j in enumerate(rnd.drafts):
         y = x
         for l in range(i, j):
             o_l = o_i + (v[l] - v[i]) / (v[i] - v[prev]) * (o_i - o_p)
             A, B, _ = traj.step(l)
             y = A * y + B * o_l
-        assert ((coef[q, 0] * x + coef[q, 1] * o_i + coef[q, 2] * o_p) - y).abs().max() <= 1e-12
+        d = w.drafts[q]
+        assert set(d) <= {"x", "o", "prev"}
+        assert ((d["x"] * x + d["o"] * o_i + d.get("prev", 0.0) * o_p) - y).abs().max() <= 1e-12
+
+
+def _prev_weights(traj, plan, r):
+    return [d.get("prev", 0.0) for d in round_weights(traj, plan, "extrapolate")[r].drafts]
 
 
 def test_ill_defined_extrapolation_falls_back_to_jumps():
     traj = Trajectory.from_scheduler(DDIM, 20)
-    # a repeated level: index 4 told the same timestep/level as index 5
-    alpha, sigma = traj.alpha.clone(), traj.sigma.clone()
-    alpha[4], sigma[4] = alpha[5], sigma[5]
-    repeated = dataclasses.replace(traj, alpha=alpha, sigma=sigma)
-    jumps = traj.jumps(5, (6, 7))
-    assert torch.equal(repeated.extrapolated(5, 4, (6, 7))[:, :2], jumps)
-    assert torch.equal(repeated.extrapolated(5, 4, (6, 7))[:, 2], torch.zeros(2, dtype=F64))
-    # flow matching starts at sigma = 1: log-SNR is -inf there
+    plan = make_plan("aggressive", 20, 5)  # round 1: anchor 5, paired with output 4
+    assert plan.rounds[1].anchor == 5
+    jumps = round_weights(traj, plan, "jump")[1].drafts
+    # a repeated level: index 4 told the same level as index 5
+    in_alpha, in_sigma = traj.in_alpha.clone(), traj.in_sigma.clone()
+    in_alpha[4], in_sigma[4] = in_alpha[5], in_sigma[5]
+    repeated = dataclasses.replace(traj, in_alpha=in_alpha, in_sigma=in_sigma)
+    assert round_weights(repeated, plan, "extrapolate")[1].drafts == jumps
+    assert any(_prev_weights(traj, plan, 1))
+    # flow matching starts at sigma = 1: log-SNR is -inf there (round 1 pairs anchor 3 with output 2, round 0 has none)
     flow = Trajectory.from_scheduler(FlowMatchEulerDiscreteScheduler(shift=3.0), 10)
-    assert torch.equal(flow.extrapolated(3, 0, (4, 5))[:, 2], torch.zeros(2, dtype=F64))
-    assert flow.extrapolated(3, 2, (4, 5))[1, 2] != 0  # (draft i+1 uses o_i alone either way)
+    fplan = make_plan("conservative", 10, 2)
+    assert fplan.rounds[1].anchor == 3 and not any(_prev_weights(flow, fplan, 1))
+    assert any(_prev_weights(flow, fplan, 2))
     # a stochastic step between the two outputs: their difference is mostly noise
     ddpm = Trajectory.from_scheduler(DDPMScheduler(clip_sample=False), 10)
-    assert torch.equal(ddpm.extrapolated(3, 2, (4, 5))[:, 2], torch.zeros(2, dtype=F64))
+    assert not any(_prev_weights(ddpm, make_plan("aggressive", 10, 3), 2))
+
+
+def test_drafts_carry_the_noise_the_refine_adds():
+    """Noise-consistent drafts: draft j holds exactly the noise weights of the refine chain from the anchor to j
+    (so the model sees the noise it must remove); the first draft is the exact step."""
+    traj = Trajectory.from_scheduler(DDPMScheduler(clip_sample=False, **SD), 12)
+    plan = make_plan("aggressive", 12, 4)
+    for rnd, w in zip(plan.rounds, round_weights(traj, plan, "jump")):
+        i = rnd.anchor
+        for q, j in enumerate(rnd.drafts):
+            (chain,), _ = traj.express(i, [j])
+            noise = {k: c for k, c in chain.items() if k[0] == "z"}
+            first = traj.maps[i].first_draw
+            assert {("z", k[1] - first): c for k, c in noise.items()} == \
+                {k: c for k, c in w.drafts[q].items() if isinstance(k, tuple) and k[0] == "z"}
+            assert len(noise) == sum(traj.noisy[i:j])
+        if rnd.drafts:
+            (step,), _ = traj.express(i, [i + 1])
+            assert w.drafts[0] == {("x" if k == ("x", i) else "o" if k == ("o", i) else ("z", 0)): c
+                                   for k, c in step.items()}
 
 
 def test_sampler_falls_back_to_jumps_for_stochastic_schedulers():

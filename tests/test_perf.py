@@ -37,11 +37,27 @@ def test_bench_latency_writes_rows_with_the_documented_fields(tmp_path):
     assert (tmp_path / "latency.png").stat().st_size > 0
 
 
+@pytest.mark.slow
+def test_bench_latency_one_rank_batches_the_drafts(tmp_path):
+    """--ranks 1: n above the ranks, the local evaluator evaluates a round's drafts in one call."""
+    r = run("bench_latency.py", "--model", "fixed", "--modes", "aggressive", "--parallel", "2", "4", "--ranks", "1",
+            "--out", str(tmp_path), "--steps", "6", "--repeats", "1", "--warmup", "0", "--model-cost", "0.005")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((tmp_path / "latency.json").read_text())["rows"]
+    assert {(row["mode"], row["parallel"], row["ranks"]) for row in rows} == {
+        ("sequential", 1, 1), ("aggressive", 2, 1), ("aggressive", 4, 1)}
+    agg4 = next(row for row in rows if row["parallel"] == 4)
+    assert agg4["serial_rounds"] == 3 and agg4["backend"] == "local"  # 1 + ceil(5 / 4) rounds, one process
+    assert "| fixed | aggressive | 4 | 1 |" in r.stdout
+
+
 def test_bench_kernels_on_cpu_times_the_fallback_only(tmp_path):
     r = run("bench_kernels.py", "--sizes", "1x4x8x8", "--k", "2", "--m", "2", "--repeats", "2", "--warmup", "1",
             "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "NOT performance numbers" in r.stdout
+    rows = json.loads(next(tmp_path.glob("bench_kernels_cpu_*.json")).read_text())["results"]
+    assert rows and all(row["copy_GBps"] > 0 and row["fallback_copy_pct"] > 0 for row in rows)
     assert list(tmp_path.glob("bench_kernels_cpu_*.json")) and list(tmp_path.glob("bench_kernels_cpu_*.csv"))
 
 
@@ -54,3 +70,126 @@ def test_bench_drafts_table(tmp_path):
     ddpm = [row for row in rows if row["scheduler"].startswith("DDPM")]
     assert all(row["ratio"] == 1.0 for row in ddpm)  # stochastic steps: extrapolation falls back to jumps
     assert "| DDIM epsilon | aggressive |" in (tmp_path / "drafts.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- gpu_monitor
+
+
+class FakeNVML:
+    """A pynvml stand-in: devices by UUID, a per-device memory reading, power not supported on every device."""
+
+    class NVMLError(Exception):
+        pass
+
+    class NVMLError_NotSupported(NVMLError):  # noqa: N801 (pynvml's name)
+        pass
+
+    def __init__(self, uuids):
+        self.uuids, self.inits, self.shutdowns = uuids, 0, 0
+
+    def nvmlInit(self):
+        self.inits += 1
+
+    def nvmlShutdown(self):
+        self.shutdowns += 1
+
+    def nvmlDeviceGetCount(self):
+        return len(self.uuids)
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return i
+
+    def nvmlDeviceGetUUID(self, h):
+        return self.uuids[h].encode()  # older pynvml returns bytes
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return type("Mem", (), {"used": (h + 1) * 2**30})()
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        return type("Util", (), {"gpu": 10 * (h + 1)})()
+
+    def nvmlDeviceGetPowerUsage(self, h):
+        raise self.NVMLError_NotSupported("power readings are not supported")
+
+
+@pytest.fixture
+def monitor_module(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "perf"))
+    import gpu_monitor
+    monkeypatch.setattr(gpu_monitor, "_allocator_peak_mb", lambda device: 123.0)
+    return gpu_monitor
+
+
+def test_gpu_monitor_matches_the_nvml_device_by_uuid(monkeypatch, monitor_module):
+    import torch
+    nv = FakeNVML(["GPU-aaaa-1111", "GPU-BBBB-2222", "GPU-cccc-3333"])
+    monkeypatch.setitem(sys.modules, "pynvml", nv)
+    # torch's cuda:0 under CUDA_VISIBLE_DEVICES=1 is NVML's device 1: the index must not be used
+    monkeypatch.setattr(monitor_module, "torch_uuid", lambda device: monitor_module.normalise_uuid("bbbb-2222"))
+    mon = monitor_module.GpuMonitor(torch.device("cuda", 0), period=0.01)
+    for _ in range(2):
+        with mon:
+            pass
+    s = mon.summary()
+    assert s["gpu_nvml_used_max_mb"] == 2 * 1024 and s["gpu_util_mean_pct"] == 20
+    assert s["gpu_unsupported"] == ["power"] and "gpu_power_mean_w" not in s  # dropped alone
+    assert s["gpu_peak_allocated_mb"] == 123.0
+    assert nv.inits == nv.shutdowns == 2  # NVML shut down after every window
+
+
+def test_gpu_monitor_without_a_matching_device_keeps_the_allocator_numbers(monkeypatch, monitor_module):
+    import torch
+    nv = FakeNVML(["GPU-aaaa"])
+    monkeypatch.setitem(sys.modules, "pynvml", nv)
+    monkeypatch.setattr(monitor_module, "torch_uuid", lambda device: "ffff")
+    mon = monitor_module.GpuMonitor(torch.device("cuda", 0))
+    with mon:
+        pass
+    s = mon.summary()
+    assert "no NVML device has torch's UUID ffff" in s["gpu_note"] and "aaaa" in s["gpu_note"]
+    assert "gpu_nvml_used_max_mb" not in s and s["gpu_peak_allocated_mb"] == 123.0
+    assert nv.inits == nv.shutdowns == 1
+    assert monitor_module.GpuMonitor(torch.device("cpu")).summary() == {"gpu_note": "no GPU"}
+
+
+# ---------------------------------------------------------------------------------------------- gpu_proof
+
+
+@pytest.mark.slow
+def test_gpu_proof_cpu_dry_run_runs_every_section(tmp_path):
+    """The proof's flow on CPU with tiny sizes, so a run on a GPU is never wasted on a typo."""
+    r = run("gpu_proof.py", "--cpu-dry-run", "--out", str(tmp_path), timeout=900)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    checks = json.loads((tmp_path / "gpu_cpu_dry_run.json").read_text())
+    names = [c["name"] for c in checks]
+    assert len(names) == len(set(names))
+    assert all(c["status"] in ("PASS", "INFO") for c in checks), [c for c in checks if c["status"] == "FAIL"]
+    for section in ("environment", "kernels.", "pipelines.", "staging.", "models.", "sd15.", "nccl.", "cli.",
+                    "nvml.", "scope."):
+        assert any(n.startswith(section) for n in names), section
+    for kind in ("sd15", "sdxl", "sd3", "flux"):
+        assert f"pipelines.{kind}.float32.sequential_eq_diffusers" in names
+    assert {"sd15.latency.sequential.n1", "sd15.latency.aggressive.n4", "sd15.latency.conservative.n2"} <= set(names)
+    for line in r.stdout.splitlines():  # one line per check: name: STATUS numbers
+        if line.split(":")[0] in names:
+            assert line.split(": ", 1)[1].split(" ")[0] in ("PASS", "INFO"), line
+    md = (tmp_path / "gpu_cpu_dry_run.md").read_text()
+    assert "CPU dry run" in md and "| staging.ddpm_aggressive_n4_cpu_generator | PASS |" in md
+
+
+def test_gpu_proof_without_a_gpu_says_how_to_dry_run(tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: this checks the message a GPU-less machine prints")
+    r = run("gpu_proof.py", "--out", str(tmp_path), "--only", "environment", timeout=300)
+    assert r.returncode == 2 and "--cpu-dry-run" in r.stderr and not list(tmp_path.iterdir())
+
+
+def test_gpu_selfcheck_without_a_gpu_fails_before_installing_anything():
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: this checks what a GPU-less machine prints")
+    r = subprocess.run(["bash", os.path.join(ROOT, "perf", "gpu_selfcheck.sh")], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, PYTHON=sys.executable))
+    assert r.returncode == 1 and "torch.cuda.is_available() is False" in r.stdout
+    assert "install" not in r.stdout

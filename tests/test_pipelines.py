@@ -67,6 +67,12 @@ PARITY = [
     ("sd15-euler", "sd15", {}, "euler", dict(guidance_scale=1.5)),
     ("sd15-ddpm", "sd15", {}, "ddpm", None),                 # stochastic: per-step noise from the same generator
     ("sd15-ddim-eta", "sd15", dict(eta=0.6), "ddim", None),  # stochastic DDIM
+    ("sd15-own-pndm", "sd15", {}, None, dict(guidance_scale=1.5)),  # as SD 1.5 ships: PNDM, a repeated timestep
+    ("sd15-dpm++2m-karras", "sd15", {}, "dpm++2m-karras", None),
+    ("sd15-unipc", "sd15", {}, "unipc", None),
+    ("sd15-euler-a", "sd15", {}, "euler-a", None),          # ancestral: noise at every step
+    ("sdxl-dpm++2m-sde", "sdxl", {}, "dpm++2m-sde", None),
+    ("sd3-flow-unipc", "sd3", dict(**SEQ), "flow-unipc", None),
     ("sd21-vpred-own-ddim-neg", "sd21", dict(negative_prompt="blurry"), None, dict(negative_prompt="a red car")),
     ("sd21-vpred-euler", "sd21", {}, "euler", dict(guidance_scale=1.5)),
     ("sdxl-own-euler-neg", "sdxl", dict(negative_prompt="blurry ugly"), None, dict(negative_prompt=None)),
@@ -101,7 +107,8 @@ def test_sequential_matches_diffusers(pipes, case, kind, opts, sched, alt):
     err = rel_err(lat, ref)
     print(f"\n[parity] {case}: max rel err {err:.2e} ({type(scheduler).__name__})")
     assert err <= 1e-5, case
-    assert stats.serial_rounds == STEPS and stats.model_evals == STEPS
+    calls = len(scheduler.timesteps) if scheduler.timesteps is not None else STEPS  # PNDM: one more call
+    assert stats.serial_rounds == stats.model_evals == calls
     if alt is not None:
         other, _ = text_to_image(pipe, prompts, steps=STEPS, num_images=per, seed=11, scheduler=sched,
                                  mode="sequential", **{**common, **negatives({**opts, **alt})})
@@ -109,17 +116,37 @@ def test_sequential_matches_diffusers(pipes, case, kind, opts, sched, alt):
 
 
 def test_scheduler_resolution(pipes):
-    # SD 1.5 ships PNDM (multistep, not supported): the family default DDIM, from the same config.
-    s = make_scheduler(pipes["sd15"])
-    assert type(s).__name__ == "DDIMScheduler" and s.config.beta_schedule == "scaled_linear"
-    assert not s.config.clip_sample and s.config.steps_offset == 1
-    # SD 2.1's own DDIM v-prediction and SDXL's own Euler are kept as they are.
-    assert make_scheduler(pipes["sd21"]) is pipes["sd21"].scheduler
-    assert make_scheduler(pipes["sdxl"]) is pipes["sdxl"].scheduler
+    # Every family keeps its own scheduler as shipped: SD 1.5's PNDM, SD 2.1's DDIM v-prediction, SDXL's Euler.
+    for kind in ("sd15", "sd21", "sdxl", "flux"):
+        assert make_scheduler(pipes[kind]) is pipes[kind].scheduler
+    # Short names are built from the checkpoint's config: its betas, prediction type and spacing are kept.
     assert make_scheduler(pipes["sd21"], "euler").config.prediction_type == "v_prediction"
     ddpm = make_scheduler(pipes["sdxl"], "ddpm")
     assert type(ddpm).__name__ == "DDPMScheduler" and not ddpm.config.clip_sample
+    karras = make_scheduler(pipes["sd15"], "dpm++2m-karras")
+    assert type(karras).__name__ == "DPMSolverMultistepScheduler" and karras.config.use_karras_sigmas
+    assert karras.config.beta_schedule == "scaled_linear" and karras.config.steps_offset == 1
+    assert make_scheduler(pipes["sd15"], "dpm++3m").config.solver_order == 3
     assert type(make_scheduler(pipes["flux"], "flow")).__name__ == "FlowMatchEulerDiscreteScheduler"
+    unipc = make_scheduler(pipes["sd3"], "flow-unipc")
+    assert unipc.config.use_flow_sigmas and unipc.config.flow_shift == 3.0
+
+
+def test_a_shipped_scheduler_the_runtime_cannot_run_is_replaced_with_a_warning(pipes):
+    from diffusers import DDPMScheduler
+    pipe = pipes["sd15"]
+    own = pipe.scheduler
+    pipe.scheduler = DDPMScheduler.from_config(own.config, variance_type="learned_range")
+    try:
+        with pytest.warns(UserWarning, match="cannot run through the runtime .*variance_type='learned_range'.*"
+                                             "using 'ddim' instead"):
+            req = prepare(pipe, PROMPT, steps=STEPS, height=32, width=32, seed=0)
+        assert req.trajectory.scheduler_name == "DDIMScheduler"
+        with pytest.raises(ValueError, match="eta is an option of DDIM-type schedulers; the scheduler is "
+                                             "EulerDiscreteScheduler"):
+            prepare(pipe, PROMPT, steps=STEPS, height=32, width=32, seed=0, scheduler="euler", eta=1.0)
+    finally:
+        pipe.scheduler = own
 
 
 @pytest.mark.parametrize("kind,output_type", [("sd15", "np"), ("sd15", "pil"), ("flux", "pt")])
@@ -142,7 +169,8 @@ def test_wrapper_returns_what_the_pipeline_returns(pipes, kind, output_type):
         assert err <= 1e-5
     if kind == "sd15":
         assert out.nsfw_content_detected is None and ref.nsfw_content_detected is None
-    assert wrapped.last_stats.serial_rounds == 4 and wrapped.last_stats.mode == "sequential"
+    calls = 5 if kind == "sd15" else 4  # SD 1.5's own PNDM evaluates one timestep twice
+    assert wrapped.last_stats.serial_rounds == calls and wrapped.last_stats.mode == "sequential"
     assert wrapped.vae is pipe.vae  # other attributes are the wrapped pipeline's
     again = wrapped(generator=torch.Generator().manual_seed(3), **kw)  # the wrapper's persistent Sampler, reused
     if output_type != "pil":
@@ -167,7 +195,7 @@ def test_parallel_modes_give_finite_images_close_to_sequential(pipes, kind):
     devs, lats = {}, {}
     for mode in ("aggressive", "conservative"):
         out = run(pipe, req, mode=mode, parallel=2)
-        plan, stats = make_plan(mode, PAR_STEPS, 2), out.stats
+        plan, stats = make_plan(mode, req.trajectory.steps, 2), out.stats  # SD 1.5's PNDM: one call more
         assert stats.serial_rounds == plan.serial_rounds < PAR_STEPS and stats.model_evals == plan.model_evals
         assert 2 in stats.batch_widths  # two drafts (x 2 images, x 2 for guidance) in one denoiser call
         devs[mode], lats[mode] = rel_err(out.sample, seq), out.sample
@@ -306,10 +334,13 @@ def test_bad_sizes(pipes, kind, height, width, message):
     assert check_size(pipes[kind], 32, 32) == (32, 32)
 
 
+VP_NAMES = "ddim, ddpm, euler, euler-a, dpm\\+\\+2m, dpm\\+\\+2m-karras, dpm\\+\\+3m, dpm\\+\\+2m-sde, unipc, pndm, deis, lms, heun, kdpm2, kdpm2-a"
+
+
 @pytest.mark.parametrize("kind,name,allowed", [
-    ("sd15", "flow", "ddim, ddpm, euler"),
-    ("sdxl", "dpm", "ddim, ddpm, euler"),
-    ("sd3", "ddim", "flow"),
+    ("sd15", "flow", VP_NAMES),
+    ("sdxl", "dpm", VP_NAMES),
+    ("sd3", "ddim", "flow, flow-unipc, flow-dpm\\+\\+2m"),
     ("flux", "euler", "flow"),
 ])
 def test_unsupported_scheduler(pipes, kind, name, allowed):
@@ -324,7 +355,7 @@ def test_unsupported_scheduler(pipes, kind, name, allowed):
 def test_option_errors(pipes):
     with pytest.raises(ValueError, match="guidance_rescale is not supported by the flux pipeline"):
         text_to_image(pipes["flux"], PROMPT, steps=2, height=32, width=32, guidance_rescale=0.5)
-    with pytest.raises(ValueError, match="eta is a DDIM option; the scheduler is EulerDiscreteScheduler"):
+    with pytest.raises(ValueError, match="eta is an option of DDIM-type schedulers; the scheduler is EulerDiscreteScheduler"):
         text_to_image(pipes["sdxl"], PROMPT, steps=2, height=32, width=32, eta=0.5)
     with pytest.raises(ValueError, match="a list of generators works only with deterministic schedulers"):
         text_to_image(pipes["sd15"], PROMPT, steps=2, height=32, width=32, scheduler="ddpm", num_images=2,
@@ -333,3 +364,30 @@ def test_option_errors(pipes):
         text_to_image(pipes["sd15"], PROMPT, steps=2, height=32, width=32, output_type="jpeg")
     with pytest.raises(ValueError, match="mode"):
         text_to_image(pipes["sd15"], PROMPT, steps=2, height=32, width=32, mode="fast")
+
+
+def test_family_registry(pipes):
+    """Families register themselves; bad registrations fail before changing the tables; an option a family does
+    not take names the families that do."""
+    from driffusion_rt.pipelines import FAMILIES, REGISTRY, SCHEDULERS, get_family, register
+    from driffusion_rt.pipelines.sd import StableDiffusion
+    assert list(REGISTRY) == ["sd", "sdxl", "sd3", "flux", "wan", "hunyuan-video-1.5", "ltx"]
+    assert get_family(pipes["sd21"]) is REGISTRY["sd"]
+    assert SCHEDULERS["sdxl"] == REGISTRY["sdxl"].schedulers and FAMILIES["FluxPipeline"] == "flux"
+
+    class Twice(StableDiffusion):
+        pipeline_classes = ("OtherPipeline",)
+
+    class UnknownScheduler(StableDiffusion):
+        name, pipeline_classes, schedulers = "sd-dpm", ("OtherPipeline",), ("ddim", "dpm")
+
+    with pytest.raises(ValueError, match="family 'sd' is registered twice"):
+        register(Twice())
+    with pytest.raises(ValueError, match=r"schedulers \['dpm'\]"):
+        register(UnknownScheduler())
+    assert "OtherPipeline" not in FAMILIES and "sd-dpm" not in REGISTRY
+    with pytest.raises(ValueError, match=r"max_sequence_length is not supported by the sdxl pipeline \(only sd3, "
+                                         r"flux, wan, ltx\)"):
+        prepare(pipes["sdxl"], PROMPT, steps=2, height=32, width=32, max_sequence_length=8)
+    with pytest.raises(ValueError, match=r"clip_skip is not supported by the flux pipeline \(only sd, sdxl, sd3\)"):
+        prepare(pipes["flux"], PROMPT, steps=2, height=32, width=32, clip_skip=1)

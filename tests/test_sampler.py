@@ -1,8 +1,8 @@
 """The draft-and-refine sampler against the sequential sampler, diffusers' loop and closed-form properties."""
 import pytest
 import torch
-from cases import diffusers_loop, rel_err, scheduler_cases, timesteps_kwargs
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from cases import F32_INSIDE, diffusers_loop, rel_err, scheduler_cases, timesteps_kwargs
+from diffusers import DDIMScheduler
 
 from driffusion_rt import (GaussianMixture, GaussianMixtureModel, NonFiniteOutputError, UnsupportedScheduler,
                            make_plan, sample)
@@ -43,7 +43,7 @@ def test_n1_equals_sequential(case_id, scheduler, step_kwargs):
     steps, x = 11, noise()
     model = gmm(scheduler, steps, case_id, **step_kwargs)
     seq = run(model, scheduler, x, steps, "sequential", 1, case_id, **step_kwargs).sample
-    for mode in ("aggressive", "conservative"):
+    for mode in ("aggressive", "conservative", "picard", "parasolver"):  # iterative: a window of one, exact
         out = run(model, scheduler, x, steps, mode, 1, case_id, **step_kwargs).sample
         assert rel_err(out, seq) <= 1e-12, mode
 
@@ -60,6 +60,10 @@ def test_x_independent_model_equals_sequential_in_every_mode(case_id, scheduler,
     for mode in ("aggressive", "conservative"):
         for n in (2, 3, 4, 8):
             out = run(model, scheduler, x, steps, mode, n, case_id, **step_kwargs).sample
+            assert rel_err(out, seq) <= 1e-10, (mode, n)
+    for mode in ("picard", "parasolver"):  # windows of n, iterated to tolerance 0
+        for n in (2, 4):
+            out = run(model, scheduler, x, steps, mode, n, case_id, tolerance=0.0, **step_kwargs).sample
             assert rel_err(out, seq) <= 1e-10, (mode, n)
 
 
@@ -85,10 +89,9 @@ def test_sequential_equals_the_diffusers_loop(case_id, scheduler, step_kwargs, d
     ref = diffusers_loop(model, scheduler, x, steps, torch.Generator().manual_seed(7), timesteps_kwargs(case_id),
                          **step_kwargs)
     out = run(model, scheduler, x, steps, "sequential", 1, case_id, **step_kwargs).sample
-    # Euler and flow-matching steps round the sample to float32 inside diffusers, so their float64 loop is
-    # float32-accurate; everything else must agree to float64 rounding.
-    f32_inside = case_id.startswith(("euler", "flow"))
-    tol = 1e-5 if dtype == torch.float32 else (1e-6 if f32_inside else 1e-12)
+    # Euler, flow-matching and DPM-Solver steps round the sample to float32 inside diffusers, so their float64
+    # loop is float32-accurate; everything else must agree to float64 rounding.
+    tol = 1e-5 if dtype == torch.float32 else (1e-6 if case_id.startswith(F32_INSIDE) else 1e-10)
     assert out.dtype == dtype and rel_err(out, ref) <= tol
 
 
@@ -158,7 +161,7 @@ def test_shared_kwargs_are_passed_unwrapped_and_never_repeated():
     (dict(mode="fast"), "unknown mode 'fast'"),
     (dict(parallel=0), "parallel must be an integer >= 1, got 0"),
     (dict(steps=0), "steps must be an integer >= 1, got 0"),
-    (dict(scheduler=DPMSolverMultistepScheduler()), "DPMSolverMultistepScheduler is not supported"),
+    (dict(scheduler=DDIMScheduler()), "DDIMScheduler has clip_sample=True"),
     (dict(generator=[torch.Generator()]), "generator must be one torch.Generator"),
     (dict(eta=0.5, scheduler="euler"), r"unknown step option\(s\) \['eta'\]"),
 ])

@@ -36,7 +36,7 @@ def test_rules_from_configs_equal_the_loaded_pipeline(kind, tmp_path):
     r = services.check_request(ref, {"prompt": "a red cat"})
     assert (r["height"], r["width"]) == (h, w) and r["guidance_scale"] == pipelines.DEFAULT_GUIDANCE[ref.rules.family]
     # the scheduler a request without one resolves to is the one the pipeline module builds for it
-    assert pipelines.SCHEDULER_CLASSES[r["scheduler"]] == type(pipelines.make_scheduler(pipe, None)).__name__
+    assert r["scheduler"] == services._scheduler_name(pipelines.make_scheduler(pipe, None))
     assert r["steps"] == pipelines.DEFAULT_STEPS[ref.rules.family]
 
 
@@ -62,3 +62,23 @@ def test_unsupported_and_incomplete_directories(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(services.ModelUnavailable, match="has no model_index.json"):
         services.inspect_model(str(tmp_path / "empty"))
+
+
+def test_video_requests_are_checked_in_range_before_loading_and_by_rule_once_loaded(tmp_path):
+    import torch
+
+    import tiny_video
+    path = tiny_video.build("wan21", str(tmp_path))
+    ref = services.inspect_model(path)
+    assert ref.rules.video and ref.rules.multiple is None  # the family's rules come with the loaded pipeline
+    spec = {"prompt": "a red cat", "num_frames": 10, "fps": 8}
+    assert services.check_request(ref, spec)["num_frames"] == 10  # in range; the 4k+1 rule needs the pipeline
+    for bad, message in (({"num_frames": 300}, "num_frames=300 is out of range: allowed 1..257"),
+                         ({"fps": 0}, "fps=0 is out of range: allowed 1..240")):
+        with pytest.raises(services.RequestError, match=message):
+            services.check_request(ref, {**spec, **bad}, services.Limits())
+    service = services.load_service(path, torch.device("cpu"))
+    with pytest.raises(services.RequestError, match="num_frames=10 is not of the form 4k\\+1"):
+        service.check(spec)
+    r = service.check({"prompt": "a red cat"})
+    assert r["num_frames"] >= 1 and r["fps"] >= 1 and r["scheduler"] == ref.rules.scheduler

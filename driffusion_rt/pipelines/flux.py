@@ -1,0 +1,113 @@
+"""Flux.1 (FluxPipeline): FluxTransformer2DModel on 2 x 2-packed latents, flow matching with dynamic shifting, a
+guidance embedding (guidance-distilled checkpoints) and optional true classifier-free guidance."""
+import numpy as np
+import torch
+
+from ..evaluator import Shared
+from .core import Family, cfg, draw_noise, guide, register
+
+
+class FluxAdapter:
+    """FluxTransformer2DModel as a runtime model: packed latents [rows, tokens, C], timestep / 1000 as the Flux
+    pipeline passes it, the guidance embedding ([B] guidance values, guidance-distilled checkpoints), and true
+    classifier-free guidance (true_cfg_scale > 1 with a negative prompt: uncond and cond in one batched call,
+    where the pipeline makes two calls). model_kwargs: prompt_embeds, pooled_prompt_embeds, text_ids, img_ids
+    (Shared), guidance, negative_* (present iff true CFG is on), true_cfg_scale, and batched_cfg: whether uncond
+    and cond share their text ids and shapes, so they can be one batched call (decided once per request)."""
+
+    tensor_scalars = True  # float kwargs may arrive as 0-d device tensors (CUDA graphs): no host sync on them
+
+    def __init__(self, transformer):
+        self.transformer = transformer
+
+    def _run(self, x, t, prompt_embeds, pooled, text_ids, img_ids, guidance):  # one FluxPipeline transformer call
+        return self.transformer(hidden_states=x, timestep=t.to(x.dtype) / 1000, guidance=guidance,
+                                pooled_projections=pooled, encoder_hidden_states=prompt_embeds,
+                                txt_ids=text_ids, img_ids=img_ids, return_dict=False)[0]
+
+    @torch.no_grad()
+    def __call__(self, x, t, *, prompt_embeds, pooled_prompt_embeds, text_ids, img_ids, guidance=None,
+                 negative_prompt_embeds=None, negative_pooled_prompt_embeds=None, negative_text_ids=None,
+                 true_cfg_scale=1.0, batched_cfg=False):
+        if negative_prompt_embeds is None:
+            return self._run(x, t, prompt_embeds, pooled_prompt_embeds, text_ids, img_ids, guidance)
+        if batched_cfg:
+            out = self._run(torch.cat([x, x]), torch.cat([t, t]),
+                            torch.cat([negative_prompt_embeds, prompt_embeds]),
+                            torch.cat([negative_pooled_prompt_embeds, pooled_prompt_embeds]), text_ids, img_ids,
+                            None if guidance is None else torch.cat([guidance, guidance]))
+            return guide(out, true_cfg_scale)[0]
+        cond = self._run(x, t, prompt_embeds, pooled_prompt_embeds, text_ids, img_ids, guidance)
+        uncond = self._run(x, t, negative_prompt_embeds, negative_pooled_prompt_embeds, negative_text_ids, img_ids,
+                           guidance)
+        return cfg(uncond, cond, true_cfg_scale)
+
+
+class Flux(Family):
+    """guidance_scale is the guidance *embedding*; classifier-free guidance is true_cfg_scale > 1 with a
+    negative prompt, as in FluxPipeline."""
+    name = "flux"
+    pipeline_classes = ("FluxPipeline",)
+    schedulers = ("flow",)
+    default_scheduler = "flow"
+    default_steps = 28
+    default_guidance = 3.5
+    options = ("true_cfg_scale", "max_sequence_length")
+
+    def output_class(self):
+        from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
+        return FluxPipelineOutput
+
+    def adapter(self, pipe):
+        return FluxAdapter(pipe.transformer)
+
+    def size_multiple(self, pipe):
+        vsf = int(pipe.vae_scale_factor)
+        return vsf * 2, f"VAE scale factor {vsf} x 2 for the 2 x 2 latent packing"
+
+    def encode(self, pipe, prompt, negative_prompt, *, batch, num_images, guidance_scale, height, width, device,
+               true_cfg_scale, max_sequence_length):
+        seq = {} if max_sequence_length is None else {"max_sequence_length": int(max_sequence_length)}
+        pos, pooled, text_ids = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device,
+                                                   num_images_per_prompt=num_images, **seq)
+        kw = dict(prompt_embeds=pos, pooled_prompt_embeds=pooled, text_ids=Shared(text_ids))
+        if true_cfg_scale > 1 and negative_prompt is not None:
+            neg, neg_pooled, neg_ids = pipe.encode_prompt(prompt=negative_prompt, prompt_2=None, device=device,
+                                                          num_images_per_prompt=num_images, **seq)
+            kw.update(negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled,
+                      negative_text_ids=Shared(neg_ids), true_cfg_scale=float(true_cfg_scale),
+                      batched_cfg=neg.shape == pos.shape and torch.equal(neg_ids, text_ids))
+        if pipe.transformer.config.guidance_embeds:
+            kw["guidance"] = torch.full([batch], guidance_scale, device=device, dtype=torch.float32)
+        return kw
+
+    def prepare(self, pipe, model_kwargs, *, batch, height, width, generator, latents, device):
+        """Packed latents [B, (h / 2) (w / 2), 4 C] and the image token ids (a per-shape constant: Shared)."""
+        vsf, dtype = int(pipe.vae_scale_factor), model_kwargs["prompt_embeds"].dtype
+        ch = pipe.transformer.config.in_channels // 4
+        h, w = 2 * (height // (vsf * 2)), 2 * (width // (vsf * 2))
+        if latents is None:
+            x = pipe._pack_latents(draw_noise((batch, ch, h, w), generator, device, dtype, None), batch, ch, h, w)
+        else:
+            x = draw_noise((batch, (h // 2) * (w // 2), ch * 4), generator, device, dtype, latents)
+        return x, {"img_ids": Shared(pipe._prepare_latent_image_ids(batch, h // 2, w // 2, device, dtype))}
+
+    def timesteps_kwargs(self, pipe, scheduler, latents, steps):
+        c = scheduler.config
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+        mu = calculate_shift(latents.shape[1], c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                             c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+        kw = {"mu": mu}
+        if not c.get("use_flow_sigmas", False):
+            kw["sigmas"] = np.linspace(1.0, 1 / steps, steps).tolist()
+        return kw
+
+    def decode(self, pipe, latents, *, height, width, output_type, generator):
+        vae = pipe.vae
+        latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        image = vae.decode(latents.to(vae.device), return_dict=False)[0]
+        return (pipe.image_processor.postprocess(image, output_type=output_type),)
+
+
+register(Flux())
