@@ -68,9 +68,10 @@ def parser() -> argparse.ArgumentParser:
                         "previous output (same model calls; falls back to jump for stochastic steps)")
     p.add_argument("--steps", type=int, default=None,
                    help="sampling steps S (default: 50; SD3 and Flux pipelines 28)")
-    p.add_argument("--scheduler", default=None, choices=services.SCHEDULERS,
-                   help="ddim, ddpm, euler (digits, gmm, SD-family pipelines) or flow (SD3, Flux); default: the "
-                        "model's own")
+    p.add_argument("--scheduler", default=None,
+                   help="a scheduler short name the model takes (README, Schedulers): ddim, dpm++2m-karras, unipc, "
+                        "euler-a, ... for digits and SD-family pipelines; flow, flow-unipc, flow-dpm++2m for "
+                        "flow-matching ones; ddim, ddpm, euler or flow for gmm and fixed; default: the model's own")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance scale (default: the model's: digits 1.25, SD 7.5, SDXL 5, SD3 7, "
                         "Flux 3.5 as its guidance embedding)")
@@ -235,19 +236,20 @@ def main(argv=None) -> int:
         load_s = time.perf_counter() - t0
         spec = request_spec(args)
         options = services.sampling_options(spec, limits)
-        try:  # what only the loaded model can tell (a video family's frame rule): the same verdict on every rank
-            service.check(spec, limits)
-        except services.RequestError as e:
+        try:  # what only the loaded model can tell (a video family's frame rule, whether the runtime can run the
+            first = service.request(spec, limits)  # scheduler): the same verdict on every rank
+        except ValueError as e:
             bad_input(str(e), info)
 
-        def run(progress):
-            req = service.request(spec, limits)
+        def run(progress, req=None):
+            req = req or service.request(spec, limits)
             with torch.no_grad():
                 return req, sampler(req.scheduler, req.latent, steps=req.steps, generator=req.generator,
                                     model_kwargs=req.model_kwargs, progress=progress, **options)
         for _ in range(args.warmup):
-            run(False)
-        req, out = run(rank == 0)
+            run(False, first)
+            first = None
+        req, out = run(rank == 0, first)
         status = 0
         if rank == 0:
             print_summary(args, info, service, out, load_s)

@@ -21,6 +21,7 @@ import torch
 from .parasolver import MODES as ITERATIVE_MODES
 from .plan import MODES
 from .sampler import DRAFT_RULES
+from .trajectory import Trajectory
 
 SCHEDULERS = ("ddim", "ddpm", "euler", "flow")
 BUILTIN = ("digits", "gmm", "fixed")
@@ -442,7 +443,11 @@ class DigitsService:
         gen = torch.Generator().manual_seed(r["seed"])
         x = torch.randn(len(labels), 1, d.RESOLUTION, d.RESOLUTION, generator=gen).to(self.device, self.dtype)
         kw = {"labels": labels.to(self.device), "guidance_scale": r["guidance_scale"]}
-        return Request(spec, d.make_scheduler(r["scheduler"], self.path), r["steps"], x, kw, gen, r)
+        try:  # the trajectory here, not in the sampler: a scheduler the runtime cannot run is the request's error
+            traj = Trajectory.from_scheduler(d.make_scheduler(r["scheduler"], self.path), r["steps"])
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        return Request(spec, traj, r["steps"], x, kw, gen, r)
 
     def images(self, out, req) -> list:
         """num_images PIL images, each the grid of the prompt's digits."""
@@ -496,7 +501,6 @@ class ToyService:
 
     def request(self, spec: dict, limits: Limits = NO_LIMITS) -> Request:
         from .gmm import GaussianMixtureModel
-        from .trajectory import Trajectory
         r = self.check(spec, limits)
         traj = Trajectory.from_scheduler(builtin_scheduler(r["scheduler"]), r["steps"])
         kw = None

@@ -318,3 +318,19 @@ def test_bad_input_under_torchrun_is_reported_once(args, message, tmp_path):
     assert len(codes) == 2 and codes[-1] == "2" and set(codes) <= {"2", "-15"}, text[-3000:]
     assert text.count("Traceback (most recent call last)") <= 1  # torchrun's own ChildFailedError, if any
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_a_request_only_the_loaded_model_can_refuse_exits_2_with_one_message(tmp_path, monkeypatch, capsys):
+    """A scheduler the runtime cannot run (the trajectory probe fails) is known once the request is built after
+    loading: still bad input, status 2, one message, nothing written."""
+    from driffusion_rt.trajectory import UnsupportedScheduler
+
+    def unsupported(*a, **k):
+        raise UnsupportedScheduler("SomeScheduler could not be probed as an affine sampler")
+    monkeypatch.setattr(services.Trajectory, "from_scheduler", unsupported)
+    with pytest.raises(SystemExit) as e:
+        generate.main(["--prompt", "1", "--steps", "4", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip() == "driffusion_rt: error: SomeScheduler could not be probed as an " \
+                                               "affine sampler", err
+    assert not (tmp_path / "out").exists()
