@@ -26,7 +26,9 @@ def torchrun(*args, timeout=600, env=None, background=False):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     if background:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        # a session of its own: a failing test kills torchrun and its ranks together (kill_job), leaving no orphan
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)
     t0 = time.monotonic()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     return r, time.monotonic() - t0
@@ -91,6 +93,13 @@ def test_dead_worker_is_reported_and_the_job_exits(when):
     text = r.stdout + r.stderr
     assert re.search(r"rank\s+: 1 \(local_rank: 1\)\s+exitcode\s+: 19", text), text[-3000:]
     assert "driffusion_rt engine: rank 0:" in text and "another rank is hung or has died" in text
+
+
+def kill_job(proc):
+    """Kill a background torchrun job and its ranks (its process group) if it is still running."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
 
 
 def post(port, body, timeout=120, raw=False, headers=None):
@@ -188,8 +197,7 @@ def test_http_over_loopback_with_access_log_and_metrics(tmp_path):
         out, err = proc.communicate(timeout=120)  # --max-requests 5: a clean shutdown of both ranks
         assert proc.returncode == 0, err[-3000:]
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        kill_job(proc)
     lines = access_lines(out)
     seen = [(r["method"], r["path"], r["status"]) for r in lines]
     assert seen == [("POST", "/generate", 200)] * 2 + [("POST", "/generate", 422)] * 2 + \
@@ -228,8 +236,7 @@ def test_a_disconnected_client_cancels_its_request_on_every_rank(tmp_path):
         try:
             out, err = proc.communicate(timeout=60)
         finally:
-            if proc.poll() is None:
-                proc.kill()
+            kill_job(proc)
     lines = access_lines(out)
     assert [r["status"] for r in lines if r["path"] == "/generate"] == [422, 499, 422]
 
@@ -251,8 +258,7 @@ def test_sigterm_during_a_request_drains_and_every_rank_exits_cleanly(sig, tmp_p
         proc.communicate(timeout=30)
         took = time.monotonic() - t0
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        kill_job(proc)
     client.join(timeout=30)
     status, _, body = answer["r"]
     assert status == 503 and "shutting down" in json.loads(body)["error"]
