@@ -74,7 +74,9 @@ def test_video_requests_are_checked_in_range_before_loading_and_by_rule_once_loa
     spec = {"prompt": "a red cat", "num_frames": 10, "fps": 8}
     assert services.check_request(ref, spec)["num_frames"] == 10  # in range; the 4k+1 rule needs the pipeline
     for bad, message in (({"num_frames": 300}, "num_frames=300 is out of range: allowed 1..257"),
-                         ({"fps": 0}, "fps=0 is out of range: allowed 1..240")):
+                         ({"fps": 0}, "fps=0 is out of range: allowed 1..240"),
+                         ({"image": "AAAA"}, "image applies to image pipelines \\(sd, .*\\); this model makes videos"),
+                         ({"lora_scale": 0.5}, "lora_scale applies to image pipelines")):
         with pytest.raises(services.RequestError, match=message):
             services.check_request(ref, {**spec, **bad}, services.Limits())
     service = services.load_service(path, torch.device("cpu"))
