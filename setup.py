@@ -27,12 +27,12 @@ setup(
         "nvidia-ml-py>=12.535",
     ],
     extras_require={
-        "serve": ["starlette>=0.37", "uvicorn>=0.29"],
+        "serve": ["starlette>=0.37", "uvicorn>=0.29", "prometheus_client>=0.20"],
         # video pipelines: Wan's transformer needs accelerate to load, Wan's prompt cleaning ftfy; MP4 output
         "video": ["accelerate>=0.30", "ftfy>=6.1", "imageio>=2.31", "imageio-ffmpeg>=0.4.9"],
         "test": ["pytest>=8", "scikit-learn>=1.3", "scipy>=1.10", "sentencepiece>=0.2", "protobuf>=4",
-                 "starlette>=0.37", "uvicorn>=0.29", "matplotlib>=3.7", "accelerate>=0.30", "ftfy>=6.1",
-                 "imageio>=2.31", "imageio-ffmpeg>=0.4.9", "peft>=0.17"],
+                 "starlette>=0.37", "uvicorn>=0.29", "prometheus_client>=0.20", "matplotlib>=3.7", "accelerate>=0.30",
+                 "ftfy>=6.1", "imageio>=2.31", "imageio-ffmpeg>=0.4.9", "peft>=0.17"],
         "lora": ["peft>=0.17"],
         "perf": ["matplotlib>=3.7", "scikit-learn>=1.3", "scipy>=1.10"],
     },

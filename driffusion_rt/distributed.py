@@ -1,20 +1,37 @@
 """Distributed runtime: torchrun rank-per-device, broadcast / all-gather over NCCL or gloo (DESIGN.md section 3).
 
-Outside torchrun nothing is initialised and the local evaluator is used, so one process costs nothing extra.
-Under torchrun, rank r uses cuda:LOCAL_RANK with NCCL (gloo on CPU); every rank keeps its own model replica,
-evaluates its slots of each round, and the outputs are all-gathered into the sampler's preallocated rows.
+Outside torchrun nothing is initialised and the local evaluator is used, so one process costs nothing extra; it
+runs on `pick_device` (CUDA when available). Under torchrun, rank r uses cuda:LOCAL_RANK with NCCL (gloo on CPU);
+every rank keeps its own model replica, evaluates its slots of each round, and the outputs are all-gathered into
+the sampler's preallocated rows.
+
+Timeouts: the process group is created with a long start-up timeout (`init_timeout_s`, which covers model loading:
+a rank loading a large model slowly must not kill the job), `ready()` is a barrier after loading under that
+timeout, and every collective of the runtime then runs on a subgroup and waits for its result with the short
+`timeout_s` (`Work.wait(timeout)`). On NCCL that wait blocks the calling thread until the collective completes or
+times out and raises, so a hung or dead peer is reported by the rank as CollectiveTimeout (as on gloo); the
+subgroup's own timeout, after which NCCL's watchdog aborts the process, is `watchdog_grace` longer, as a backstop.
 """
 import datetime
 import math
 import os
+import sys
+import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+# torch.distributed.nn binds the default group (group.WORLD) as default arguments when it is first imported. Imported
+# after init_process_group (diffusers imports it), it keeps the default group alive after destroy_process_group, so
+# gloo's worker threads run on into interpreter shutdown, where one that drops a tensor needs the GIL and aborts the
+# process ("terminate called without an active exception"). Imported here, before any group exists, it binds None.
+import torch.distributed.nn  # noqa: F401,E402
 
 from .evaluator import LocalEvaluator
 
-DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_TIMEOUT_S = 60.0          # a collective of a running job
+DEFAULT_INIT_TIMEOUT_S = 1800.0   # joining the job and loading the model on every rank
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 # torch >= 2.13 names the single-tensor all-gather all_gather_single; older releases all_gather_into_tensor.
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -26,64 +43,202 @@ class DistInfo:
     local_rank: int
     device: torch.device
     backend: str
+    group_ref: weakref.ref | None = None  # the runtime's group, see `group`
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    init_timeout_s: float = DEFAULT_INIT_TIMEOUT_S  # the default group's: start-up, loading, teardown
+
+    @property
+    def group(self):
+        """The group the runtime's collectives run on (None: the default group). Held weakly: torch holds it until
+        destroy_process_group, and a DistInfo kept by a caller must not keep the group (and its backend's worker
+        threads) alive past `teardown`."""
+        return self.group_ref() if self.group_ref is not None else None
+
+    @property
+    def timeout(self) -> datetime.timedelta:
+        return datetime.timedelta(seconds=self.timeout_s)
 
 
-def maybe_init_dist(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo | None:
-    """Initialise the process group when launched by torchrun with more than one process; None otherwise.
+_INFO: DistInfo | None = None  # the group maybe_init_dist created (one per process)
 
-    The CUDA device is set before init_process_group (NCCL binds a communicator to the current device) and the
-    group always has an explicit timeout: a dead or hung rank must fail the job, not block it for 30 minutes."""
+
+def check_device(spec: str) -> str:
+    """Validate a --device value before anything starts; returns it. Raises ValueError naming what is allowed."""
+    if spec in ("auto", "cpu", "cuda"):
+        return spec
+    if isinstance(spec, str) and spec.startswith("cuda:") and spec[5:].isdigit():
+        return spec
+    raise ValueError(f"device {spec!r} is not one of {DEVICE_CHOICES}")
+
+
+def pick_device(spec: str = "auto") -> torch.device:
+    """The device of a single process: auto = the current CUDA device when CUDA is available, else the CPU.
+
+    Raises ValueError when a CUDA device is asked for and is not there. cuda:N also becomes the current device
+    (kernels, graphs and events use the current device)."""
+    check_device(spec)
+    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {spec!r} asked for, but CUDA is not available in this process (torch "
+                         f"{torch.__version__}); use --device cpu or auto")
+    count = torch.cuda.device_count()
+    index = torch.cuda.current_device() if spec in ("auto", "cuda") else int(spec[5:])
+    if index >= count:
+        raise ValueError(f"device {spec!r}: only {count} CUDA device(s) are visible (cuda:0..cuda:{count - 1})")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def rank_device(spec: str, local_rank: int) -> tuple:
+    """(device, backend) of a torchrun rank: cuda:LOCAL_RANK with NCCL when CUDA is used, else the CPU with gloo."""
+    check_device(spec)
+    if spec.startswith("cuda:"):
+        raise ValueError(f"device {spec!r}: under torchrun every rank uses cuda:LOCAL_RANK; choose the GPUs with "
+                         f"CUDA_VISIBLE_DEVICES (and --device auto, cuda or cpu)")
+    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu"), "gloo"
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {spec!r} asked for, but CUDA is not available on this rank")
+    if local_rank >= torch.cuda.device_count():
+        raise ValueError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices are visible: "
+                         f"start at most one rank per GPU (NCCL cannot share a device between ranks)")
+    return torch.device("cuda", local_rank), "nccl"
+
+
+def watchdog_grace(timeout_s: float) -> float:
+    """How much longer than the runtime's wait the group's own (watchdog) timeout is."""
+    return max(5.0, 0.1 * timeout_s)
+
+
+def maybe_init_dist(timeout_s: float = DEFAULT_TIMEOUT_S, device: str = "auto",
+                    init_timeout_s: float = DEFAULT_INIT_TIMEOUT_S) -> DistInfo | None:
+    """Join the torchrun job (more than one process) and return its DistInfo; None outside torchrun.
+
+    The CUDA device is set before init_process_group (NCCL binds a communicator to the current device). The default
+    group gets the long `init_timeout_s` (start-up, model loading, `ready`, `teardown`); the runtime's collectives
+    run on a subgroup of every rank with the short `timeout_s`. Calling it again returns the same DistInfo."""
+    global _INFO
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world < 2:
         return None
+    if _INFO is not None and dist.is_initialized():
+        return _INFO
     if not dist.is_available():
         raise RuntimeError("torch.distributed is not available in this torch build")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices are visible")
-        device, backend = torch.device("cuda", local_rank), "nccl"
-        torch.cuda.set_device(device)
-    else:
-        device, backend = torch.device("cpu"), "gloo"
+    dev, backend = rank_device(device, local_rank)
+    if backend == "nccl":
+        torch.cuda.set_device(dev)
+    init_timeout_s = max(init_timeout_s, timeout_s)
     if not dist.is_initialized():
-        kw = {"device_id": device} if backend == "nccl" else {}
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kw)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
+        kw = {"device_id": dev} if backend == "nccl" else {}
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=init_timeout_s), **kw)
+    # The group's own timeout (NCCL's watchdog aborts the process when it passes) is a little longer than the
+    # runtime's wait, so that a rank reports a hung peer itself first; the watchdog stays the backstop.
+    group_timeout = datetime.timedelta(seconds=timeout_s + watchdog_grace(timeout_s))
+    group = dist.new_group(timeout=group_timeout, backend=backend)
+    _INFO = DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend, weakref.ref(group), timeout_s,
+                     init_timeout_s)
+    return _INFO
+
+
+def ready(info: DistInfo | None):
+    """Barrier after every rank loaded its model, under the long start-up timeout: from here on a rank that does
+    not answer within the short timeout is hung or dead, not slow to load."""
+    if info is not None:
+        kw = {"device_ids": [info.device.index]} if info.backend == "nccl" else {}
+        timeout = datetime.timedelta(seconds=info.init_timeout_s)
+        try:
+            dist.barrier(timeout=timeout, **kw)
+        except RuntimeError as e:
+            raise _peer_failure("the barrier after loading", e, info.rank, timeout) or e
+
+
+def rank0_agrees(info: DistInfo | None, ok: bool) -> bool:
+    """Rank 0's verdict on every rank (start-up checks before the model loads), under the long start-up timeout."""
+    if info is None:
+        return bool(ok)
+    flag = torch.tensor([int(bool(ok))], dtype=torch.int32, device=info.device)
+    dist.broadcast(flag, 0, async_op=True).wait(timeout=datetime.timedelta(seconds=info.init_timeout_s))
+    return bool(flag.item())
+
+
+def teardown(info: DistInfo | None):
+    """Leave the job cleanly (every rank, on success or on an error every rank agreed on): a barrier under the
+    long timeout (rank 0 may still be writing outputs), then destroy every group, which joins the backends'
+    worker threads before the interpreter shuts down. Not for a broken group: use `exit_now` there."""
+    global _INFO
+    if info is None or not dist.is_initialized():
+        return
+    try:
+        ready(info)
+    finally:
+        dist.destroy_process_group()
+        _INFO = None
+
+
+def exit_now(code: int):
+    """Leave a broken job at once: no teardown (a collective with a dead peer can block it) and no interpreter
+    shutdown with backend threads still running. Output is flushed first."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def current() -> DistInfo | None:
     """The process group this process already joined (world > 1), or None."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return None
+    if _INFO is not None:
+        return _INFO
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend())
 
 
+# How a collective's error reads when a peer is gone: gloo, NCCL's blocking wait, NCCL's abort after a peer's death.
+_PEER_FAILURES = ("imed out", "Connection closed", "Connection reset", "remote process exited", "was aborted")
+
+
 class CollectiveTimeout(RuntimeError):
-    """A collective did not complete within the process group's timeout: another rank is hung or dead."""
+    """A collective did not complete within the runtime's timeout: another rank is hung or dead."""
 
 
-def _collective(name: str, fn, *args):
+def _peer_failure(name: str, e: RuntimeError, rank: int, timeout: datetime.timedelta):
+    """A CollectiveTimeout for a backend error that says a peer is gone or silent (None for other errors)."""
+    text = str(e)
+    if not any(s in text for s in _PEER_FAILURES):
+        return None
+    err = CollectiveTimeout(f"rank {rank}: {name} did not complete within {timeout.total_seconds():g} s: another rank "
+                            f"is hung or has died ({text.splitlines()[0] if text else type(e).__name__})")
+    err.__cause__ = e
+    return err
+
+
+def collective(name: str, fn, *args, info: DistInfo | None = None):
+    """Run collective `fn(*args)` on the runtime's group and wait for it with the runtime's timeout (explicitly,
+    so NCCL blocks this thread and raises on a timeout instead of leaving it to the watchdog)."""
+    info = info or current()
+    group, timeout = (info.group, info.timeout) if info else (None, datetime.timedelta(seconds=DEFAULT_TIMEOUT_S))
     try:
-        return fn(*args)
-    except RuntimeError as e:
-        text = str(e)
-        if "imed out" in text or "Connection closed" in text or "Connection reset" in text:
-            raise CollectiveTimeout(
-                f"rank {dist.get_rank()}: {name} did not complete: another rank is hung or has died ({text.splitlines()[0]})"
-            ) from e
-        raise
+        work = fn(*args, group=group, async_op=True)
+        if work is not None:
+            work.wait(timeout=timeout)
+    except RuntimeError as e:  # torch's DistBackendError and gloo's errors are RuntimeErrors
+        raise _peer_failure(name, e, info.rank if info else dist.get_rank(), timeout) or e
 
 
-def all_gather_rows(out: torch.Tensor, inp: torch.Tensor):
+def all_gather_rows(out: torch.Tensor, inp: torch.Tensor, info: DistInfo | None = None):
     """All-gather equal row chunks into `out` = concatenation along dim 0 (gloo rejects a stacked [world, ...] out)."""
-    world = dist.get_world_size()
+    world = info.world if info else dist.get_world_size()
     if out.shape[0] != world * inp.shape[0] or out.shape[1:] != inp.shape[1:]:
         raise ValueError(f"all-gather output {tuple(out.shape)} must concatenate {world} inputs {tuple(inp.shape)} "
                          f"along dim 0 (a stacked [world, ...] output is not supported)")
-    _collective("all_gather", _ALL_GATHER, out, inp)
+    collective("all_gather", _ALL_GATHER, out, inp, info=info)
 
 
 class DistributedEvaluator(LocalEvaluator):
@@ -96,13 +251,19 @@ class DistributedEvaluator(LocalEvaluator):
         super().__init__(model)
         self.info, self.rank, self.world = info, info.rank, info.world
         self._send = {}
+        self._flag = torch.zeros(1, dtype=torch.int32, device=info.device)
 
     def chunk(self, k: int) -> int:
         return math.ceil(k / self.world)
 
     def broadcast(self, t: torch.Tensor) -> torch.Tensor:
-        _collective("broadcast", dist.broadcast, t, 0)
+        collective("broadcast", dist.broadcast, t, 0, info=self.info)
         return t
+
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's flag on every rank (one 4-byte broadcast)."""
+        self._flag.fill_(int(bool(flag)))
+        return bool(self.broadcast(self._flag).item())
 
     def anchor(self, call, states, idx: tuple, out) -> torch.Tensor:
         """With one GPU per rank every rank evaluates the anchor itself: the redundant call costs no latency and
@@ -124,7 +285,7 @@ class DistributedEvaluator(LocalEvaluator):
         return send[:c]
 
     def gather(self, gathered, send) -> torch.Tensor:
-        all_gather_rows(gathered, send)
+        all_gather_rows(gathered, send, self.info)
         return gathered
 
     def check_in_step(self, t: torch.Tensor, where: str):

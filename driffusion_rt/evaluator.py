@@ -160,6 +160,10 @@ class LocalEvaluator:
     def broadcast(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's flag on every rank (one process: the flag itself)."""
+        return bool(flag)
+
     def call(self, call: ModelCall, states, idx: tuple, out) -> torch.Tensor:
         """Evaluate points on this rank only."""
         return call(states, idx, out)

@@ -6,32 +6,53 @@ grid. --model also takes a diffusers pipeline directory or hub id (SD 1.5 / 2.1,
 2.2, HunyuanVideo 1.5, LTX-Video, written as MP4), or the built-in test models gmm (analytic Gaussian mixture) and
 fixed (a model costing --model-cost seconds per call). Image pipelines also take an input image (img2img,
 inpainting with --mask-image), ControlNets with control images, and LoRA weights.
-Every rank loads its model replica once; rank 0 prints progress and the measured-versus-ideal table and writes the
-outputs, atomically and only when the run succeeds.
+Everything is checked before any model loads (on rank 0 under torchrun; bad input exits with status 2 and one
+message). Every rank then loads its model replica once; rank 0 prints progress and the measured-versus-ideal table
+and writes the outputs, all of them or none, only when the run succeeds.
 """
 import argparse
+import hashlib
 import json
 import os
 import sys
 import time
+import traceback
 
 import torch
-import torch.distributed as dist
-from torch.distributed.elastic.multiprocessing.errors import record
 
-from .distributed import DEFAULT_TIMEOUT_S, default_evaluator, maybe_init_dist
-from .outputs import atomic_write
+from . import distributed, services
+from .distributed import DEFAULT_INIT_TIMEOUT_S, DEFAULT_TIMEOUT_S, CollectiveTimeout
+from .evaluator import ModelOutputError
+from .outputs import check_output_dir, write_all
 from .parasolver import MODES as ITERATIVE_MODES
 from .plan import MODES
-from . import services, video_service
 from .sampler import DRAFT_RULES, Sampler
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
+PROG = "python -m driffusion_rt.generate"
+
+
+def _rank() -> int:
+    """This process's rank as torchrun sets it (0 outside torchrun), known before any process group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def bad_input(message: str, info=None):
+    """Bad input: one message (rank 0 prints it; every rank decides the same), leave the job, status 2. The message
+    comes first: once one rank has exited, torchrun stops the others."""
+    if _rank() == 0:
+        print(f"driffusion_rt: error: {message}", file=sys.stderr, flush=True)
+    distributed.teardown(info)
+    sys.exit(2)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line from rank 0, not every rank's usage text
+        bad_input(f"{message} (see {self.prog} --help)")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m driffusion_rt.generate", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="digits",
                    help="digits (the shipped class-conditional digits model), a diffusers pipeline directory or hub "
                         "id, gmm (analytic Gaussian mixture) or fixed (a sleeping fixed-cost model)")
@@ -48,9 +69,10 @@ def parser() -> argparse.ArgumentParser:
                         "previous output (same model calls; falls back to jump for stochastic steps)")
     p.add_argument("--steps", type=int, default=None,
                    help="sampling steps S (default: 50; SD3 and Flux pipelines 28)")
-    p.add_argument("--scheduler", default=None, choices=services.SCHEDULERS,
-                   help="ddim, ddpm, euler (digits, gmm, SD-family pipelines) or flow (SD3, Flux); default: the "
-                        "model's own")
+    p.add_argument("--scheduler", default=None,
+                   help="a scheduler short name the model takes (README, Schedulers): ddim, dpm++2m-karras, unipc, "
+                        "euler-a, ... for digits and SD-family pipelines; flow, flow-unipc, flow-dpm++2m for "
+                        "flow-matching ones; ddim, ddpm, euler or flow for gmm and fixed; default: the model's own")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance scale (default: the model's: digits 1.25, SD 7.5, SDXL 5, SD3 7, "
                         "Flux 3.5 as its guidance embedding)")
@@ -63,10 +85,11 @@ def parser() -> argparse.ArgumentParser:
                    help="video pipelines: frames per second of the MP4 (default: the model's, e.g. Wan 2.1 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and of stochastic steps")
     p.add_argument("--num-images", type=int, default=None,
-                   help="images (videos) per request (default: one per prompt digit for digits, 1 for pipelines, 4 "
-                        "for gmm)")
+                   help="images (videos) per request (default 1; digits: one grid of the prompt's digits per image; "
+                        "gmm and fixed: 4 latents)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="model and latent dtype")
-    p.add_argument("--out", default=".", help="directory for the images and the run's JSON (created if missing)")
+    p.add_argument("--out", default=".",
+                   help="directory for the images and the run's JSON (created if missing); names in README")
     im = p.add_argument_group("image inputs and adapters (diffusers pipelines)")
     im.add_argument("--image", default=None, metavar="PATH",
                     help="img2img: start from this image (PNG / JPEG), noised to --strength; SD / SDXL keep its size")
@@ -93,44 +116,42 @@ def parser() -> argparse.ArgumentParser:
     it.add_argument("--window", type=int, default=None, help="p boundaries solved in parallel (default --parallel)")
     it.add_argument("--tolerance", type=float, default=None, help="delta of the stopping rule (default 0.05)")
     rt = p.add_argument_group("runtime")
+    rt.add_argument("--device", default="auto",
+                    help="auto (CUDA when available, else the CPU), cpu, cuda or cuda:N; under torchrun every rank "
+                         "uses cuda:LOCAL_RANK (auto, cuda) or the CPU (cpu)")
     rt.add_argument("--model-cost", type=float, default=0.04, help="seconds per call of --model fixed")
     rt.add_argument("--warmup", type=int, default=1,
                     help="untimed requests before the measured one (compilation, buffers, CUDA-graph capture)")
     rt.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
-                    help="seconds a collective may wait for the other ranks before the job fails")
+                    help="seconds a collective may wait for the other ranks once the model is loaded before the job "
+                         "fails")
+    rt.add_argument("--load-timeout", type=float, default=DEFAULT_INIT_TIMEOUT_S,
+                    help="seconds the ranks wait for each other while starting and loading the model")
     rt.add_argument("--no-cuda-graphs", action="store_true",
                     help="run the model eagerly on GPU (CUDA graphs are on by default there)")
     rt.add_argument("--show-plan", action="store_true", help="print every round of the plan")
+    services.add_limit_flags(p)
     return p
 
 
-def check_args(p, args):
-    for name in ("parallel", "steps", "num_images", "height", "width", "subintervals", "window"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    for name in ("warmup", "preconditioning"):
-        v = getattr(args, name)
-        if v is not None and v < 0:
-            p.error(f"--{name} must be >= 0, got {v}")
-    if args.timeout <= 0:
-        p.error(f"--timeout must be > 0 seconds, got {args.timeout}")
-    if args.model in ("gmm", "fixed", "digits") and (args.height or args.width or args.negative_prompt):
-        p.error(f"--height, --width and --negative-prompt apply to diffusers pipelines, not --model {args.model}")
-    for name in ("num_frames", "fps"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    try:  # video flags on a model that makes images (built-in, or a pipeline directory by its model index)
-        video_service.check_kind(args.model, [f"--{n.replace('_', '-')}" for n in ("num_frames", "fps")
-                                              if getattr(args, n) is not None])
-    except (ValueError, FileNotFoundError) as e:
-        p.error(str(e))
-    check_image_args(p, args)
+def check_args(args) -> services.Limits:
+    """Checks of the flags that are not request fields; returns the request limits. Raises ValueError."""
+    for name in ("warmup",):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    for name in ("timeout", "load_timeout"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0 seconds, got {getattr(args, name)}")
+    if not args.model_cost >= 0:
+        raise ValueError(f"--model-cost must be >= 0 seconds, got {args.model_cost}")
+    distributed.check_device(args.device)
+    check_image_args(args)
+    return services.limits_from_args(args)
 
 
-def check_image_args(p, args):
-    """Image inputs, ControlNets and LoRAs: everything that can be checked before the model loads."""
+def check_image_args(args):
+    """The image-input and adapter flags among themselves (no file is read here: preflight does that on rank 0).
+    Raises ValueError."""
     used = [f for f, v in (("--image", args.image), ("--mask-image", args.mask_image),
                            ("--strength", args.strength is not None), ("--controlnet", args.controlnet),
                            ("--control-image", args.control_image),
@@ -138,67 +159,25 @@ def check_image_args(p, args):
     if not used:
         return
     if args.model in services.BUILTIN:
-        p.error(f"{', '.join(used)} apply to diffusers pipelines, not --model {args.model}")
-    from .pipelines.conditioning import open_image
-    from .pipelines.lora import check_lora_path, parse_lora
+        raise ValueError(f"{', '.join(used)} apply to diffusers pipelines, not --model {args.model}")
+    from .pipelines.lora import parse_lora
     from .strength import check_strength
-    try:
-        if args.strength is not None:
-            check_strength(args.strength)
-        for flag, paths in (("--image", [args.image]), ("--mask-image", [args.mask_image]),
-                            ("--control-image", args.control_image)):
-            for path in paths:
-                if path is not None:
-                    open_image(path, flag)
-        for spec in args.lora:
-            check_lora_path(parse_lora(spec)[0])
-    except (ValueError, FileNotFoundError) as e:
-        p.error(str(e))
+    if args.strength is not None:
+        check_strength(args.strength)
+    for spec in args.lora:
+        parse_lora(spec)
     if args.mask_image and not args.image:
-        p.error("--mask-image needs --image (the picture to inpaint)")
+        raise ValueError("--mask-image needs --image (the picture to inpaint)")
     if args.strength is not None and not args.image:
-        p.error("--strength applies with --image")
+        raise ValueError("--strength applies with --image")
     if len(args.control_image) != len(args.controlnet):
-        p.error(f"{len(args.control_image)} --control-image for {len(args.controlnet)} --controlnet: pass one "
-                f"control image per ControlNet")
+        raise ValueError(f"{len(args.control_image)} --control-image for {len(args.controlnet)} --controlnet: pass "
+                         f"one control image per ControlNet")
     if args.controlnet and args.image:
-        p.error("--controlnet runs ControlNet text-to-image; it does not combine with --image")
+        raise ValueError("--controlnet runs ControlNet text-to-image; it does not combine with --image")
     scales = args.controlnet_conditioning_scale
     if scales and (not args.controlnet or len(scales) not in (1, len(args.controlnet))):
-        p.error("--controlnet-scale takes one value, or one per --controlnet")
-    for path in args.controlnet:
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            p.error(f"--controlnet {path!r} is not a ControlNetModel directory (no config.json)")
-    if args.controlnet and os.path.isfile(os.path.join(args.model, "model_index.json")):
-        from .pipelines import REGISTRY, check_model_dir, family_of_class
-        from .pipelines.conditioning import task_class
-        try:
-            family = REGISTRY[family_of_class(check_model_dir(args.model).get("_class_name"), args.model)]
-        except (ValueError, FileNotFoundError) as e:
-            p.error(str(e))
-        if task_class(family, "controlnet") is None:
-            p.error(f"--controlnet: ControlNet is supported for the sd and sdxl families; {args.model} is a "
-                    f"{family.name} pipeline")
-
-
-def report(plan, stats) -> str:
-    """The measured-versus-ideal table printed at the end of a run (plan is None for the iterative modes)."""
-    per_round = stats.phases.get("model", 0.0) / max(stats.serial_rounds, 1)
-    ideal = (plan.serial_rounds if plan else stats.serial_rounds) * per_round
-    rows = [("mode", stats.mode), ("steps S", stats.steps), ("parallel n", stats.parallel)]
-    if plan:
-        rows += [("serial model rounds (plan / measured)", f"{plan.serial_rounds} / {stats.serial_rounds}"),
-                 ("model evaluations (plan / measured)", f"{plan.model_evals} / {stats.model_evals}")]
-    else:
-        rows += [("iterations", stats.iterations), ("serial model rounds (measured)", stats.serial_rounds),
-                 ("model evaluations (measured)", stats.model_evals)]
-    rows += [("ideal speedup over sequential", f"{stats.ideal_speedup:.2f}x"),
-             ("measured latency", f"{stats.wall_time * 1e3:.1f} ms"),
-             ("ideal latency (serial rounds x mean model-call time)", f"{ideal * 1e3:.1f} ms"),
-             ("efficiency (ideal / measured)", f"{ideal / stats.wall_time:.3f}" if stats.wall_time else "-")]
-    rows += [(f"  phase {k}", f"{v * 1e3:.2f} ms") for k, v in stats.phases.items()]
-    w = max(len(r[0]) for r in rows)
-    return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+        raise ValueError("--controlnet-scale takes one value, or one per --controlnet")
 
 
 def request_spec(args) -> dict:
@@ -214,82 +193,200 @@ def request_spec(args) -> dict:
     return {k: v for k, v in spec.items() if v is not None}
 
 
-@record
+def output_stem(args, ref, resolved: dict, options: dict, world: int) -> str:
+    """<model>-<mode>-n<n>-s<steps>-<scheduler>[-<drafts>]-<dtype>-seed<seed>-<hash>: readable settings, and a hash
+    of every setting (prompt, guidance, size, input images' digests, LoRAs, ControlNets, ...), so runs with
+    different settings never share a name."""
+    n = options.get("parallel") or world
+    adapters = {k: v for k, v in (("loras", ref.loras), ("controlnets", ref.controlnets)) if v}
+    settings = {"model": args.model, "dtype": args.dtype, **options, "parallel": n, **adapters,
+                **{k: v for k, v in resolved.items() if k != "labels"}}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    drafts = f"-{options['drafts']}" if "drafts" in options else ""
+    return (f"{ref.name}-{options['mode']}-n{n}-s{resolved['steps']}-{resolved['scheduler']}{drafts}-{args.dtype}"
+            f"-seed{resolved['seed']}-{digest}")
+
+
+def output_names(ref, resolved: dict, stem: str) -> list:
+    """The run's files: <stem>.png (one image; .mp4 for a video), <stem>-<i>.png (several), <stem>.pt (no images),
+    and <stem>.json."""
+    ext = "mp4" if ref.rules is not None and ref.rules.video else "png"
+    if ref.kind in ("gmm", "fixed"):
+        files = [f"{stem}.pt"]
+    elif resolved["num_images"] == 1:
+        files = [f"{stem}.{ext}"]
+    else:
+        files = [f"{stem}-{i}.{ext}" for i in range(resolved["num_images"])]
+    return files + [f"{stem}.json"]
+
+
+def preflight(args, limits, world: int) -> dict:
+    """Everything that can be checked before a model loads (rank 0): the model reference, the request with every
+    resolved value, the plan's parameters, and that the outputs can be written. Raises ValueError."""
+    from .parasolver import IterativeConfig
+    from .plan import make_plan
+    from .pipelines.conditioning import open_image
+    ref = services.inspect_model(args.model, args.lora, args.controlnet)
+    for flag, paths in (("--image", [args.image]), ("--mask-image", [args.mask_image]),
+                        ("--control-image", args.control_image)):
+        for path in paths:
+            if path is not None:
+                open_image(path, flag)  # readable, naming the flag (the request's checks name its fields)
+    spec = request_spec(args)
+    options = services.sampling_options(spec, limits)
+    resolved = services.check_request(ref, spec, limits)
+    n = options["parallel"] or world
+    if options["mode"] in ITERATIVE_MODES:
+        IterativeConfig.make(options["mode"], resolved["steps"], n, options.get("subintervals"),
+                             options.get("preconditioning"), options.get("window"), options.get("tolerance"))
+    else:
+        make_plan(options["mode"], resolved["steps"], n)
+    stem = output_stem(args, ref, resolved, options, world)
+    names = output_names(ref, resolved, stem)
+    out = check_output_dir(args.out, names)
+    return dict(ref=ref, resolved=resolved, options=options, stem=stem, files=[os.path.join(out, f) for f in names])
+
+
+def table(plan, stats) -> dict:
+    """The measured-versus-ideal numbers of a run (plan is None for the iterative modes)."""
+    per_call = stats.phases.get("model", 0.0) / max(stats.serial_rounds, 1)
+    ideal = (plan.serial_rounds if plan else stats.serial_rounds) * per_call
+    return {"mode": stats.mode, "steps": stats.steps, "parallel": stats.parallel,
+            "serial_rounds_plan": plan.serial_rounds if plan else None, "serial_rounds": stats.serial_rounds,
+            "model_evals_plan": plan.model_evals if plan else None, "model_evals": stats.model_evals,
+            "iterations": getattr(stats, "iterations", None), "ideal_speedup": stats.ideal_speedup,
+            "latency_s": stats.wall_time, "ideal_latency_s": ideal,
+            "efficiency": ideal / stats.wall_time if stats.wall_time else None, "phases_s": dict(stats.phases)}
+
+
+def report(plan, stats) -> str:
+    """The measured-versus-ideal table printed at the end of a run."""
+    t = table(plan, stats)
+    rows = [("mode", t["mode"]), ("steps S", t["steps"]), ("parallel n", t["parallel"])]
+    if plan:
+        rows += [("serial model rounds (plan / measured)", f"{t['serial_rounds_plan']} / {t['serial_rounds']}"),
+                 ("model evaluations (plan / measured)", f"{t['model_evals_plan']} / {t['model_evals']}")]
+    else:
+        rows += [("iterations", t["iterations"]), ("serial model rounds (measured)", t["serial_rounds"]),
+                 ("model evaluations (measured)", t["model_evals"])]
+    rows += [("ideal speedup over sequential", f"{t['ideal_speedup']:.2f}x"),
+             ("measured latency", f"{t['latency_s'] * 1e3:.1f} ms"),
+             ("ideal latency (serial rounds x mean model-call time)", f"{t['ideal_latency_s'] * 1e3:.1f} ms"),
+             ("efficiency (ideal / measured)", f"{t['efficiency']:.3f}" if t["efficiency"] else "-")]
+    rows += [(f"  phase {k}", f"{v * 1e3:.2f} ms") for k, v in t["phases_s"].items()]
+    w = max(len(r[0]) for r in rows)
+    return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+
 def main(argv=None) -> int:
-    p = parser()
-    args = p.parse_args(argv)
-    check_args(p, args)
-    info = maybe_init_dist(args.timeout)
-    rank, device = (info.rank, info.device) if info else (0, torch.device("cpu"))
+    args = parser().parse_args(argv)
     try:
+        limits = check_args(args)
+        info = distributed.maybe_init_dist(args.timeout, args.device, args.load_timeout)
+    except ValueError as e:  # every rank sees the same flags and devices, so every rank stops here
+        bad_input(str(e))
+    rank, world = (info.rank, info.world) if info else (0, 1)
+    try:
+        verdict, plan = None, None
+        if rank == 0:
+            try:
+                plan = preflight(args, limits, world)
+            except ValueError as e:
+                verdict = str(e)
+        if not distributed.rank0_agrees(info, verdict is None):  # one verdict, before any model loads
+            bad_input(verdict or "", info)
+        device = info.device if info else distributed.pick_device(args.device)
         t0 = time.perf_counter()
-        service = services.load_service(args.model, device, getattr(torch, args.dtype), args.model_cost,
-                                        loras=args.lora, controlnets=args.controlnet)
-        sampler = Sampler(service.model, default_evaluator(service.model),
+        try:  # LoRA weights or a ControlNet that do not load: bad input, the same on every rank
+            service = services.load_service(args.model, device, getattr(torch, args.dtype), args.model_cost,
+                                            loras=args.lora, controlnets=args.controlnet)
+        except services.RequestError as e:
+            bad_input(str(e), info)
+        sampler = Sampler(service.model, distributed.default_evaluator(service.model),
                           cuda_graphs=not args.no_cuda_graphs and getattr(service.model, "cuda_graphs", True))
+        distributed.ready(info)  # every rank loaded: from here a silent rank fails the job after --timeout
         load_s = time.perf_counter() - t0
         spec = request_spec(args)
-        options = services.sampling_options(spec)
+        options = services.sampling_options(spec, limits)
+        try:  # what only the loaded model can tell (a video family's frame rule, whether the runtime can run the
+            first = service.request(spec, limits)  # scheduler): the same verdict on every rank
+        except ValueError as e:
+            bad_input(str(e), info)
 
-        def run(progress):
-            req = service.request(spec)
+        def run(progress, req=None):
+            req = req or service.request(spec, limits)
             with torch.no_grad():
                 return req, sampler(req.scheduler, req.latent, steps=req.steps, generator=req.generator,
                                     model_kwargs=req.model_kwargs, progress=progress, start=req.start,
                                     blend=req.blend, **options)
         for _ in range(args.warmup):
-            run(False)
-        req, out = run(rank == 0)
+            run(False, first)
+            first = None
+        req, out = run(rank == 0, first)
+        status = 0
         if rank == 0:
-            if out.plan is not None:
-                print(out.plan.describe() if args.show_plan else out.plan.describe().splitlines()[0])
-            else:
-                print(f"{args.mode}: {out.stats.iterations} iterations, window trace (start, width, stride) "
-                      f"{out.stats.trace}")
-            print(f"model {service.name}, ranks {info.world if info else 1} ({info.backend if info else 'local'}), "
-                  f"load {load_s:.2f} s")
-            print(report(out.plan, out.stats))
-            os.makedirs(args.out, exist_ok=True)
-            stem = f"{service.name}-{args.mode}-n{out.stats.parallel}-s{out.stats.steps}-seed{args.seed}"
-            files = save(service, out, req, args.out, stem)
-            files.append(write_run(args, info, service.name, out, load_s, stem, files,
-                                   getattr(req, "output_stats", None)))
-            print("wrote " + ", ".join(files))
-    except (ValueError, FileNotFoundError) as e:  # bad input: every rank sees the same, so every rank stops
+            print_summary(args, info, service, out, load_s)
+            try:
+                files = write_outputs(args, info, service, out, req, load_s, plan)
+                print("wrote " + ", ".join(files))
+            except OSError as e:
+                print(f"driffusion_rt: error: could not write the outputs to {args.out!r} (none were kept): {e}",
+                      file=sys.stderr, flush=True)
+                status = 1
+        distributed.teardown(info)
+        return status
+    except KeyboardInterrupt:
         if rank == 0:
-            print(f"driffusion_rt: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except BaseException as e:
+            print("driffusion_rt: interrupted; no output written", file=sys.stderr, flush=True)
+        distributed.exit_now(130)
+    except CollectiveTimeout as e:  # another rank is gone: this rank says so once and leaves the broken group
         print(f"driffusion_rt: rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        raise
-    if info is not None:
-        dist.destroy_process_group()
-    return 0
+        distributed.exit_now(1)
+    except Exception as e:
+        if rank == 0 or not isinstance(e, ModelOutputError):  # a model output error is the same on every rank
+            print(f"driffusion_rt: rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        if not isinstance(e, ValueError):  # a bug, not bad data: keep the traceback for the report
+            traceback.print_exc()
+        distributed.exit_now(1)
 
 
-def save(service, out, req, out_dir, stem) -> list:
-    """PNG images (one: <stem>.png, several: <stem>-<i>.png), MP4s for video pipelines, or the latents for models
-    without images."""
-    if getattr(service, "video", False):
-        return service.save(out, req, out_dir, stem)
-    images = service.images(out, req)
-    if not images:
-        return [atomic_write(os.path.join(out_dir, f"{stem}.pt"), lambda f: torch.save(out.cpu(), f))]
-    names = [f"{stem}.png"] if len(images) == 1 else [f"{stem}-{i}.png" for i in range(len(images))]
-    return [atomic_write(os.path.join(out_dir, n), lambda f, im=im: im.save(f, format="PNG"))
-            for n, im in zip(names, images)]
+def print_summary(args, info, service, out, load_s):
+    if out.plan is not None:
+        print(out.plan.describe() if args.show_plan else out.plan.describe().splitlines()[0])
+    else:
+        print(f"{args.mode}: {out.stats.iterations} iterations, window trace (start, width, stride) {out.stats.trace}")
+    print(f"model {service.name}, ranks {info.world if info else 1} ({info.backend if info else 'local'}), "
+          f"device {out.sample.device}, load {load_s:.2f} s")
+    print(report(out.plan, out.stats))
 
 
-def write_run(args, info, name, out, load_s, stem, files, output_stats=None) -> str:
+def write_outputs(args, info, service, out, req, load_s, plan) -> list:
+    """The images (or latents) and the run's JSON, all or none (rank 0)."""
+    *targets, json_path = plan["files"]
+    images = service.images(out, req)  # videos: each a list of frames
+    if images:
+        if len(images) != len(targets):
+            raise RuntimeError(f"{len(images)} images for {len(targets)} file names")
+        if getattr(service, "video", False):
+            from .video_service import mp4_bytes
+            items = [(t, lambda f, v=v: f.write(mp4_bytes(v, req.spec["fps"]))) for t, v in zip(targets, images)]
+        else:
+            items = [(t, lambda f, im=im: im.save(f, format="PNG")) for t, im in zip(targets, images)]
+    else:
+        items = [(targets[0], lambda f: torch.save(out.cpu(), f))]
     st = out.stats
-    run = {"model": name, "model_arg": args.model, "mode": st.mode, "parallel": st.parallel, "steps": st.steps,
-           "seed": args.seed, "ranks": info.world if info else 1, "backend": info.backend if info else "local",
-           "drafts": args.drafts, "load_s": load_s, "latency_s": st.wall_time, "phases_s": st.phases,
-           "serial_rounds": st.serial_rounds, "serial_rounds_plan": out.plan.serial_rounds if out.plan else None,
-           "model_evals": st.model_evals, "ideal_speedup": st.ideal_speedup, "batch_widths": st.batch_widths,
-           "files": [os.path.basename(f) for f in files], "args": vars(args), **(output_stats or {})}
-    path = os.path.join(args.out, f"{stem}.json")
-    return atomic_write(path, lambda f: f.write(json.dumps(run, indent=2).encode()))
+    run = {"model": service.name, "model_arg": args.model, "dtype": args.dtype,
+           "device": str(out.sample.device), "ranks": info.world if info else 1,
+           "backend": info.backend if info else "local", "request": req.resolved, "sampling": plan["options"],
+           "mode": st.mode, "parallel": st.parallel, "steps": st.steps, "seed": req.resolved["seed"],
+           "drafts": plan["options"].get("drafts"), "load_s": load_s, "table": table(out.plan, st),
+           "latency_s": st.wall_time, "serial_rounds": st.serial_rounds,
+           "serial_rounds_plan": out.plan.serial_rounds if out.plan else None, "model_evals": st.model_evals,
+           "ideal_speedup": st.ideal_speedup, "batch_widths": st.batch_widths,
+           "files": [os.path.basename(t) for t in targets], "args": vars(args),
+           **(getattr(req, "output_stats", None) or {})}  # video: frames, fps, the decode's seconds and memory
+    items.append((json_path, lambda f: f.write(json.dumps(run, indent=2, default=str).encode())))
+    return write_all(items)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Output files, written atomically: a failed or interrupted run never leaves a partial file behind."""
+"""Output files, written all-or-nothing: a failed or interrupted run never leaves a partial file or a partial set of
+files behind, and the output directory is checked before any work starts."""
 import os
 import tempfile
 
@@ -10,11 +11,9 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_write(path, write) -> str:
-    """Call write(binary_file) on a temporary file in path's directory, then rename it over `path`."""
-    path = os.fspath(path)
+def _stage(path: str, write) -> str:
+    """write(binary_file) into a temporary file next to `path`; returns the temporary file's name."""
     d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         os.fchmod(fd, _file_mode())
@@ -22,8 +21,61 @@ def atomic_write(path, write) -> str:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
-    return path
+    return tmp
+
+
+def atomic_write(path, write) -> str:
+    """Call write(binary_file) on a temporary file in path's directory, then rename it over `path`."""
+    return write_all([(path, write)])[0]
+
+
+def write_all(items) -> list:
+    """Write several files as one unit: every (path, write) is staged in a temporary file first, then all are renamed
+    into place. If any write or rename fails, the staged files and the ones already renamed are removed, so either
+    every file of the run is there or none is."""
+    items = [(os.fspath(p), w) for p, w in items]
+    for path, _ in items:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    staged, placed = [], []
+    try:
+        for path, write in items:
+            staged.append((path, _stage(path, write)))
+        for path, tmp in staged:
+            os.replace(tmp, path)
+            placed.append(path)
+    except BaseException:
+        for path, tmp in staged:
+            if path not in placed and os.path.exists(tmp):
+                os.unlink(tmp)
+        for path in placed:
+            os.unlink(path)
+        raise
+    return [p for p, _ in items]
+
+
+def check_output_dir(out_dir: str, names=()) -> str:
+    """Check, without creating anything that stays, that the run's files can be written to `out_dir`: it is a
+    directory (or can be created as one) that accepts new files, and none of `names` is taken by a directory.
+    Returns the absolute directory. Raises ValueError naming the problem."""
+    out = os.path.abspath(out_dir)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out_dir!r} is a file, not a directory")
+    existing = out
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--out {out_dir!r} cannot be created: {existing!r} is a file, not a directory")
+    try:  # a real probe: permission bits do not tell (root, read-only mounts, ACLs)
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".driffusion-probe.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        what = "is not writable" if existing == out else f"cannot be created: {existing!r} is not writable"
+        raise ValueError(f"--out {out_dir!r} {what} ({e.strerror or e})") from None
+    for name in names:
+        if os.path.isdir(os.path.join(out, name)):
+            raise ValueError(f"--out {out_dir!r}: the output name {name!r} is taken by a directory")
+    return out

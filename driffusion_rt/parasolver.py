@@ -69,7 +69,8 @@ def boundaries(steps: int, n: int) -> list:
 
 @torch.no_grad()
 def run(sampler, traj: Trajectory, x: torch.Tensor, mode: str, parallel: int, cfg: IterativeConfig,
-        generator=None, model_kwargs=None) -> SampleOutput:
+        generator=None, model_kwargs=None, cancel=None) -> SampleOutput:
+    from .sampler import Cancelled  # sampler imports this module
     ev, S = sampler.ev, traj.steps
     t0, clock = time.perf_counter(), Clock(x.device)
     stats = IterativeStats(mode, S, parallel)
@@ -90,6 +91,8 @@ def run(sampler, traj: Trajectory, x: torch.Tensor, mode: str, parallel: int, cf
 
     def evaluate(states, idx):
         """Model outputs [k, B, ...] of k points; rank r evaluates slots [r*c, (r+1)*c), then all-gather."""
+        if cancel is not None and ev.agree(cancel.is_set()):  # every rank stops at the same round
+            raise Cancelled(f"cancelled after {stats.serial_rounds} rounds")
         k = len(idx)
         c = ev.chunk(k)
         gathered = rows[: ev.world * c]

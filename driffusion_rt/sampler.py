@@ -40,6 +40,10 @@ STOCHASTIC_CALLS_PER_N = 8
 CHECK_SYNC = int(os.environ.get("DRIFFUSION_CHECK_SYNC", "0") or 0)
 
 
+
+class Cancelled(RuntimeError):
+    """The caller cancelled the request (`cancel` was set on rank 0); every rank stopped at the same round."""
+
 class LRU(OrderedDict):
     """A small least-recently-used cache: a long-lived server sees many shapes and step counts."""
 
@@ -199,7 +203,8 @@ class Sampler:
 
     def __call__(self, scheduler, x, *, steps, mode="aggressive", parallel=None, generator=None,
                  model_kwargs=None, timesteps_kwargs=None, progress=False, drafts="jump", start=0, blend=None,
-                 subintervals=None, preconditioning=None, window=None, tolerance=None, **step_kwargs) -> SampleOutput:
+                 subintervals=None, preconditioning=None, window=None, tolerance=None, cancel=None,
+                 **step_kwargs) -> SampleOutput:
         if mode not in ALL_MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(ALL_MODES)}")
         parallel = self.ev.world if parallel is None else parallel
@@ -235,18 +240,20 @@ class Sampler:
             if iterative:
                 cfg = parasolver.IterativeConfig.make(mode, traj.steps, parallel, subintervals, preconditioning,
                                                       window, tolerance)
-                return parasolver.run(self, traj, x, mode, parallel, cfg, generator, model_kwargs)
+                return parasolver.run(self, traj, x, mode, parallel, cfg, generator, model_kwargs, cancel=cancel)
             return self.run(make_plan(mode, traj.steps, parallel), traj, x, generator, model_kwargs, progress, drafts,
-                            blend)
+                            blend, cancel=cancel)
 
     @torch.no_grad()  # sampling never needs gradients: no autograd graph per model call, whatever the model
     def run(self, plan: Plan, traj: Trajectory, x, generator=None, model_kwargs=None, progress=False,
-            drafts="jump", blend=None) -> SampleOutput:
+            drafts="jump", blend=None, cancel=None) -> SampleOutput:
         """Execute `plan`; every rank calls this with the same plan, trajectory and latent shape.
 
         blend: None, or `blend(states, idx)` applied in place to every state a combine produces (this rank's
         drafts and each refined anchor) with their trajectory indices; elementwise and the same on every rank
-        (inpainting: x_j <- m x_j + (1 - m) noised(init, j), see driffusion_rt/blend.py)."""
+        (inpainting: x_j <- m x_j + (1 - m) noised(init, j), see driffusion_rt/blend.py).
+        cancel: an object with is_set(), given on every rank or on none (rank 0's counts); it stops every rank at
+        a round boundary (Cancelled)."""
         ev = self.ev
         lay, tables = self.tables(traj, plan, drafts, x)
         arena = self.arena(x, lay, plan)
@@ -260,6 +267,8 @@ class Sampler:
                    disable=None) if progress and ev.rank == 0 else None  # disable=None: only on a terminal
         torch.mul(x, traj.init_noise_sigma, out=rows[lay.block(0)])
         for r, (rnd, tab) in enumerate(zip(plan.rounds, tables)):
+            if cancel is not None and ev.agree(cancel.is_set()):
+                raise Cancelled(f"cancelled before round {r} of {len(plan.rounds)}")
             i, k, cur = rnd.anchor, len(rnd.drafts), lay.block(tab.block)
             clock.round(r)
             if rnd.eval_anchor:

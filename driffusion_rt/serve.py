@@ -9,25 +9,38 @@ num_frames and fps; image pipelines image, mask_image and control_image as base6
 controlnet_conditioning_scale, lora_scale) plus "response": "png" (the default for image models: the first image as
 image/png, stats in X-Driffusion-* headers), "mp4" (the default for video models: the first video as video/mp4,
 stats in headers) or "base64" (JSON with every image as base64 PNG, or every video as base64 MP4, and the stats).
-GET /health reports readiness. Requests are served one at a time in arrival order. The server binds 127.0.0.1
-unless --host names another address and --allow-remote says so explicitly.
+GET /health reports readiness, GET /metrics Prometheus metrics. Requests are served one at a time in arrival order;
+at most --max-queue wait (more get 503 with Retry-After). A request whose client disconnects is cancelled at its
+next round. SIGTERM / SIGINT drain the server: new requests get 503, the one in flight is cancelled, every rank
+exits 0. One JSON access-log line per request goes to rank 0's standard output. The server binds 127.0.0.1 unless
+--host names another address and --allow-remote says so explicitly.
 """
 import argparse
 import asyncio
 import base64
 import io
 import json
+import math
+import re
 import socket
 import sys
 import threading
+import time
+import uuid
+from datetime import datetime, timezone
 
 import torch
 
-from . import services
-from .distributed import DEFAULT_TIMEOUT_S
-from .engine import Engine
+from . import distributed, services
+from .distributed import DEFAULT_INIT_TIMEOUT_S, DEFAULT_TIMEOUT_S
+from .engine import Engine, QueueFull, ShuttingDown
+from .generate import _Parser, bad_input
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+DEFAULT_MAX_QUEUE = 16
+PATHS = ("/generate", "/health", "/metrics")
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_REQUEST_ID = re.compile(r"^[\w.\-]{1,64}$")
 
 
 def png_bytes(image) -> bytes:
@@ -36,63 +49,164 @@ def png_bytes(image) -> bytes:
     return buf.getvalue()
 
 
-def make_app(engine: Engine):
+class Metrics:
+    """The server's Prometheus metrics, in a registry of their own (prometheus_client)."""
+
+    def __init__(self, engine: Engine):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("driffusion_requests", "HTTP requests answered, by path and status", ["path", "status"],
+                                registry=r)
+        self.latency = Histogram("driffusion_request_latency_seconds", "time from arrival to answer of /generate "
+                                 "requests the engine handled", buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("driffusion_queue_wait_seconds", "time /generate requests waited in the queue",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        Gauge("driffusion_queue_depth", "requests waiting in the queue", registry=r).set_function(engine.queue.qsize)
+        Gauge("driffusion_in_flight", "requests being sampled", registry=r).set_function(lambda: engine.in_flight)
+        self.model_evals = Counter("driffusion_model_evals", "model evaluations of completed requests", registry=r)
+        self.rounds = Counter("driffusion_rounds", "serial model rounds of completed requests", registry=r)
+
+    def exposition(self) -> tuple:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def access_log_line(fields: dict) -> str:
+    """One JSON object per request (time, request id, method, path, status, queue wait, latency, rounds, ...)."""
+    return json.dumps({"ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "event": "access",
+                       **fields}, default=str)
+
+
+class AccessLog:
+    """ASGI middleware: a request id (X-Request-ID, taken from the request or made up), one access-log line and the
+    request counters for every HTTP request, whatever answers it (handlers, 404, 405)."""
+
+    def __init__(self, app, metrics: Metrics, write=None):
+        self.app, self.metrics = app, metrics
+        self.write = write or (lambda line: print(line, flush=True))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        given = dict(scope.get("headers") or {}).get(b"x-request-id", b"").decode("latin-1")
+        rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
+        scope.setdefault("state", {})["access"] = access = {}
+        scope["state"]["request_id"] = rid
+        status = [500]
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message = dict(message, headers=list(message.get("headers", [])) + [(b"x-request-id", rid.encode())])
+            await send(message)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            path = scope["path"] if scope["path"] in PATHS else "other"
+            self.metrics.requests.labels(path, str(status[0])).inc()
+            self.write(access_log_line({"id": rid, "method": scope["method"], "path": scope["path"],
+                                        "status": status[0], "latency_s": round(time.perf_counter() - t0, 6),
+                                        **access}))
+
+
+def make_app(engine: Engine, metrics: Metrics | None = None, write=None, poll_s: float = 0.1):
     """The Starlette app: it only queues requests for the engine thread, which does all collectives."""
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
+    metrics = metrics or Metrics(engine)
+    recent = {"latency_s": 1.0}  # a moving average of request latency, for Retry-After
     max_body = services.request_bytes(engine.limits)  # the JSON fields and base64 images
 
+    def error(status: int, message: str, request: Request, headers=None):
+        return JSONResponse({"error": message, "request_id": request.state.request_id}, status_code=status,
+                            headers=headers)
+
     async def generate(request: Request):
+        t0 = time.perf_counter()
         if int(request.headers.get("content-length") or 0) > max_body:
-            return JSONResponse({"error": f"request body over {max_body} bytes"}, status_code=413)
+            return error(413, f"request body over {max_body} bytes", request)
         body = await request.body()
         if len(body) > max_body:
-            return JSONResponse({"error": f"request body over {max_body} bytes"}, status_code=413)
+            return error(413, f"request body over {max_body} bytes", request)
         try:
             spec = json.loads(body)
         except ValueError as e:
-            return JSONResponse({"error": f"request body is not JSON: {e}"}, status_code=400)
+            return error(400, f"request body is not JSON: {e}", request)
         if not isinstance(spec, dict):
-            return JSONResponse({"error": "request body must be a JSON object"}, status_code=400)
+            return error(400, "request body must be a JSON object", request)
         video = getattr(engine.service, "video", False)
         kinds = ("mp4", "base64") if video else ("png", "base64")
         kind = spec.pop("response", kinds[0])
         if kind not in kinds:
-            return JSONResponse({"error": f"response must be {' or '.join(map(repr, kinds))} for "
-                                          f"{'video' if video else 'image'} model {engine.service.name}, got "
-                                          f"{kind!r}"}, status_code=400)
-        result = await asyncio.wrap_future(engine.submit(spec))
-        if not result.ok:
-            return JSONResponse({"error": result.error}, status_code=422)
+            return error(400, f"response must be {' or '.join(map(repr, kinds))} for {'video' if video else 'image'} "
+                              f"model {engine.service.name}, got {kind!r}", request)
+        cancel = threading.Event()
+        try:
+            future = engine.submit(spec, cancel)
+        except QueueFull as e:
+            retry = max(1, math.ceil(recent["latency_s"] * (engine.queue.qsize() + 1)))
+            return error(503, f"server busy: {e}; retry later", request, headers={"Retry-After": str(retry)})
+        except ShuttingDown as e:
+            return error(503, str(e), request)
+        task = asyncio.ensure_future(asyncio.wrap_future(future))
+        while not task.done():  # watch the client while the request waits or runs
+            await asyncio.wait({task}, timeout=poll_s)
+            if not task.done() and not cancel.is_set() and await request.is_disconnected():
+                cancel.set()  # the engine stops it at the next round boundary, on every rank
+        result = task.result()
+        latency = time.perf_counter() - t0
+        access = request.state.access
+        access.update(queue_s=round(result.stats.get("queue_s", 0.0), 6),
+                      rounds=result.stats.get("serial_rounds"), model_evals=result.stats.get("model_evals"),
+                      mode=result.stats.get("mode"), task=result.stats.get("task"),
+                      frames=result.stats.get("num_frames"))
+        metrics.latency.observe(latency)
+        metrics.queue_wait.observe(result.stats.get("queue_s", 0.0))
+        if not result.ok:  # 499 when its client left: logged and counted, though nobody reads the answer
+            return error(result.status, result.error, request)
+        recent["latency_s"] = 0.8 * recent["latency_s"] + 0.2 * latency
+        metrics.model_evals.inc(result.stats["model_evals"])
+        metrics.rounds.inc(result.stats["serial_rounds"])
         if not result.images:
-            return JSONResponse({"error": f"model {engine.service.name} produces no images"}, status_code=422)
+            return error(422, f"model {engine.service.name} produces no images", request)
         if video:
             from .video_service import mp4_bytes
             fps = result.stats["fps"]
             if kind == "base64":
                 videos = [base64.b64encode(mp4_bytes(v, fps)).decode() for v in result.images]
-                return JSONResponse({"videos": videos, "stats": result.stats})
+                return JSONResponse({"videos": videos, "stats": result.stats, "request_id": request.state.request_id})
         elif kind == "base64":
             images = [base64.b64encode(png_bytes(im)).decode() for im in result.images]
-            return JSONResponse({"images": images, "stats": result.stats})
+            return JSONResponse({"images": images, "stats": result.stats, "request_id": request.state.request_id})
         headers = {f"X-Driffusion-{k.replace('_', '-')}": str(v) for k, v in result.stats.items()}
+        headers["X-Driffusion-images"] = str(len(result.images))
         if video:
             return Response(mp4_bytes(result.images[0], fps), media_type="video/mp4", headers=headers)
         return Response(png_bytes(result.images[0]), media_type="image/png", headers=headers)
 
     async def health(request: Request):
         world = engine.info.world if engine.info else 1
-        return JSONResponse({"ok": True, "model": engine.service.name, "ranks": world, "served": engine.served})
+        ok = not engine.stopping
+        return JSONResponse({"ok": ok, "model": engine.service.name, "ranks": world, "served": engine.served,
+                             "queued": engine.queue.qsize(), "max_queue": engine.queue.maxsize,
+                             "in_flight": engine.in_flight}, status_code=200 if ok else 503)
 
-    return Starlette(routes=[Route("/generate", generate, methods=["POST"]), Route("/health", health)])
+    async def metrics_endpoint(request: Request):
+        body, content_type = metrics.exposition()
+        return Response(body, headers={"Content-Type": content_type})
+
+    app = Starlette(routes=[Route("/generate", generate, methods=["POST"]), Route("/health", health),
+                            Route("/metrics", metrics_endpoint)])
+    return AccessLog(app, metrics, write)
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="python -m driffusion_rt.serve", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="python -m driffusion_rt.serve", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="digits", help="digits (default), a diffusers pipeline directory or hub id, "
                                                       "gmm or fixed")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
@@ -101,62 +215,96 @@ def parser():
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, see --port-file)")
     p.add_argument("--port-file", default=None, help="write the bound port to this file once listening")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"), help="model dtype")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when available), cpu, cuda or cuda:N; under torchrun cuda:LOCAL_RANK or cpu")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
                    help="seconds a collective may wait for the other ranks before the engine fails")
+    p.add_argument("--load-timeout", type=float, default=DEFAULT_INIT_TIMEOUT_S,
+                   help="seconds the ranks wait for each other while starting and loading the model")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run the model eagerly on GPU")
+    p.add_argument("--model-cost", type=float, default=0.04, help="seconds per call of --model fixed")
     p.add_argument("--max-requests", type=int, default=0, help="stop after this many requests (0: serve forever)")
-    lim = services.Limits()
-    p.add_argument("--max-prompt-chars", type=int, default=lim.prompt_chars, help="longest prompt accepted")
-    p.add_argument("--max-side", type=int, default=lim.side, help="largest height or width accepted, pixels")
-    p.add_argument("--max-steps", type=int, default=lim.steps, help="most sampling steps accepted")
-    p.add_argument("--max-images", type=int, default=lim.images, help="most images per request")
-    p.add_argument("--max-parallel", type=int, default=lim.parallel, help="largest parallel n accepted")
-    p.add_argument("--max-frames", type=int, default=lim.frames, help="most frames per video accepted")
-    p.add_argument("--max-image-bytes", type=int, default=lim.image_bytes,
-                   help="most bytes of images (image, mask_image, control_image, decoded) per request")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                   help=f"requests that may wait behind the one in flight; more get 503 with Retry-After "
+                        f"(default {DEFAULT_MAX_QUEUE})")
+    services.add_limit_flags(p)
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                   help="LoRA weights to load into the pipeline at start, with their scale (repeatable)")
+                   help="LoRA weights (a .safetensors file or a directory) to load into the pipeline at start, with "
+                        "their scale, default 1 (repeatable; SD, SDXL, SD3, Flux; needs peft); requests may set "
+                        "lora_scale")
     p.add_argument("--controlnet", action="append", default=[], metavar="DIR",
                    help="a ControlNetModel directory: serve the SD / SDXL ControlNet pipeline; requests then carry "
                         "one control_image per --controlnet (repeatable: MultiControlNet)")
     return p
 
 
-def main(argv=None) -> int:
-    p = parser()
-    args = p.parse_args(argv)
+def check_args(args) -> services.Limits:
+    """Checks of the flags; returns the request limits. Raises ValueError naming the bad value."""
     if args.host not in LOOPBACK and not args.allow_remote:
-        p.error(f"--host {args.host} is not a loopback address; the server has no authentication, so binding it "
-                f"needs --allow-remote")
-    for name in ("max_prompt_chars", "max_side", "max_steps", "max_images", "max_parallel", "max_frames",
-                 "max_image_bytes"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.max_requests < 0 or not 0 <= args.port < 65536:
-        p.error("--max-requests must be >= 0 and --port in 0..65535")
-    if args.lora:  # (the pipelines package imports diffusers: only when needed)
-        from .pipelines.lora import check_lora_path, parse_lora
+        raise ValueError(f"--host {args.host} is not a loopback address; the server has no authentication, so "
+                         f"binding it needs --allow-remote")
+    if args.max_requests < 0 or args.max_queue < 1:
+        raise ValueError(f"--max-requests must be >= 0 and --max-queue >= 1, got {args.max_requests} and "
+                         f"{args.max_queue}")
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    for name in ("timeout", "load_timeout"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0 seconds, got {getattr(args, name)}")
+    if not args.model_cost >= 0:
+        raise ValueError(f"--model-cost must be >= 0 seconds, got {args.model_cost}")
+    distributed.check_device(args.device)
+    if args.model in services.BUILTIN and (args.lora or args.controlnet):
+        raise ValueError(f"--lora and --controlnet apply to diffusers pipelines, not --model {args.model}")
+    if args.lora:  # the scales (the files are checked with the model, on rank 0)
+        from .pipelines.lora import parse_lora
+        for spec in args.lora:
+            parse_lora(spec)
+    return services.limits_from_args(args)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads (a taken port fails at once). Raises ValueError."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot bind {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        limits = check_args(args)
+        info = distributed.maybe_init_dist(args.timeout, args.device, args.load_timeout)
+    except ValueError as e:
+        bad_input(str(e))
+    rank = info.rank if info else 0
+    verdict, sock = None, None
+    if rank == 0:
         try:
-            for spec in args.lora:
-                check_lora_path(parse_lora(spec)[0])
-        except (ValueError, FileNotFoundError) as e:
-            p.error(f"--lora: {e}")
-    limits = services.Limits(args.max_prompt_chars, args.max_side, args.max_steps, args.max_images, args.max_parallel,
-                             args.max_frames, args.max_image_bytes)
-    from .distributed import maybe_init_dist
-    info = maybe_init_dist(args.timeout)
-    device = info.device if info else torch.device("cpu")
-    service = services.load_service(args.model, device, getattr(torch, args.dtype), loras=args.lora,
-                                    controlnets=args.controlnet)
-    engine = Engine(service, limits, args.timeout, cuda_graphs=not args.no_cuda_graphs)
+            services.inspect_model(args.model, args.lora, args.controlnet)
+            sock = bind(args.host, args.port)
+        except ValueError as e:
+            verdict = str(e)
+    if not distributed.rank0_agrees(info, verdict is None):
+        bad_input(verdict or "", info)
+    device = info.device if info else distributed.pick_device(args.device)
+    try:  # LoRA weights or a ControlNet that do not load: bad input, the same on every rank
+        service = services.load_service(args.model, device, getattr(torch, args.dtype), args.model_cost,
+                                        loras=args.lora, controlnets=args.controlnet)
+    except services.RequestError as e:
+        bad_input(str(e), info)
+    distributed.ready(info)
+    engine = Engine(service, limits, args.timeout, cuda_graphs=not args.no_cuda_graphs, max_queue=args.max_queue)
     if engine.rank != 0:
         engine.serve()
         return 0
     import uvicorn
-    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((args.host, args.port))
-    server = uvicorn.Server(uvicorn.Config(make_app(engine), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(make_app(engine), log_level="warning", access_log=False))
     http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     http.start()
     port = sock.getsockname()[1]
@@ -164,16 +312,14 @@ def main(argv=None) -> int:
         with open(args.port_file, "w") as f:
             f.write(str(port))
     print(f"driffusion_rt serve: {service.name} on http://{args.host}:{port} "
-          f"({info.world if info else 1} rank(s)); POST /generate", flush=True)
+          f"({info.world if info else 1} rank(s), {device}); POST /generate, GET /health, GET /metrics", flush=True)
     stop = threading.Event()
     engine.on_answer = (lambda n: stop.set() if args.max_requests and n >= args.max_requests else None)
     try:
         engine.serve(stop=stop)
-    except KeyboardInterrupt:
-        print("driffusion_rt serve: interrupted, shutting down", file=sys.stderr)
     finally:
         server.should_exit = True
-        http.join(timeout=5)
+        http.join(timeout=10)
     return 0
 
 

@@ -57,22 +57,25 @@ class VideoService:
         self.base, self.p, self.pipe = base, base.p, base.pipe
         self.family, self.name, self.model = base.family, base.name, base.model
 
-    def check(self, spec: dict, limits: Limits = NO_LIMITS) -> tuple:
-        checked = self.base.check({k: v for k, v in spec.items() if k not in VIDEO_KEYS}, limits)
-        frames = services._int(spec, "num_frames", 1, limits.frames)
+    def check(self, spec: dict, limits: Limits = NO_LIMITS) -> dict:
+        """The image checks (services.check_pipeline, num_frames and fps in range included), then the family's frame
+        rule and default fps; returns every resolved value."""
+        r = self.base.check(spec, limits)
         try:
-            frames = self.p.check_frames(self.pipe, frames)
+            frames = self.p.check_frames(self.pipe, r["num_frames"])
         except ValueError as e:
             raise RequestError(str(e)) from None
-        fps = services._int(spec, "fps", 1, MAX_FPS, self.p.default_fps(self.pipe))
-        return checked + (frames, fps)
+        guidance = self.p.get_family(self.pipe).guidance(self.pipe, spec.get("guidance_scale"))
+        return dict(r, num_frames=frames, fps=r["fps"] or self.p.default_fps(self.pipe), guidance_scale=guidance)
 
     def request(self, spec: dict, limits: Limits = NO_LIMITS) -> VideoServiceRequest:
-        steps, seed, num, g, prompt, neg, name, h, w, frames, fps = self.check(spec, limits)
-        r = self.p.prepare_video(self.pipe, prompt, negative_prompt=neg, steps=steps, guidance_scale=g, height=h,
-                                 width=w, num_frames=frames, num_videos=num or 1, seed=seed, scheduler=name)
-        spec = dict(spec, height=h, width=w, num_frames=frames, fps=fps)
-        return VideoServiceRequest(spec, r.trajectory, r.steps, r.latents, r.model_kwargs, r.generator, video=r)
+        r = self.check(spec, limits)
+        q = self.p.prepare_video(self.pipe, r["prompt"], negative_prompt=r["negative_prompt"], steps=r["steps"],
+                                 guidance_scale=spec.get("guidance_scale"), height=r["height"], width=r["width"],
+                                 num_frames=r["num_frames"], num_videos=r["num_images"], seed=r["seed"],
+                                 scheduler=spec.get("scheduler"))
+        spec = dict(spec, height=r["height"], width=r["width"], num_frames=r["num_frames"], fps=r["fps"])
+        return VideoServiceRequest(spec, q.trajectory, q.steps, q.latents, q.model_kwargs, q.generator, r, video=q)
 
     def images(self, out, req) -> list:
         """The request's videos (each a list of PIL frames); records the decode's stats in req.output_stats."""

@@ -19,8 +19,20 @@ NCCL knobs (exported as-is to every rank; see the NCCL documentation):
   NCCL_IB_HCA         which InfiniBand adapters to use, e.g. mlx5_0,mlx5_1
   NCCL_DEBUG=INFO     print NCCL's topology and transport choices at start-up (WARN for failures only)
   NCCL_P2P_DISABLE=1  disable direct GPU peer-to-peer (debugging PCIe/NVLink issues)
-  TORCH_NCCL_ASYNC_ERROR_HANDLING=1  abort collectives of failed ranks (the default in recent PyTorch)
-The runtime's own collective timeout is generate's --timeout (default 60 s).
+Failure handling (see README, "Failure handling"):
+  generate's --load-timeout (default 1800 s) covers joining the job and loading the model: a rank that loads
+  slowly does not fail the job. After a barrier, every collective waits at most --timeout (default 60 s): the
+  rank blocks on it (Work.wait with that timeout, on NCCL too) and a hung or dead peer is reported by the waiting
+  ranks as "driffusion_rt: rank R failed: CollectiveTimeout ... another rank is hung or has died", then the job ends.
+  The runtime's NCCL group has a timeout max(5 s, 10%) longer than --timeout, so that report comes first; NCCL's
+  watchdog is the backstop:
+  TORCH_NCCL_ASYNC_ERROR_HANDLING  what the watchdog does when a collective passes the group's timeout:
+                      1 (torchrun's default) abort the communicators and the process, 3 abort without cleanup,
+                      0 no action (the runtime's own wait still ends the job after --timeout)
+  TORCH_NCCL_BLOCKING_WAIT=1  not needed: the runtime's waits already block with an explicit timeout
+  TORCH_NCCL_ENABLE_MONITORING / TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC  abort a process whose watchdog itself hangs
+  TORCH_NCCL_TRACE_BUFFER_SIZE=2000 TORCH_NCCL_DUMP_ON_TIMEOUT=1  flight-recorder dump of the last collectives
+                      on a timeout, for debugging a hang
 HELP
 exit 0; fi
 : "${NNODES:?set NNODES}" "${NODE_RANK:?set NODE_RANK}" "${MASTER_ADDR:?set MASTER_ADDR}"

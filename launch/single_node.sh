@@ -17,6 +17,6 @@ PYTHON=${PYTHON:-python}
 gpus=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 NPROC=${NPROC:-$([[ "$gpus" -gt 0 ]] && echo "$gpus" || echo 2)}
 cmd=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m driffusion_rt.generate "$@")
-echo "launch: ${cmd[*]}  ($([[ "$gpus" -gt 0 ]] && echo "$gpus GPU(s), NCCL" || echo "no GPU, gloo on CPU"))"
+echo "launch: ${cmd[*]}  ($([[ "$gpus" -gt 0 ]] && echo "$gpus GPU(s): one rank per GPU, NCCL between ranks" || echo "no GPU, gloo on CPU"))"
 [[ "${DRY_RUN:-0}" == "1" ]] && exit 0
 exec "${cmd[@]}"

@@ -2,6 +2,10 @@
 
     equal OUT.json   distributed == local sampler (Gaussian mixture and a tiny diffusers UNet), buffer reuse
     fault KIND RANK CALL -- GENERATE_ARGS   run the generate CLI with a model that fails on one rank at one call
+                     (KIND raise, hang, exit, nan; slowload: rank RANK takes CALL seconds longer to load its model;
+                     loadraise: rank RANK fails while loading)
+    cli MARKER -- GENERATE_ARGS   run the generate CLI; a rank that loads a model creates the file MARKER
+    threads OUT.json  the names of this process's threads while the group lives and after teardown
 """
 import json
 import os
@@ -13,7 +17,7 @@ import torch.distributed as dist
 
 from driffusion_rt import GaussianMixture, GaussianMixtureModel, Sampler
 from driffusion_rt import generate, services
-from driffusion_rt.distributed import default_evaluator, maybe_init_dist
+from driffusion_rt.distributed import default_evaluator, maybe_init_dist, teardown
 from driffusion_rt.evaluator import LocalEvaluator
 
 
@@ -96,7 +100,13 @@ def equal(path):
     if info.rank == 0:
         with open(path, "w") as f:
             json.dump([r for rs in gathered for r in rs], f)
-    dist.destroy_process_group()
+    teardown(info)
+
+
+def stamp_fault():
+    """Print when the injected fault happens (wall clock), so tests can time the job's end from it rather than
+    from a start-up whose length depends on the machine's load."""
+    print(f"FAULT_AT {time.time():.3f}", file=sys.stderr, flush=True)
 
 
 def fault(kind, bad_rank, bad_call, argv):
@@ -105,24 +115,77 @@ def fault(kind, bad_rank, bad_call, argv):
     rank = int(os.environ["RANK"])
 
     def faulty_load(*args, **kwargs):
+        if kind == "slowload" and rank == bad_rank:
+            time.sleep(bad_call)
+        if kind == "loadraise" and rank == bad_rank:
+            stamp_fault()
+            raise RuntimeError("injected failure while loading")
         service = load(*args, **kwargs)
         model, calls = service.model, [0]
 
         def wrapped(x_in, t, **kw):
             calls[0] += 1
             if rank == bad_rank and calls[0] == bad_call:
+                stamp_fault()
                 if kind == "raise":
                     raise RuntimeError(f"injected failure at call {bad_call}")
                 if kind == "hang":
                     time.sleep(3600)
                 if kind == "exit":
                     os._exit(17)
-            return model(x_in, t, **kw)
+            out = model(x_in, t, **kw)
+            return out * float("nan") if kind == "nan" and rank == bad_rank and calls[0] >= bad_call else out
         service.model = wrapped
         return service
 
     services.load_service = faulty_load
     return generate.main(argv)
+
+
+def cli(marker, argv):
+    """generate.main(argv), recording whether any rank got as far as loading a model."""
+    load = services.load_service
+
+    def recorded(*args, **kwargs):
+        open(marker, "a").close()
+        return load(*args, **kwargs)
+    services.load_service = recorded
+    return generate.main(argv)
+
+
+def thread_names() -> list:
+    """Names of this process's threads (Linux): gloo names its own (gloo_tcp_loop, pt_gloo_runloop)."""
+    tasks = "/proc/self/task"
+    return sorted(open(os.path.join(tasks, t, "comm")).read().strip() for t in os.listdir(tasks))
+
+
+def threads(path):
+    """Join the job, import diffusers (which imports torch.distributed.nn) with the group up, run the runtime's
+    collectives while holding the DistInfo, tear down: no gloo thread may outlive the teardown."""
+    from driffusion_rt.distributed import DistributedEvaluator
+    info = maybe_init_dist(timeout_s=60)
+    import diffusers  # noqa: F401
+    from diffusers import DDIMScheduler  # noqa: F401
+    ev = DistributedEvaluator(None, info)
+    ev.broadcast(torch.ones(3))
+    ev.gather(torch.zeros(2 * info.world, 3), torch.ones(2, 3))
+    before = thread_names()
+    rank = info.rank
+    teardown(info)
+    row = {"rank": rank, "before": before, "after": thread_names()}
+    with open(f"{path}.{rank}", "w") as f:
+        json.dump(row, f)
+    if rank == 0:  # the group is gone: wait for the other rank's file
+        for _ in range(600):
+            if all(os.path.exists(f"{path}.{r}") for r in range(info.world)):
+                break
+            time.sleep(0.1)
+        rows = []
+        for r in range(info.world):
+            with open(f"{path}.{r}") as f:
+                rows.append(json.load(f))
+        with open(path, "w") as f:
+            json.dump(rows, f)
 
 
 def models(path, pipeline_dir):
@@ -158,7 +221,7 @@ def models(path, pipeline_dir):
     if info.rank == 0:
         with open(path, "w") as f:
             json.dump(gathered, f)
-    dist.destroy_process_group()
+    teardown(info)
 
 
 if __name__ == "__main__":
@@ -166,5 +229,9 @@ if __name__ == "__main__":
         equal(sys.argv[2])
     elif sys.argv[1] == "models":
         models(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "threads":
+        threads(sys.argv[2])
+    elif sys.argv[1] == "cli":
+        sys.exit(cli(sys.argv[2], sys.argv[4:]))
     else:
         sys.exit(fault(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[6:]))

@@ -7,6 +7,7 @@
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -58,7 +59,7 @@ def requests(out_dir):
         rows = []
         for k, spec in enumerate(REQUESTS):
             r = eng.generate(spec)
-            row = {"index": k, "ok": r.ok, "error": r.error, "stats": r.stats}
+            row = {"index": k, "ok": r.ok, "error": r.error, "stats": r.stats, "status": r.status}
             if r.ok:
                 r.images[0].save(os.path.join(out_dir, f"{k}.png"))
                 torch.save(r.latent, os.path.join(out_dir, f"{k}.pt"))
@@ -91,8 +92,8 @@ def memory(out_dir):
     if engine.rank == 1:  # a follower measures itself after the same requests, counted as they come
         run = engine._run
 
-        def counted(spec):
-            r = run(spec)
+        def counted(spec, *rest):
+            r = run(spec, *rest)
             if engine.served in (10, 50):
                 marks[engine.served] = rss_mb()
             return r
@@ -106,12 +107,16 @@ def die(when):
     """Rank 1 exits (code 19) while the engine idles (rank 0 only sends heartbeats) or inside a request."""
     import threading
     engine = digits_engine(heartbeat_s=0.5)
+
+    def exit19():
+        print(f"FAULT_AT {time.time():.3f}", file=sys.stderr, flush=True)
+        os._exit(19)
     if engine.rank == 1:
         if when == "idle":
-            threading.Timer(3.0, lambda: os._exit(19)).start()
+            threading.Timer(3.0, exit19).start()
         else:
             run = engine._run
-            engine._run = lambda spec: os._exit(19) if spec.get("seed") == 99 else run(spec)
+            engine._run = lambda spec, *rest: exit19() if spec.get("seed") == 99 else run(spec, *rest)
         return engine.serve()
     assert engine.generate({"prompt": "1", "steps": 4, "parallel": 2}).ok
     if when == "idle":

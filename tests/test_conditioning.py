@@ -586,18 +586,131 @@ def test_cli_controlnet_for_a_family_without_one(built, tmp_path, kind):
                                   f"pipeline" in r.stderr, r.stderr[-2000:]
 
 
+def b64(im, fmt="PNG") -> str:
+    import base64
+    import io
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_image_requests_are_checked_before_loading_as_once_loaded(built):
+    """services.check_request decodes a request's images and checks them against the model's configs, no weights
+    loaded: the resolved values name the task, the pipeline's default strength, the size an image gives (SD
+    img2img, ControlNet) and each image by digest (so output names differ by image); the loaded service resolves
+    the same values and refuses the same requests with the same messages."""
+    from driffusion_rt import generate, services
+    ref = services.inspect_model(built["sd15"])
+    loaded = services.load_service(built["sd15"], torch.device("cpu"))
+    spec = dict(prompt=PROMPT, steps=10, image=b64(tp.image(0, 40, 48)))
+    r = services.check_request(ref, spec)
+    assert r["task"] == "img2img" and r["strength"] == 0.8 and (r["height"], r["width"]) == (40, 48)
+    assert r["image"]["format"] == "PNG" and (r["image"]["height"], r["image"]["width"]) == (40, 48)
+    assert loaded.check(spec) == r
+    other = services.check_request(ref, dict(spec, image=b64(tp.image(1, 40, 48))))
+    assert other["image"]["sha256"] != r["image"]["sha256"]
+    args = generate.parser().parse_args(["--model", built["sd15"]])
+    opts = services.sampling_options(spec)
+    assert generate.output_stem(args, ref, r, opts, 1) != generate.output_stem(args, ref, other, opts, 1)
+    inpaint_spec = dict(spec, mask_image=b64(tp.mask(40, 48)))
+    r = services.check_request(ref, inpaint_spec)
+    assert r["task"] == "inpaint" and r["strength"] == 1.0 and (r["height"], r["width"]) == ref.rules.default_size
+    assert loaded.check(inpaint_spec) == r
+    assert services.check_request(ref, dict(prompt=PROMPT))["task"] == "text2img"
+    limits = services.Limits(side=44, image_bytes=4000)
+    bad = {
+        "image is not valid base64": dict(image="not base64!"),
+        "image is a GIF image; allowed: PNG, JPEG": dict(image=b64(tp.image(0), "GIF")),
+        "image is 48x40 pixels; the limit is 44 per side": dict(image=b64(tp.image(0, 40, 48))),
+        "the request's images are over 4000 bytes": dict(image=b64(tp.image(0, 40, 40)),
+                                                         mask_image=b64(tp.image(1, 40, 40))),
+        "strength must be a number in (0, 1]": dict(image=b64(tp.image(0)), strength=0),
+        "strength=0.05 with 10 steps keeps no step": dict(image=b64(tp.image(0)), strength=0.05),
+        "height=36 (the input image's, rounded down) is not a multiple of 8": dict(image=b64(tp.image(0, 36, 32))),
+        "mask_image needs image": dict(mask_image=b64(tp.mask())),
+        "strength applies to requests with an image": dict(strength=0.5),
+        "control_image needs a server started with --controlnet": dict(control_image=b64(tp.image(0))),
+        "lora_scale must be a finite number": dict(lora_scale="high"),
+    }
+    for message, fields in bad.items():
+        for check in (lambda q: services.check_request(ref, q, limits), lambda q: loaded.check(q, limits)):
+            with pytest.raises(services.RequestError) as e:
+                check(dict(prompt=PROMPT, steps=10, **fields))
+            assert message in str(e.value), (message, str(e.value))
+    with pytest.raises(services.RequestError, match="inpainting is supported for the sd, sdxl families; the sd3 "):
+        services.check_request(services.inspect_model(built["sd3"]),
+                               dict(prompt=PROMPT, image=b64(tp.image(0)), mask_image=b64(tp.mask())))
+
+
+def test_controlnet_and_lora_references_are_checked_before_loading(built, tmp_path):
+    from driffusion_rt import services
+    ref = services.inspect_model(built["sd15"], controlnets=[built["cn"], built["cn2"]])
+    assert ref.rules.task == "controlnet" and ref.rules.nets == 2
+    controls = [b64(tp.image(0, 32, 48)), b64(tp.image(1, 32, 48))]
+    r = services.check_request(ref, dict(prompt=PROMPT, control_image=controls))
+    assert r["task"] == "controlnet" and r["controlnet_conditioning_scale"] == [1.0, 1.0]
+    assert (r["height"], r["width"]) == (32, 48) and len(r["control_image"]) == 2
+    for fields, message in ((dict(control_image=controls[0]), r"control_image has 1 image\(s\) for 2 ControlNet\(s\)"),
+                            (dict(control_image=controls, controlnet_conditioning_scale=[1, 2, 3]),
+                             "controlnet_conditioning_scale has 3 values for 2 ControlNet"),
+                            (dict(control_image=controls, image=controls[0]),
+                             "this server runs a ControlNet pipeline: requests take control_image"),
+                            (dict(), "this server runs a ControlNet pipeline")):
+        with pytest.raises(services.RequestError, match=message):
+            services.check_request(ref, dict(prompt=PROMPT, **fields))
+    for model, kw, message in (
+            (built["sd3"], dict(controlnets=[built["cn"]]), "--controlnet: ControlNet is supported for the sd and "
+                                                           "sdxl families; .* is a sd3 pipeline"),
+            (built["sd15"], dict(controlnets=[str(tmp_path)]), "is not a ControlNetModel directory \\(no config.json"),
+            (built["sd15"], dict(loras=["/no/such/lora.safetensors:0.5"]),
+             "--lora: LoRA weights '/no/such/lora.safetensors' do not exist"),
+            ("digits", dict(loras=["x.safetensors"]), "apply to diffusers pipelines, not --model digits")):
+        with pytest.raises(services.ModelUnavailable, match=message):
+            services.inspect_model(model, **kw)
+
+
+def test_cli_image_inputs_checked_before_loading_and_after_it_exit_2(built, tmp_path, monkeypatch, capsys):
+    """Bad image inputs the configs can refute exit 2 before the model loads; those only the loaded pipeline can
+    (a control image of another size than the output, LoRA weights that do not load) exit 2 right after loading,
+    with one message and no output either way."""
+    from driffusion_rt import generate, services
+    tp.image(0, 40, 48).save(tmp_path / "in.png")
+    tp.image(0).save(tmp_path / "in.gif")
+    tp.image(1, 32, 48).save(tmp_path / "control.png")
+    (tmp_path / "broken.safetensors").write_bytes(b"not safetensors")
+    out = tmp_path / "out"
+
+    def cli(*args):
+        with pytest.raises(SystemExit) as e:
+            generate.main(["--model", built["sd15"], "--prompt", PROMPT, "--steps", "10", "--warmup", "0", *args,
+                           "--out", str(out)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("error") == 1 and "Traceback" not in err, err
+        assert not out.exists()
+        return err
+    load = services.load_service
+    monkeypatch.setattr(services, "load_service", lambda *a, **k: pytest.fail("the model was loaded"))
+    img = str(tmp_path / "in.png")
+    for args, message in ((["--image", str(tmp_path / "in.gif")], "image is a GIF image; allowed: PNG, JPEG"),
+                          (["--image", img, "--max-side", "44"], "image is 48x40 pixels; the limit is 44 per side"),
+                          (["--image", img, "--max-image-bytes", "100"], "the request's images are over 100 bytes"),
+                          (["--image", img, "--strength", "0.05"], "strength=0.05 with 10 steps keeps no step"),
+                          (["--image", img, "--controlnet", built["cn"], "--control-image", img],
+                           "--controlnet runs ControlNet text-to-image; it does not combine with --image"),
+                          (["--model", "digits", "--image", img], "--image apply to diffusers pipelines")):
+        assert message in cli(*args)
+    monkeypatch.setattr(services, "load_service", load)
+    assert "the control image is 32x48" in cli("--controlnet", built["cn"], "--control-image",
+                                               str(tmp_path / "control.png"), "--height", "32", "--width", "32")
+    assert "could not be loaded" in cli("--lora", str(tmp_path / "broken.safetensors"))
+
+
 def test_engine_requests_with_images(built, tmp_path):
     """The engine (one process) serves img2img, inpainting and LoRA-scaled requests with base64 images, the
     same images as the functional API, and answers bad images with an error before any work."""
     import base64
-    import io
     from driffusion_rt import services
     from driffusion_rt.engine import Engine
-
-    def b64(im, fmt="PNG"):
-        buf = io.BytesIO()
-        im.save(buf, format=fmt)
-        return base64.b64encode(buf.getvalue()).decode()
 
     limits = services.Limits(image_bytes=20000)
     engine = Engine(services.load_service(built["sd15"], torch.device("cpu")), limits)
@@ -611,6 +724,11 @@ def test_engine_requests_with_images(built, tmp_path):
     assert rel_err(r.latent, ref) == 0 and r.images[0].size == (48, 32)
     r = engine.generate(dict(base, image=b64(tp.image(51), "JPEG"), mask_image=b64(tp.mask()), height=32, width=32))
     assert r.ok and r.images[0].size == (32, 32), r.error
+    import threading
+    cancel = threading.Event()
+    cancel.set()  # an inpainting request (start and blend) cancelled by its caller stops at its first round
+    r = engine.generate(dict(base, image=b64(tp.image(51)), mask_image=b64(tp.mask()), height=32, width=32), cancel)
+    assert not r.ok and r.status == 499 and "cancelled before round 0" in r.error, r.error
     bad = {
         "image is not valid base64": dict(image="not base64!"),
         "image cannot be read as an image": dict(image=base64.b64encode(b"GIF89a....").decode()),
@@ -625,7 +743,7 @@ def test_engine_requests_with_images(built, tmp_path):
     served = engine.served
     for message, fields in bad.items():
         r = engine.generate(dict(base, **fields))
-        assert not r.ok and message in r.error, (message, r.error)
+        assert not r.ok and r.status == 422 and message in r.error, (message, r.error)
     assert engine.served == served  # none of them reached the sampler
 
 
@@ -641,11 +759,6 @@ def test_http_img2img_on_two_ranks(built, tmp_path):
     import sys
     import time
     import urllib.request
-
-    def b64(im, fmt="PNG"):
-        buf = io.BytesIO()
-        im.save(buf, format=fmt)
-        return base64.b64encode(buf.getvalue()).decode()
 
     def post(port, body):
         req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=json.dumps(body).encode(),
@@ -681,10 +794,14 @@ def test_http_img2img_on_two_ranks(built, tmp_path):
         assert status == 413 and b"request body over" in body
         status, body = post(port, dict(base, image=base64.b64encode(b"\x89PNG broken").decode()))
         assert status == 422 and b"image cannot be read as an image" in body
-        assert proc.wait(timeout=120) == 0
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
+    access = [json.loads(line) for line in out.splitlines() if '"event": "access"' in line]
+    assert [(r["status"], r.get("task")) for r in access] == [(200, "img2img"), (200, "inpaint"), (413, None),
+                                                           (422, None)]
 
 
 def test_img2img_and_inpainting_refuse_pipelines_they_cannot_run(pipes, built):

@@ -3,8 +3,11 @@ import base64
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -23,7 +26,9 @@ def torchrun(*args, timeout=600, env=None, background=False):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     if background:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        # a session of its own: a failing test kills torchrun and its ranks together (kill_job), leaving no orphan
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)
     t0 = time.monotonic()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     return r, time.monotonic() - t0
@@ -46,6 +51,7 @@ def test_twenty_mixed_requests(tmp_path):
         k = row["index"]
         if k in INVALID:
             assert not row["ok"] and INVALID[k] in row["error"], row
+            assert row["status"] == (500 if k == 7 else 422), row  # a non-finite output is the model's failure
         else:
             assert row["ok"], row
     # every rank sampled exactly the valid requests (the invalid ones never left rank 0; the NaN one failed on both)
@@ -80,17 +86,26 @@ def test_memory_does_not_grow_per_request(tmp_path):
 @pytest.mark.parametrize("when", ["idle", "request"])
 def test_dead_worker_is_reported_and_the_job_exits(when):
     timeout = 10
-    r, took = torchrun(WORKER, "die", when, env={"ENGINE_TIMEOUT": str(timeout)})
+    r, _ = torchrun(WORKER, "die", when, env={"ENGINE_TIMEOUT": str(timeout)})
     assert r.returncode != 0
-    assert took < timeout + 30  # start-up of two ranks and the model load included
+    stamp = re.search(r"FAULT_AT (\d+\.\d+)", r.stderr)
+    assert stamp and time.time() - float(stamp.group(1)) < timeout + 10, r.stderr[-3000:]  # from the death
     text = r.stdout + r.stderr
     assert re.search(r"rank\s+: 1 \(local_rank: 1\)\s+exitcode\s+: 19", text), text[-3000:]
     assert "driffusion_rt engine: rank 0:" in text and "another rank is hung or has died" in text
 
 
-def post(port, body: dict, timeout=120):
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+def kill_job(proc):
+    """Kill a background torchrun job and its ranks (its process group) if it is still running."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+
+
+def post(port, body, timeout=120, raw=False, headers=None):
+    data = body if raw else json.dumps(body).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=data,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, resp.headers, resp.read()
@@ -98,30 +113,203 @@ def post(port, body: dict, timeout=120):
         return e.code, e.headers, e.read()
 
 
-@pytest.mark.slow
-def test_http_over_loopback(tmp_path):
-    port_file = tmp_path / "port"
-    proc = torchrun("-m", "driffusion_rt.serve", "--port", "0", "--port-file", str(port_file), "--max-requests", "3",
-                    background=True)
+def get(port, path, timeout=30):
     try:
-        for _ in range(300):
-            if port_file.exists() and port_file.read_text():
-                break
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
-            time.sleep(0.2)
-        port = int(port_file.read_text())
-        status, headers, body = post(port, {"prompt": "2026", "steps": 10, "parallel": 2})
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """A sample's value from a Prometheus text exposition (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(name + ("{" + want + "}" if want else " ")):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def start_server(tmp_path, *args, log_dir=None):
+    """torchrun serve on 2 ranks in the background; returns (process, port) once it listens."""
+    port_file = tmp_path / "port"
+    logs = ["--log-dir", str(log_dir), "--redirects", "3"] if log_dir else []
+    proc = torchrun(*logs, "-m", "driffusion_rt.serve", "--port", "0", "--port-file", str(port_file), *args,
+                    background=True)
+    for _ in range(600):
+        if port_file.exists() and port_file.read_text():
+            return proc, int(port_file.read_text())
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    raise AssertionError("the server did not start")
+
+
+def wait_in_flight(port, n=1):
+    for _ in range(600):
+        if json.loads(get(port, "/health")[1])["in_flight"] == n:
+            return
+        time.sleep(0.05)
+    raise AssertionError("no request in flight")
+
+
+def access_lines(text: str) -> list:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{") and '"event": "access"' in line]
+
+
+@pytest.mark.slow
+def test_http_over_loopback_with_access_log_and_metrics(tmp_path):
+    # the body limit is 64 KiB plus the base64 of --max-image-bytes (3000 bytes: 4000 more)
+    proc, port = start_server(tmp_path, "--max-requests", "5", "--max-image-bytes", "3000")
+    try:
+        status, headers, body = post(port, {"prompt": "2026", "steps": 10, "parallel": 2},
+                                     headers={"X-Request-ID": "client-id-1"})
         assert status == 200 and headers["Content-Type"] == "image/png" and body[:8] == b"\x89PNG\r\n\x1a\n"
-        assert headers["X-Driffusion-serial-rounds"] == "6"
-        status, _, body = post(port, {"prompt": "7", "steps": 10, "response": "base64"})
+        assert headers["X-Driffusion-serial-rounds"] == "6" and headers["X-Request-ID"] == "client-id-1"
+        # base64 returns every image: num_images 2 of the digits "7" are two PNG grids
+        status, _, body = post(port, {"prompt": "7", "steps": 10, "num_images": 2, "response": "base64"})
         data = json.loads(body)
-        assert status == 200 and base64.b64decode(data["images"][0])[:4] == b"\x89PNG" and data["stats"]["steps"] == 10
+        assert status == 200 and len(data["images"]) == 2 and data["stats"]["steps"] == 10
+        assert all(base64.b64decode(im)[:4] == b"\x89PNG" for im in data["images"])
         status, _, body = post(port, {"prompt": "7", "steps": 0})
         assert status == 422 and "steps=0 is out of range" in json.loads(body)["error"]
-        assert proc.wait(timeout=60) == 0  # --max-requests 3: a clean shutdown of both ranks
+        status, _, body = post(port, {"prompt": "7", "bogus": 1})
+        assert status == 422 and "(and response, over HTTP)" in json.loads(body)["error"]
+        assert post(port, b"{not json", raw=True)[0] == 400
+        assert post(port, {"prompt": "7", "response": "jpeg"})[0] == 400
+        assert post(port, b"[1, 2]", raw=True)[0] == 400
+        assert post(port, {"prompt": "7" * 70000})[0] == 413
+        assert get(port, "/nope")[0] == 404
+        status, body = get(port, "/health")
+        assert status == 200 and json.loads(body)["ok"] and json.loads(body)["served"] == 2
+        status, text = get(port, "/metrics")
+        text = text.decode()
+        assert status == 200
+        assert metric(text, "driffusion_requests_total", path="/generate", status="200") == 2
+        assert metric(text, "driffusion_requests_total", path="/generate", status="422") == 2
+        assert metric(text, "driffusion_requests_total", path="/generate", status="400") == 3
+        assert metric(text, "driffusion_requests_total", path="/generate", status="413") == 1
+        assert metric(text, "driffusion_requests_total", path="other", status="404") == 1
+        assert metric(text, "driffusion_request_latency_seconds_count") == 4  # the requests the engine answered
+        assert metric(text, "driffusion_queue_wait_seconds_count") == 4
+        assert metric(text, "driffusion_rounds_total") == 6 + 6  # two aggressive n=2 requests of 10 steps
+        assert metric(text, "driffusion_model_evals_total") == 10 + 10
+        assert metric(text, "driffusion_queue_depth") == 0 and metric(text, "driffusion_in_flight") == 0
+        assert post(port, {"prompt": "1", "steps": 2})[0] == 200
+        out, err = proc.communicate(timeout=120)  # --max-requests 5: a clean shutdown of both ranks
+        assert proc.returncode == 0, err[-3000:]
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        kill_job(proc)
+    lines = access_lines(out)
+    seen = [(r["method"], r["path"], r["status"]) for r in lines]
+    assert seen == [("POST", "/generate", 200)] * 2 + [("POST", "/generate", 422)] * 2 + \
+        [("POST", "/generate", 400)] * 3 + [("POST", "/generate", 413), ("GET", "/nope", 404),
+                                            ("GET", "/health", 200), ("GET", "/metrics", 200),
+                                            ("POST", "/generate", 200)]
+    assert lines[0]["id"] == "client-id-1" and len({r["id"] for r in lines}) == len(lines)
+    assert lines[0]["rounds"] == 6 and lines[0]["model_evals"] == 10 and lines[0]["queue_s"] >= 0
+    assert all(r["latency_s"] >= 0 and r["ts"] for r in lines)
+
+
+@pytest.mark.slow
+def test_a_disconnected_client_cancels_its_request_on_every_rank(tmp_path):
+    """A 200-step request (at least 10 s of model calls) whose client leaves stops at its next round on both ranks:
+    the next request is answered in a few seconds, not after the cancelled one's remaining 10 s."""
+    proc, port = start_server(tmp_path, "--model", "fixed", "--model-cost", "0.05")
+    try:
+        assert post(port, {"steps": 2})[0] == 422  # a first request: one-time costs out of the way
+        body = json.dumps({"steps": 200, "mode": "sequential"}).encode()
+        client = socket.create_connection(("127.0.0.1", port))
+        client.sendall(b"POST /generate HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        wait_in_flight(port)
+        client.close()
+        t0 = time.monotonic()
+        status, _, body = post(port, {"steps": 4, "parallel": 2})  # fixed draws no image: 422 after sampling
+        took = time.monotonic() - t0
+        assert status == 422 and "produces no images" in json.loads(body)["error"]
+        assert took < 7, took  # the cancelled request had >= 9 s of model calls left
+        text = get(port, "/metrics")[1].decode()
+        assert metric(text, "driffusion_requests_total", path="/generate", status="499") == 1
+        assert json.loads(get(port, "/health")[1])["served"] == 2  # the first and the last; not the cancelled one
+        print(f"\nnext request after a cancelled one: {took:.2f} s")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, err = proc.communicate(timeout=60)
+        finally:
+            kill_job(proc)
+    lines = access_lines(out)
+    assert [r["status"] for r in lines if r["path"] == "/generate"] == [422, 499, 422]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])  # SIGINT: Ctrl-C in the terminal
+def test_sigterm_during_a_request_drains_and_every_rank_exits_cleanly(sig, tmp_path):
+    """The signal to torchrun during a request: the job ends within 30 s; the client gets 503; every rank prints one
+    line and no traceback or failure message (torchrun's own report of the signal is torchrun's)."""
+    logs = tmp_path / "logs"
+    proc, port = start_server(tmp_path, "--model", "fixed", "--model-cost", "0.05", log_dir=logs)
+    answer = {}
+    client = threading.Thread(target=lambda: answer.update(r=post(port, {"steps": 200, "mode": "sequential"})))
+    client.start()
+    try:
+        wait_in_flight(port)
+        t0 = time.monotonic()
+        proc.send_signal(sig)  # torchrun forwards it to both ranks
+        proc.communicate(timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        kill_job(proc)
+    client.join(timeout=30)
+    status, _, body = answer["r"]
+    assert status == 503 and "shutting down" in json.loads(body)["error"]
+    for rank in (0, 1):
+        err = next(logs.glob(f"*/attempt_0/{rank}/stderr.log")).read_text()
+        assert err.strip().splitlines() == [f"driffusion_rt engine: rank {rank}: stopped by {sig.name}; exiting"], err
+    print(f"\n{sig.name} to exit: {took:.2f} s")
+
+
+def test_a_full_queue_answers_503_and_a_client_that_left_is_never_served(tmp_path):
+    """One process: requests wait while the engine is not running. The second waiting request (max_queue 1) gets
+    503 with Retry-After; a waiting request whose client disconnects is answered 499 without any sampling."""
+    import uvicorn
+
+    from driffusion_rt import serve, services
+    from driffusion_rt.engine import Engine
+    engine = Engine(services.load_service("digits", torch.device("cpu")), max_queue=1)
+    lines = []
+    app = serve.make_app(engine, write=lines.append, poll_s=0.02)
+    sock = serve.bind("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+    stop, worker = threading.Event(), threading.Thread(target=lambda: None)
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        body = json.dumps({"prompt": "3", "steps": 4}).encode()
+        gone = socket.create_connection(("127.0.0.1", port))
+        gone.sendall(b"POST /generate HTTP/1.1\r\nHost: test\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        while engine.queue.qsize() < 1:
+            time.sleep(0.01)
+        status, headers, body = post(port, {"prompt": "4", "steps": 4})
+        assert status == 503 and int(headers["Retry-After"]) >= 1 and "busy" in json.loads(body)["error"]
+        gone.close()
+        while not engine.queue.queue[0].cancel.is_set():  # the handler saw its client leave
+            time.sleep(0.01)
+        worker = threading.Thread(target=engine.serve, kwargs={"stop": stop})
+        worker.start()
+        while not any(json.loads(x)["status"] == 499 for x in lines):
+            time.sleep(0.01)
+        status, _, body = post(port, {"prompt": "5", "steps": 4})
+        assert status == 200 and body[:4] == b"\x89PNG"
+        assert engine.served == 1  # the cancelled request never reached the sampler
+    finally:
+        stop.set()
+        server.should_exit = True
+    worker.join(timeout=30)
+    records = [json.loads(x) for x in lines]
+    assert sorted(r["status"] for r in records) == [200, 499, 503]
 
 
 def test_non_loopback_bind_needs_an_explicit_flag():

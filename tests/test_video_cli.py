@@ -33,8 +33,9 @@ def test_cli_writes_a_playable_mp4_and_the_run_json(dirs, tmp_path):
                 "--num-frames", "9", "--fps", "8", "--height", "32", "--width", "48", "--parallel", "2",
                 "--num-images", "2", "--warmup", "0", "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
-    stem = "pipeline-aggressive-n2-s4-seed0"
-    run = json.loads((out / f"{stem}.json").read_text())
+    run_json, = out.glob("pipeline-aggressive-n2-s4-*-jump-float32-seed0-*.json")  # names: see test_generate.py
+    stem = run_json.name[:-len(".json")]
+    run = json.loads(run_json.read_text())
     assert run["files"] == [f"{stem}-0.mp4", f"{stem}-1.mp4"]
     for name in run["files"]:
         frames = iio.imread(out / name)
@@ -51,10 +52,11 @@ def test_cli_writes_a_playable_mp4_and_the_run_json(dirs, tmp_path):
     ("wan21", ["--num-frames", "10"], "num_frames=10 is not of the form 4k+1, which the wan pipeline needs (its VAE "
                                       "compresses time by 4 after the first frame); use e.g. 9 or 13"),
     ("wan21", ["--height", "40"], "height=40 is not a multiple of 16, which the wan pipeline needs"),
-    ("wan21", ["--fps", "0"], "--fps must be >= 1, got 0"),
-    ("sd15", ["--num-frames", "9"], "--num-frames applies to video pipelines (wan, hunyuan-video-1.5, ltx); --model "),
-    ("digits", ["--fps", "12"], "--fps applies to video pipelines (wan, hunyuan-video-1.5, ltx); --model digits is "
-                                "the built-in digits model, which makes images"),
+    ("wan21", ["--fps", "0"], "fps=0 is out of range: allowed 1..240"),
+    ("sd15", ["--num-frames", "9"], "num_frames applies to video pipelines (wan, hunyuan-video-1.5, ltx); this model "
+                                    "makes images"),
+    ("digits", ["--fps", "12"], "fps applies to video pipelines (wan, hunyuan-video-1.5, ltx); this model makes "
+                                "images"),
 ])
 def test_bad_video_input_exits_2_with_one_line_and_no_output(dirs, model, args, message, tmp_path):
     r = run_cli("--model", dirs.get(model, model), "--prompt", "a cat", "--steps", "2", *args,

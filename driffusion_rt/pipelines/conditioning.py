@@ -89,8 +89,15 @@ def for_task(pipe, task: str, **components):
 def default_strength(pipe, task: str) -> float:
     """The strength the pipeline's own __call__ defaults to (SD img2img 0.8, SDXL img2img 0.3, SD3 / Flux 0.6,
     inpainting SD 1.0, SDXL 0.9999)."""
+    if task_of(pipe) == task:
+        return float(inspect.signature(type(pipe).__call__).parameters["strength"].default)
+    return family_default_strength(get_family(pipe), task)
+
+
+def family_default_strength(family, task: str) -> float:
+    """default_strength of the family's pipeline class for `task`, known without a loaded pipeline."""
     import diffusers
-    cls = type(pipe) if task_of(pipe) == task else getattr(diffusers, task_class(get_family(pipe), task))
+    cls = getattr(diffusers, task_class(family, task))
     return float(inspect.signature(cls.__call__).parameters["strength"].default)
 
 
@@ -173,14 +180,13 @@ def _control_processor(pipe):
 
 def _share(tensors: list) -> list:
     """Rank 0's tensors on every rank (one broadcast each under torchrun; nothing otherwise)."""
-    from ..distributed import current
+    from ..distributed import collective, current
     if current() is None:
         return tensors
     import torch.distributed as dist
-    from ..distributed import _collective
     out = [t.contiguous() for t in tensors]
     for t in out:
-        _collective("broadcast", dist.broadcast, t, 0)
+        collective("broadcast", dist.broadcast, t, 0)  # the runtime's group and timeout
     return out
 
 
