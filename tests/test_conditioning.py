@@ -17,7 +17,7 @@ from driffusion_rt import Sampler
 from driffusion_rt.blend import MaskBlend
 from driffusion_rt.evaluator import LocalEvaluator, PerStep
 from driffusion_rt.pipelines import (DRiffusionPipeline, control_to_image, decode, for_task, image_to_image,
-                                     inpaint, load_pipeline, make_scheduler, prepare, run, task_of, text_to_image)
+                                     inpaint, load_pipeline, make_scheduler, prepare, task_of, text_to_image)
 from driffusion_rt.pipelines import conditioning as cond
 from driffusion_rt.strength import kept_steps, noised, start_index
 

@@ -139,7 +139,7 @@ class LTX(VideoFamily):
         from diffusers.utils.torch_utils import randn_tensor
         options = options or {}
         vae = pipe.vae
-        vsf, vst = int(pipe.vae_spatial_compression_ratio), int(pipe.vae_temporal_compression_ratio)
+        vsf = int(pipe.vae_spatial_compression_ratio)
         p, pt = int(pipe.transformer_spatial_patch_size), int(pipe.transformer_temporal_patch_size)
         h, w = height // vsf, width // vsf
         f = latents.shape[1] * pt * p * p // (h * w)

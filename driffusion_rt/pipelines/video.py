@@ -24,7 +24,7 @@ import torch
 from ..sampler import Sampler, SampleStats
 from . import core
 from .core import (REGISTRY, Family, Request, _batch, _check_output_type, _empty_fields, _is_rank0, _output,
-                   _trajectory, check_size, draw_noise, get_family, make_scheduler, run)
+                   _trajectory, check_size, get_family, make_scheduler, run)
 
 # Options a video family may take (family.options names core.OPTIONS keys; family.video_options these) with their
 # defaults: a value other than the default for a family that does not list it is an error naming what it takes.
