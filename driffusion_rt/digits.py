@@ -104,6 +104,12 @@ class DigitsModel:
         p = next(unet.parameters())
         self.device, self.dtype = p.device, p.dtype
 
+    def guided(self, model_kwargs: dict) -> bool:
+        """Whether calls with these kwargs run the uncond and cond branches as one doubled UNet call."""
+        s = model_kwargs.get("guidance_scale")
+        s = self.guidance_scale if s is None else float(s)
+        return model_kwargs.get("labels") is not None and s not in (0.0, 1.0)
+
     def __call__(self, x_in: torch.Tensor, t: torch.Tensor, labels=None, guidance_scale=None, **_) -> torch.Tensor:
         s = self.guidance_scale if guidance_scale is None else float(guidance_scale)
         n = x_in.shape[0]

@@ -219,11 +219,13 @@ def _peer_failure(name: str, e: RuntimeError, rank: int, timeout: datetime.timed
     return err
 
 
-def collective(name: str, fn, *args, info: DistInfo | None = None):
-    """Run collective `fn(*args)` on the runtime's group and wait for it with the runtime's timeout (explicitly,
-    so NCCL blocks this thread and raises on a timeout instead of leaving it to the watchdog)."""
+def collective(name: str, fn, *args, info: DistInfo | None = None, group=None):
+    """Run collective `fn(*args)` on the runtime's group (or `group`, a subgroup of it such as a layout's) and wait
+    for it with the runtime's timeout (explicitly, so NCCL blocks this thread and raises on a timeout instead of
+    leaving it to the watchdog)."""
     info = info or current()
-    group, timeout = (info.group, info.timeout) if info else (None, datetime.timedelta(seconds=DEFAULT_TIMEOUT_S))
+    timeout = info.timeout if info else datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)
+    group = group if group is not None else (info.group if info else None)
     try:
         work = fn(*args, group=group, async_op=True)
         if work is not None:
@@ -232,24 +234,32 @@ def collective(name: str, fn, *args, info: DistInfo | None = None):
         raise _peer_failure(name, e, info.rank if info else dist.get_rank(), timeout) or e
 
 
-def all_gather_rows(out: torch.Tensor, inp: torch.Tensor, info: DistInfo | None = None):
-    """All-gather equal row chunks into `out` = concatenation along dim 0 (gloo rejects a stacked [world, ...] out)."""
-    world = info.world if info else dist.get_world_size()
+def all_gather_rows(out: torch.Tensor, inp: torch.Tensor, info: DistInfo | None = None, group=None):
+    """All-gather equal row chunks into `out` = concatenation along dim 0 (gloo rejects a stacked [world, ...] out),
+    over the runtime's group or `group`."""
+    world = dist.get_world_size(group) if group is not None else (info.world if info else dist.get_world_size())
     if out.shape[0] != world * inp.shape[0] or out.shape[1:] != inp.shape[1:]:
         raise ValueError(f"all-gather output {tuple(out.shape)} must concatenate {world} inputs {tuple(inp.shape)} "
                          f"along dim 0 (a stacked [world, ...] output is not supported)")
-    collective("all_gather", _ALL_GATHER, out, inp, info=info)
+    collective("all_gather", _ALL_GATHER, out, inp, info=info, group=group)
 
 
 class DistributedEvaluator(LocalEvaluator):
     """Rank r evaluates slots [r*c, (r+1)*c) of a round of k points (c = ceil(k / world)) and all-gathers them.
 
     Ranks with no slot in a round still join the collectives. The send buffer is allocated once per
-    (latent shape, dtype, chunk) and reused by every round and request."""
+    (latent shape, dtype, chunk) and reused by every round and request. With a guidance-parallel `layout`
+    (cfg_parallel.Layout) rank and world are the draft coordinates: the drafts are spread and gathered over the
+    layout's draft dim, both ranks of a cfg pair evaluate the same points (each one half of the guided call), and
+    what every rank of the job must share (the generator state, decisions) still goes to every rank."""
 
-    def __init__(self, model, info: DistInfo):
+    def __init__(self, model, info: DistInfo, layout=None):
         super().__init__(model)
         self.info, self.rank, self.world = info, info.rank, info.world
+        self.replicas, self.is_root = info.world, info.rank == 0
+        self.layout = layout if layout is not None and layout.cfg > 1 else None
+        if self.layout is not None:
+            self.rank, self.world = layout.draft_rank, layout.draft
         self._send = {}
         self._flag = torch.zeros(1, dtype=torch.int32, device=info.device)
 
@@ -270,7 +280,7 @@ class DistributedEvaluator(LocalEvaluator):
         saves a collective on the critical path (fixed-cost model, 2 gloo ranks, conservative S=20 n=2: 603 ms
         against 611 ms with a broadcast). CPU ranks share cores, where the redundant call slows both: there rank 0
         evaluates and broadcasts (measured in perf/results/latency.md)."""
-        if self.info.device.type == "cuda":
+        if self.info.device.type == "cuda" or self.layout is not None:  # (a cfg pair evaluates it together)
             return call(states, idx, out)
         if self.rank == 0:
             call(states, idx, out)
@@ -285,7 +295,7 @@ class DistributedEvaluator(LocalEvaluator):
         return send[:c]
 
     def gather(self, gathered, send) -> torch.Tensor:
-        all_gather_rows(gathered, send, self.info)
+        all_gather_rows(gathered, send, self.info, self.layout.draft_group if self.layout is not None else None)
         return gathered
 
     def check_in_step(self, t: torch.Tensor, where: str):
@@ -293,14 +303,15 @@ class DistributedEvaluator(LocalEvaluator):
         bits = t.detach().contiguous().view(-1).view({1: torch.uint8, 2: torch.int16, 4: torch.int32,
                                                       8: torch.int64}[t.element_size()]).to(torch.int64)
         local = (bits * torch.arange(1, bits.numel() + 1, device=bits.device)).sum().view(1)  # wraps mod 2^64
-        every = torch.empty(self.world, dtype=torch.int64, device=t.device)
-        all_gather_rows(every, local)
+        every = torch.empty(self.replicas, dtype=torch.int64, device=t.device)
+        all_gather_rows(every, local, self.info)
         if not bool((every == every[0]).all()):
             raise RuntimeError(f"rank {self.rank}: ranks hold different bits {where} (checksums {every.tolist()}); "
                                f"the model or a kernel is not deterministic across ranks")
 
 
-def default_evaluator(model):
-    """The distributed evaluator inside a torchrun process group, the local one otherwise."""
+def default_evaluator(model, layout=None):
+    """The distributed evaluator inside a torchrun process group (over `layout`'s draft dim when given), the local
+    one otherwise."""
     info = current()
-    return LocalEvaluator(model) if info is None else DistributedEvaluator(model, info)
+    return LocalEvaluator(model) if info is None else DistributedEvaluator(model, info, layout)

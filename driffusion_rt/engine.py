@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from . import distributed
+from .cfg_parallel import Layout, check_world, denoisers, guided, parse
 from .distributed import DEFAULT_TIMEOUT_S, CollectiveTimeout, collective
 from .evaluator import ModelOutputError
 from .sampler import Cancelled, Sampler
@@ -68,13 +69,22 @@ class Engine:
     """Rank 0 serves requests; the other ranks follow. One request at a time, in submission order."""
 
     def __init__(self, service, limits: Limits = Limits(), timeout_s: float = DEFAULT_TIMEOUT_S,
-                 cuda_graphs: bool = True, heartbeat_s: float = 2.0, max_queue: int = 0):
+                 cuda_graphs: bool = True, heartbeat_s: float = 2.0, max_queue: int = 0, cfg_parallel="1"):
         self.info = distributed.maybe_init_dist(timeout_s)  # the group serve.py (or the caller) joined already
         self.rank = self.info.rank if self.info else 0
         self.device = self.info.device if self.info else getattr(service, "device", torch.device("cpu"))
         self.service, self.limits, self.heartbeat_s = service, limits, heartbeat_s
-        self.sampler = Sampler(service.model, distributed.default_evaluator(service.model),
-                               cuda_graphs=cuda_graphs and getattr(service.model, "cuda_graphs", True))
+        # A guidance-parallel layout is fixed for the engine's life ("auto": 2 on an even number of ranks); requests
+        # without guidance are then refused (422): a pair would compute them twice.
+        world = self.info.world if self.info else 1
+        cfg = parse(cfg_parallel)
+        cfg = (2 if world % 2 == 0 and world > 1 else 1) if cfg == "auto" else int(cfg)
+        check_world(cfg, world)
+        self.layout = Layout.make(cfg, self.info)
+        self.layout.apply(*denoisers(service.model, getattr(service, "pipe", None)))
+        self.sampler = Sampler(service.model, distributed.default_evaluator(service.model, self.layout),
+                               cuda_graphs=cuda_graphs and getattr(service.model, "cuda_graphs", True)
+                               and self.layout.cfg == 1)  # (graphs with the pair's exchange: unverified on GPUs)
         self.header = torch.zeros(2, dtype=torch.long, device=self.device)
         self.max_bytes = request_bytes(limits)  # JSON fields and base64 images: every rank builds the same
         self.payload = torch.zeros(self.max_bytes, dtype=torch.uint8, device=self.device)
@@ -243,6 +253,10 @@ class Engine:
         t0 = time.perf_counter()
         try:
             req = self.service.request(spec, self.limits)
+            if self.layout.cfg > 1 and not guided(self.service.model, req.model_kwargs):
+                raise RequestError(f"this server splits classifier-free guidance across ranks (--cfg-parallel "
+                                   f"{self.layout.cfg}); requests must use guidance (guidance_scale > 1, a negative "
+                                   f"prompt with true_cfg_scale for Flux)")
             with torch.no_grad():
                 out = self.sampler(req.scheduler, req.latent, steps=req.steps, generator=req.generator,
                                    model_kwargs=req.model_kwargs, start=req.start, blend=req.blend, cancel=cancel,
@@ -258,7 +272,8 @@ class Engine:
             return Result(True)
         images = self.service.images(out, req)
         st = out.stats
-        stats = dict(mode=st.mode, parallel=st.parallel, steps=st.steps, serial_rounds=st.serial_rounds,
+        stats = dict(mode=st.mode, parallel=st.parallel, cfg_parallel=self.layout.cfg, steps=st.steps,
+                     serial_rounds=st.serial_rounds,
                      model_evals=st.model_evals, ideal_speedup=st.ideal_speedup, sample_s=st.wall_time,
                      total_s=time.perf_counter() - t0)
         if (req.resolved or {}).get("task"):  # image pipelines: text2img, img2img, inpaint or controlnet

@@ -6,7 +6,17 @@ pipeline loop (scale_model_input, one timestep per batch row, model kwargs tiled
 (driffusion_rt.distributed) has the same interface and spreads the points over ranks.
 Nothing here knows about drafts, anchors or plans.
 """
+import contextvars
+
 import torch
+
+_ROWS = contextvars.ContextVar("driffusion_call_rows", default=None)
+
+
+def call_rows() -> int | None:
+    """The rows of the runtime model call in progress (None outside one): lets a layout's hooks recognise the
+    adapter's doubled classifier-free-guidance call (cfg_parallel.py)."""
+    return _ROWS.get()
 
 
 class ModelOutputError(ValueError):
@@ -124,7 +134,11 @@ class ModelCall:
         return self._p[idx]
 
     def forward(self, x, t, **kwargs) -> torch.Tensor:
-        return _as_tensor(self.model(x, t, **kwargs))
+        token = _ROWS.set(x.shape[0])
+        try:
+            return _as_tensor(self.model(x, t, **kwargs))
+        finally:
+            _ROWS.reset(token)
 
     def __call__(self, states: torch.Tensor, idx: tuple, out: torch.Tensor) -> torch.Tensor:
         c = len(idx)
@@ -146,9 +160,12 @@ class ModelCall:
 
 
 class LocalEvaluator:
-    """Single process: all points of a round are one batched model call; no collectives."""
+    """Single process: all points of a round are one batched model call; no collectives.
 
-    rank, world = 0, 1
+    rank / world: this rank's share of a round's points; replicas: the ranks that must hold the same trajectory
+    (and draw the same noise); is_root: the rank that decides and reports."""
+
+    rank, world, replicas, is_root = 0, 1, 1, True
 
     def __init__(self, model):
         self.model = model

@@ -74,6 +74,9 @@ class FixedCostModel:
         self.denoiser = FixedCostDenoiser(seconds, per_row)
         self.seconds, self.guidance = seconds, guidance
 
+    def guided(self, model_kwargs: dict) -> bool:
+        return bool(self.guidance)
+
     def __call__(self, x_in: torch.Tensor, t: torch.Tensor, **_) -> torch.Tensor:
         if not self.guidance:
             return self.denoiser(x_in, t)

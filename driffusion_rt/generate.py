@@ -20,7 +20,7 @@ import traceback
 
 import torch
 
-from . import distributed, services
+from . import cfg_parallel, distributed, services
 from .distributed import DEFAULT_INIT_TIMEOUT_S, DEFAULT_TIMEOUT_S, CollectiveTimeout
 from .evaluator import ModelOutputError
 from .outputs import check_output_dir, write_all
@@ -129,6 +129,10 @@ def parser() -> argparse.ArgumentParser:
                     help="seconds the ranks wait for each other while starting and loading the model")
     rt.add_argument("--no-cuda-graphs", action="store_true",
                     help="run the model eagerly on GPU (CUDA graphs are on by default there)")
+    rt.add_argument("--cfg-parallel", default="1", choices=cfg_parallel.CHOICES,
+                    help="guidance-parallel ranks: 2 runs the uncond and cond halves of every guided model call on "
+                         "two ranks (world = 2 x draft ranks; --parallel defaults to the draft ranks); auto: 2 when "
+                         "guidance is on and the number of ranks is even")
     rt.add_argument("--show-plan", action="store_true", help="print every round of the plan")
     services.add_limit_flags(p)
     return p
@@ -197,9 +201,10 @@ def output_stem(args, ref, resolved: dict, options: dict, world: int) -> str:
     """<model>-<mode>-n<n>-s<steps>-<scheduler>[-<drafts>]-<dtype>-seed<seed>-<hash>: readable settings, and a hash
     of every setting (prompt, guidance, size, input images' digests, LoRAs, ControlNets, ...), so runs with
     different settings never share a name."""
-    n = options.get("parallel") or world
+    n = options.get("parallel") or (world // int(args.cfg_parallel) if args.cfg_parallel != "auto" else world)
     adapters = {k: v for k, v in (("loras", ref.loras), ("controlnets", ref.controlnets)) if v}
     settings = {"model": args.model, "dtype": args.dtype, **options, "parallel": n, **adapters,
+                "cfg_parallel": args.cfg_parallel,
                 **{k: v for k, v in resolved.items() if k != "labels"}}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
     drafts = f"-{options['drafts']}" if "drafts" in options else ""
@@ -235,7 +240,8 @@ def preflight(args, limits, world: int) -> dict:
     spec = request_spec(args)
     options = services.sampling_options(spec, limits)
     resolved = services.check_request(ref, spec, limits)
-    n = options["parallel"] or world
+    cfg_parallel.check_world(args.cfg_parallel, world)
+    n = options["parallel"] or (world // int(args.cfg_parallel) if args.cfg_parallel != "auto" else world)
     if options["mode"] in ITERATIVE_MODES:
         IterativeConfig.make(options["mode"], resolved["steps"], n, options.get("subintervals"),
                              options.get("preconditioning"), options.get("window"), options.get("tolerance"))
@@ -302,16 +308,22 @@ def main(argv=None) -> int:
                                             loras=args.lora, controlnets=args.controlnet)
         except services.RequestError as e:
             bad_input(str(e), info)
-        sampler = Sampler(service.model, distributed.default_evaluator(service.model),
-                          cuda_graphs=not args.no_cuda_graphs and getattr(service.model, "cuda_graphs", True))
         distributed.ready(info)  # every rank loaded: from here a silent rank fails the job after --timeout
         load_s = time.perf_counter() - t0
         spec = request_spec(args)
         options = services.sampling_options(spec, limits)
         try:  # what only the loaded model can tell (a video family's frame rule, whether the runtime can run the
-            first = service.request(spec, limits)  # scheduler): the same verdict on every rank
+            first = service.request(spec, limits)  # scheduler, guidance): the same verdict on every rank
+            cfg = cfg_parallel.resolve(args.cfg_parallel, world, cfg_parallel.guided(service.model,
+                                                                                  first.model_kwargs))
         except ValueError as e:
             bad_input(str(e), info)
+        layout = cfg_parallel.Layout.make(cfg, info)
+        layout.apply(*cfg_parallel.denoisers(service.model, getattr(service, "pipe", None)))
+        # (CUDA graphs stay off under a cfg layout: the pair's exchange inside a captured call is unverified on GPUs)
+        sampler = Sampler(service.model, distributed.default_evaluator(service.model, layout),
+                          cuda_graphs=not args.no_cuda_graphs and getattr(service.model, "cuda_graphs", True)
+                          and layout.cfg == 1)
 
         def run(progress, req=None):
             req = req or service.request(spec, limits)
@@ -325,9 +337,9 @@ def main(argv=None) -> int:
         req, out = run(rank == 0, first)
         status = 0
         if rank == 0:
-            print_summary(args, info, service, out, load_s)
+            print_summary(args, info, service, out, load_s, layout)
             try:
-                files = write_outputs(args, info, service, out, req, load_s, plan)
+                files = write_outputs(args, info, service, out, req, load_s, plan, layout)
                 print("wrote " + ", ".join(files))
             except OSError as e:
                 print(f"driffusion_rt: error: could not write the outputs to {args.out!r} (none were kept): {e}",
@@ -350,17 +362,18 @@ def main(argv=None) -> int:
         distributed.exit_now(1)
 
 
-def print_summary(args, info, service, out, load_s):
+def print_summary(args, info, service, out, load_s, layout):
     if out.plan is not None:
         print(out.plan.describe() if args.show_plan else out.plan.describe().splitlines()[0])
     else:
         print(f"{args.mode}: {out.stats.iterations} iterations, window trace (start, width, stride) {out.stats.trace}")
     print(f"model {service.name}, ranks {info.world if info else 1} ({info.backend if info else 'local'}), "
           f"device {out.sample.device}, load {load_s:.2f} s")
+    print(f"layout: cfg {layout.cfg} x draft ranks {layout.draft}, parallel n = {out.stats.parallel}")
     print(report(out.plan, out.stats))
 
 
-def write_outputs(args, info, service, out, req, load_s, plan) -> list:
+def write_outputs(args, info, service, out, req, load_s, plan, layout) -> list:
     """The images (or latents) and the run's JSON, all or none (rank 0)."""
     *targets, json_path = plan["files"]
     images = service.images(out, req)  # videos: each a list of frames
@@ -378,6 +391,7 @@ def write_outputs(args, info, service, out, req, load_s, plan) -> list:
     run = {"model": service.name, "model_arg": args.model, "dtype": args.dtype,
            "device": str(out.sample.device), "ranks": info.world if info else 1,
            "backend": info.backend if info else "local", "request": req.resolved, "sampling": plan["options"],
+           "layout": {"cfg": layout.cfg, "draft_ranks": layout.draft, "parallel": out.stats.parallel},
            "mode": st.mode, "parallel": st.parallel, "steps": st.steps, "seed": req.resolved["seed"],
            "drafts": plan["options"].get("drafts"), "load_s": load_s, "table": table(out.plan, st),
            "latency_s": st.wall_time, "serial_rounds": st.serial_rounds,

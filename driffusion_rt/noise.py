@@ -10,10 +10,10 @@ import torch
 def replica_generator(ev, generator, device: torch.device):
     """On rank 0 `generator` itself; on the other ranks a generator in the same state, so every rank draws the
     numbers rank 0 draws (generator None: rank 0's default generator of `device`). One broadcast per request."""
-    if ev.world == 1:
+    if ev.replicas == 1:
         return generator
     dev = generator.device if generator is not None else device
-    if ev.rank == 0:
+    if ev.is_root:
         state = generator.get_state() if generator is not None else (
             torch.cuda.get_rng_state(dev) if dev.type == "cuda" else torch.get_rng_state())
     else:
@@ -21,7 +21,7 @@ def replica_generator(ev, generator, device: torch.device):
         state = torch.empty_like(probe.get_state())  # the state size is fixed per generator type
     buf = state.to(device)
     ev.broadcast(buf)
-    if ev.rank == 0:
+    if ev.is_root:
         return generator
     probe.set_state(buf.cpu())
     return probe

@@ -234,7 +234,7 @@ class Sampler:
         if isinstance(scheduler, Trajectory) and (traj.num_inference_steps != steps or traj.start != start):
             raise ValueError(f"the trajectory was built for steps={traj.num_inference_steps}, start={traj.start}; "
                              f"got steps={steps}, start={start}")
-        if mode in ("aggressive", "conservative") and parallel > 1 and traj.draws and self.ev.rank == 0:
+        if mode in ("aggressive", "conservative") and parallel > 1 and traj.draws and self.ev.is_root:
             _warn_spread(traj, parallel)
         with _device_scope(x.device):
             if iterative:
@@ -264,7 +264,7 @@ class Sampler:
         stats = SampleStats(plan.mode, plan.steps, plan.parallel, ideal_speedup=plan.ideal_speedup)
         clock, t0 = Clock(x.device), time.perf_counter()
         bar = tqdm(total=len(plan.rounds), desc=f"{plan.mode} n={plan.parallel}", unit="round", leave=False,
-                   disable=None) if progress and ev.rank == 0 else None  # disable=None: only on a terminal
+                   disable=None) if progress and ev.is_root else None  # disable=None: only on a terminal
         torch.mul(x, traj.init_noise_sigma, out=rows[lay.block(0)])
         for r, (rnd, tab) in enumerate(zip(plan.rounds, tables)):
             if cancel is not None and ev.agree(cancel.is_set()):

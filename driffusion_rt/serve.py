@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 
 import torch
 
-from . import distributed, services
+from . import cfg_parallel, distributed, services
 from .distributed import DEFAULT_INIT_TIMEOUT_S, DEFAULT_TIMEOUT_S
 from .engine import Engine, QueueFull, ShuttingDown
 from .generate import _Parser, bad_input
@@ -224,6 +224,10 @@ def parser():
     p.add_argument("--no-cuda-graphs", action="store_true", help="run the model eagerly on GPU")
     p.add_argument("--model-cost", type=float, default=0.04, help="seconds per call of --model fixed")
     p.add_argument("--max-requests", type=int, default=0, help="stop after this many requests (0: serve forever)")
+    p.add_argument("--cfg-parallel", default="1", choices=cfg_parallel.CHOICES,
+                   help="guidance-parallel ranks: 2 runs the uncond and cond halves of every guided model call on two "
+                        "ranks (world = 2 x draft ranks; requests without guidance are refused with 422); auto: 2 "
+                        "on an even number of ranks")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                    help=f"requests that may wait behind the one in flight; more get 503 with Retry-After "
                         f"(default {DEFAULT_MAX_QUEUE})")
@@ -280,6 +284,7 @@ def main(argv=None) -> int:
     try:
         limits = check_args(args)
         info = distributed.maybe_init_dist(args.timeout, args.device, args.load_timeout)
+        cfg_parallel.check_world(args.cfg_parallel, info.world if info else 1)  # before any model loads
     except ValueError as e:
         bad_input(str(e))
     rank = info.rank if info else 0
@@ -299,7 +304,8 @@ def main(argv=None) -> int:
     except services.RequestError as e:
         bad_input(str(e), info)
     distributed.ready(info)
-    engine = Engine(service, limits, args.timeout, cuda_graphs=not args.no_cuda_graphs, max_queue=args.max_queue)
+    engine = Engine(service, limits, args.timeout, cuda_graphs=not args.no_cuda_graphs, max_queue=args.max_queue,
+                    cfg_parallel=args.cfg_parallel)
     if engine.rank != 0:
         engine.serve()
         return 0

@@ -557,7 +557,9 @@ class DRiffusionPipeline:
     Image pipelines take their own image arguments too: Img2Img pipelines `image` and `strength`, inpainting
     pipelines `image`, `mask_image` and `strength`, ControlNet pipelines `image` (the control image(s)),
     controlnet_conditioning_scale, guess_mode, control_guidance_start / end; the per-call LoRA scale is
-    `cross_attention_kwargs={"scale": s}` (SD, SDXL) or `joint_attention_kwargs={"scale": s}` (SD3, Flux)."""
+    `cross_attention_kwargs={"scale": s}` (SD, SDXL) or `joint_attention_kwargs={"scale": s}` (SD3, Flux).
+    cfg_parallel=2 (under torchrun, an even number of ranks): the uncond and cond halves of every guided call run
+    on two ranks; parallel then defaults to the draft ranks (world / 2)."""
 
     def __new__(cls, pipe, *args, **kwargs):
         """A video pipeline gets the video wrapper (video.DRiffusionVideoPipeline: num_frames, `.frames`)."""
@@ -566,10 +568,12 @@ class DRiffusionPipeline:
             cls = DRiffusionVideoPipeline
         return super().__new__(cls)
 
-    def __init__(self, pipe, mode="aggressive", parallel=None, scheduler=None, progress=False, **sample_kwargs):
+    def __init__(self, pipe, mode="aggressive", parallel=None, scheduler=None, progress=False, cfg_parallel=1,
+                 **sample_kwargs):
+        from ..cfg_parallel import parse
         family_of(pipe)
         self.pipe, self.mode, self.parallel, self.scheduler = pipe, mode, parallel, scheduler
-        self.progress, self.sample_kwargs = progress, sample_kwargs
+        self.progress, self.sample_kwargs, self.cfg_parallel = progress, sample_kwargs, int(parse(cfg_parallel))
         self.last_stats: SampleStats | None = None
         self.model = model_adapter(pipe)
         self._sampler = None
@@ -581,10 +585,16 @@ class DRiffusionPipeline:
 
     @property
     def sampler(self):
-        """Built on first use, so a process group initialised after wrapping is picked up."""
+        """Built on first use, so a process group initialised after wrapping is picked up. With cfg_parallel=2 the
+        job's ranks form a (draft, cfg) layout and each guided denoiser call is split across a pair
+        (driffusion_rt.cfg_parallel); every rank must wrap the pipeline the same way."""
         if self._sampler is None:
-            from ..distributed import default_evaluator
-            self._sampler = Sampler(self.model, default_evaluator(self.model))
+            from ..cfg_parallel import Layout, denoisers
+            from ..distributed import current, default_evaluator
+            layout = Layout.make(self.cfg_parallel, current())
+            layout.apply(*denoisers(self.model, self.pipe))
+            self._sampler = Sampler(self.model, default_evaluator(self.model, layout),
+                                    cuda_graphs=layout.cfg == 1)
         return self._sampler
 
     @torch.no_grad()

@@ -18,6 +18,11 @@ class FluxAdapter:
 
     tensor_scalars = True  # float kwargs may arrive as 0-d device tensors (CUDA graphs): no host sync on them
 
+    @staticmethod
+    def guided(model_kwargs: dict) -> bool:
+        """True CFG as one doubled transformer call (not two: a cfg pair could not split those)."""
+        return "negative_prompt_embeds" in model_kwargs and bool(model_kwargs.get("batched_cfg"))
+
     def __init__(self, transformer):
         self.transformer = transformer
 
