@@ -15,6 +15,7 @@ Every rank of the job keeps the same trajectory: drafts are gathered over the dr
 replica generators of rank 0's, and both ranks of a pair hold identical outputs after each exchange.
 """
 import datetime
+import os
 from dataclasses import dataclass
 
 import torch
@@ -34,11 +35,16 @@ def parse(value) -> str:
 
 
 def check_world(value, world: int):
-    """Before any model loads: a fixed cfg degree must divide the job's world size."""
+    """Before any model loads: a fixed cfg degree must divide the job's world size, and the ranks per node (a pair
+    is two consecutive ranks: it shares a node when every node runs an even number of ranks)."""
     v = parse(value)
     if v != "auto" and world % int(v):
         raise ValueError(f"--cfg-parallel {v} needs a number of ranks divisible by {v}; this job has {world} "
                          f"rank{'s' if world != 1 else ''}")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if v != "auto" and local % int(v):
+        raise ValueError(f"--cfg-parallel {v} keeps a guidance pair on one node: the ranks per node "
+                         f"(--nproc_per_node, here {local}) must be divisible by {v}")
 
 
 def guided(model, model_kwargs) -> bool:

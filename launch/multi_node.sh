@@ -9,7 +9,8 @@ Variables:
   NODE_RANK    this node's index, 0 .. NNODES-1 (required)
   MASTER_ADDR  host name or IP of node 0, reachable from every node (required)
   MASTER_PORT  free TCP port on node 0 for the rendezvous (default 29500)
-  NPROC        ranks per node (default: visible CUDA devices)
+  NPROC        ranks per node (default: visible CUDA devices; even with --cfg-parallel 2, so that each guidance
+               pair, two consecutive ranks, shares a node and its NVLink: the runtime refuses an odd NPROC)
   RDZV_ID      job id shared by all nodes (default driffusion)
   PYTHON       the Python interpreter (default: python)
   DRY_RUN=1    print the command and exit

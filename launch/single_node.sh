@@ -10,7 +10,8 @@ Variables:
   PYTHON     the Python interpreter (default: python)
   DRY_RUN=1  print the command and exit without running it
   CUDA_VISIBLE_DEVICES  restricts which GPUs are used (and so the default NPROC)
-Flags after the script name are passed to driffusion_rt.generate (see `python -m driffusion_rt.generate --help`).
+Flags after the script name are passed to driffusion_rt.generate (see `python -m driffusion_rt.generate --help`);
+e.g. `launch/single_node.sh --cfg-parallel 2` on 8 GPUs runs 4 draft ranks x 2 guidance ranks.
 HELP
 exit 0; fi
 PYTHON=${PYTHON:-python}

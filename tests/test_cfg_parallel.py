@@ -41,6 +41,15 @@ def test_bad_choices_are_refused_clearly(value, world, is_guided, message):
         resolve(value, world, is_guided)
 
 
+def test_a_pair_must_share_a_node(monkeypatch):
+    """Pairs are consecutive ranks: on 2 nodes of 3 ranks, ranks 2 and 3 would straddle the nodes."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match=r"the ranks per node \(--nproc_per_node, here 3\) must be divisible by 2"):
+        resolve("2", 6, True)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert resolve("2", 8, True) == 2
+
+
 def test_guided_follows_each_model():
     from driffusion_rt.fixed_cost import FixedCostModel
     from driffusion_rt.pipelines.flux import FluxAdapter
