@@ -45,12 +45,21 @@ def parser():
     p.add_argument("--repeats", type=int, default=5, help="timed requests per (model, mode, n)")
     p.add_argument("--warmup", type=int, default=1, help="untimed requests first (buffers, graphs, compilation)")
     p.add_argument("--model-cost", type=float, default=0.04, help="seconds per call of the fixed-cost model")
+    p.add_argument("--model-cost-per-row", type=float, default=0.0,
+                   help="fixed-cost model: seconds more per batch row of a denoiser call (a compute-bound model's "
+                        "cost grows with its batch: in-rank guidance doubles it)")
+    p.add_argument("--guidance", type=float, default=0.0,
+                   help="fixed-cost model: a guided model (uncond and cond rows as one doubled call) with this scale")
+    p.add_argument("--cfg-parallel", nargs="+", type=int, default=[1], choices=(1, 2),
+                   help="guidance-parallel degrees to sweep: a job runs cfg x (draft ranks) ranks; 2 needs a guided "
+                        "model (e.g. --model fixed --guidance 5)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank on CPU")
     p.add_argument("--drafts", default="jump", choices=("jump", "extrapolate"), help="draft rule")
     p.add_argument("--timeout", type=float, default=600, help="seconds before one torchrun job is abandoned")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="directory for latency.json/.csv/.png")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run as a torchrun rank
     p.add_argument("--worker-parallel", type=int, default=None, help=argparse.SUPPRESS)  # internal: n of the job
+    p.add_argument("--worker-cfg", type=int, default=1, help=argparse.SUPPRESS)  # internal: cfg degree of the job
     return p
 
 
@@ -69,7 +78,8 @@ def build_model(name, args, device):
     from diffusers import DDIMScheduler
     if name == "fixed":
         from driffusion_rt.fixed_cost import FixedCostModel
-        return FixedCostModel(args.model_cost), DDIMScheduler(clip_sample=False), torch.randn(1, 4, 64, 64), None
+        model = FixedCostModel(args.model_cost, args.model_cost_per_row, args.guidance)
+        return model, DDIMScheduler(clip_sample=False), torch.randn(1, 4, 64, 64), None
     if name == "unet":
         from diffusers import UNet2DModel
         torch.manual_seed(0)
@@ -90,6 +100,7 @@ def worker(args):
     from gpu_monitor import GpuMonitor
 
     from driffusion_rt import Sampler
+    from driffusion_rt.cfg_parallel import Layout, denoisers
     from driffusion_rt.distributed import default_evaluator, maybe_init_dist
     torch.set_num_threads(args.threads)
     info = maybe_init_dist(timeout_s=120)
@@ -98,8 +109,10 @@ def worker(args):
     name = args.model[0]
     model, sched, x, kw = build_model(name, args, device)
     x = x.to(device)
-    sampler = Sampler(model, default_evaluator(model))
-    n = args.worker_parallel or world
+    layout = Layout.make(args.worker_cfg, info)
+    layout.apply(*denoisers(model))
+    sampler = Sampler(model, default_evaluator(model, layout), cuda_graphs=layout.cfg == 1)
+    n = args.worker_parallel or layout.draft
     modes = ["sequential"] if n == 1 else []
     modes += [m for m in args.modes if m != "sequential"]
     monitor = GpuMonitor(device)
@@ -125,7 +138,8 @@ def worker(args):
             st = outs[-1].stats
             rounds = max(len(outs[-1].plan.rounds) if outs[-1].plan else st.serial_rounds, 1)
             phases = {k: statistics.mean(o.stats.phases[k] for o in outs) for k in st.phases}
-            row = dict(model=name, mode=mode, parallel=n, ranks=world, steps=args.steps, repeats=args.repeats,
+            row = dict(model=name, mode=mode, parallel=n, ranks=world, cfg=layout.cfg, steps=args.steps,
+                       repeats=args.repeats,
                        latency_s=statistics.median(times), latency_min_s=min(times), latency_max_s=max(times),
                        serial_rounds=st.serial_rounds, model_evals=st.model_evals, ideal_speedup=st.ideal_speedup,
                        rounds=rounds, **{f"{k}_ms_per_round": v / rounds * 1e3 for k, v in phases.items()},
@@ -143,19 +157,19 @@ def worker(args):
     if rank == 0:
         with open(args.worker, "w") as f:
             json.dump(rows, f)
-    if info:
-        dist.barrier()  # leave together: a rank tearing gloo down while its peer still writes was seen to abort
-        dist.destroy_process_group()
+    from driffusion_rt.distributed import teardown
+    teardown(info)  # leave together, and join the backend's threads before the interpreter exits
 
 
 # ----------------------------------------------------------------------------------------------- driver
 
 
-def launch(model, n, ranks, args, result):
+def launch(model, n, ranks, args, result, cfg=1):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", __file__,
-           "--worker", result, "--worker-parallel", str(n), "--model", model, "--modes", *args.modes,
-           "--steps", str(args.steps),
+           "--worker", result, "--worker-parallel", str(n), "--worker-cfg", str(cfg), "--model", model,
+           "--modes", *args.modes, "--steps", str(args.steps),
            "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--model-cost", str(args.model_cost),
+           "--model-cost-per-row", str(args.model_cost_per_row), "--guidance", str(args.guidance),
            "--threads", str(args.threads), "--drafts", args.drafts]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
@@ -166,11 +180,11 @@ def launch(model, n, ranks, args, result):
 
 
 def table(rows) -> str:
-    cols = [("model", "{}"), ("mode", "{}"), ("parallel", "{}"), ("ranks", "{}"), ("latency_s", "{:.3f}"),
+    cols = [("model", "{}"), ("mode", "{}"), ("parallel", "{}"), ("ranks", "{}"), ("cfg", "{}"), ("latency_s", "{:.3f}"),
             ("speedup", "{:.2f}x"), ("ideal_speedup", "{:.2f}x"), ("efficiency", "{:.3f}"),
             ("overhead_ms_per_serial_round", "{:.2f}"),
             ("comm_ms_per_round", "{:.2f}"), ("draft_ms_per_round", "{:.3f}"), ("refine_ms_per_round", "{:.3f}")]
-    head = ["model", "mode", "n", "ranks", "latency s (median)", "speedup", "ideal", "efficiency",
+    head = ["model", "mode", "n", "ranks", "cfg", "latency s (median)", "speedup", "ideal", "efficiency",
             "overhead ms/serial round", "comm ms/round", "draft ms/round", "refine ms/round"]
     if any("extra_device_mb" in r for r in rows):
         cols += [("extra_device_mb", "{:+.0f}"), ("gpu_util_mean_pct", "{:.0f}")]
@@ -226,16 +240,18 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.model:
             for n in ns:
-                ranks = n if args.ranks is None else min(args.ranks, n)
-                if not torch.cuda.is_available() and model != "fixed" and ranks > cores:
-                    # a compute-bound model on more CPU ranks than cores measures oversubscription, not the runtime
-                    print(f"[bench] {model}: skipping {ranks} ranks > {cores} CPU cores (only the fixed-cost model "
-                          f"sleeps)")
-                    continue
-                print(f"[bench] {model}: n={n} on {ranks} rank(s), modes {' '.join(args.modes)} ...", flush=True)
-                rows += launch(model, n, ranks, args, os.path.join(tmp, f"{model}-{n}.json"))
+                for cfg in sorted(set(args.cfg_parallel)) if n > 1 or 2 in args.cfg_parallel else [1]:
+                    ranks = (n if args.ranks is None else min(args.ranks, n)) * cfg
+                    if not torch.cuda.is_available() and model != "fixed" and ranks > cores:
+                        # a compute-bound model on more CPU ranks than cores measures oversubscription
+                        print(f"[bench] {model}: skipping {ranks} ranks > {cores} CPU cores (only the fixed-cost "
+                              f"model sleeps)")
+                        continue
+                    print(f"[bench] {model}: n={n} on {ranks} rank(s), cfg {cfg}, modes {' '.join(args.modes)} ...",
+                          flush=True)
+                    rows += launch(model, n, ranks, args, os.path.join(tmp, f"{model}-{n}-{cfg}.json"), cfg)
     for model in args.model:
-        seq = next(r for r in rows if r["model"] == model and r["mode"] == "sequential")
+        seq = next(r for r in rows if r["model"] == model and r["mode"] == "sequential" and r["cfg"] == 1)
         for r in rows:
             if r["model"] == model:
                 r["speedup"] = seq["latency_s"] / r["latency_s"]
