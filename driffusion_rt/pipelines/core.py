@@ -384,6 +384,20 @@ def _check_options(family: Family, options: dict):
             raise ValueError(f"{name} is not supported by the {family.name} pipeline (only {have})")
 
 
+def common_args(family, generator, seed, steps, **counts) -> tuple:
+    """(generator, steps) of a request: a seed becomes a CPU generator, steps default to the family's; counts
+    (num_images=..., num_videos=...) must be integers >= 1. Raises ValueError naming the bad value."""
+    if generator is not None and seed is not None:
+        raise ValueError("pass either generator or seed, not both")
+    if seed is not None:
+        generator = torch.Generator().manual_seed(int(seed))
+    steps = family.default_steps if steps is None else steps
+    for name, v in (("steps", steps), *counts.items()):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    return generator, steps
+
+
 @torch.no_grad()
 def prepare(pipe, prompt, *, negative_prompt=None, steps=None, guidance_scale=None, height=None, width=None,
             num_images=1, generator=None, seed=None, scheduler=None, latents=None, eta=0.0, guidance_rescale=0.0,
@@ -404,16 +418,8 @@ def prepare(pipe, prompt, *, negative_prompt=None, steps=None, guidance_scale=No
     if getattr(family, "video", False):
         raise ValueError(f"the {family.name} pipeline ({type(pipe).__name__}) makes videos: use text_to_video / "
                          f"prepare_video (driffusion_rt.pipelines.video)")
-    if generator is not None and seed is not None:
-        raise ValueError("pass either generator or seed, not both")
-    if seed is not None:
-        generator = torch.Generator().manual_seed(int(seed))
-    steps = family.default_steps if steps is None else steps
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    generator, steps = common_args(family, generator, seed, steps, num_images=num_images)
     guidance_scale = family.default_guidance if guidance_scale is None else float(guidance_scale)
-    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-        raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}")
     options = dict(clip_skip=clip_skip, guidance_rescale=guidance_rescale, true_cfg_scale=true_cfg_scale,
                    max_sequence_length=max_sequence_length, lora_scale=lora_scale)
     _check_options(family, options)

@@ -135,15 +135,7 @@ def prepare_video(pipe, prompt, *, negative_prompt=None, steps=None, guidance_sc
     decode_noise_scale); an option of another family, or of image pipelines, is an error. Every check runs before
     the text encoders. generator / seed as in `core.prepare`."""
     family = get_video_family(pipe)
-    if generator is not None and seed is not None:
-        raise ValueError("pass either generator or seed, not both")
-    if seed is not None:
-        generator = torch.Generator().manual_seed(int(seed))
-    steps = family.default_steps if steps is None else steps
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if isinstance(num_videos, bool) or not isinstance(num_videos, int) or num_videos < 1:
-        raise ValueError(f"num_videos must be an integer >= 1, got {num_videos!r}")
+    generator, steps = core.common_args(family, generator, seed, steps, num_videos=num_videos)
     options = _check_options(family, options)
     family.check_options(pipe, options)
     guidance_scale = family.guidance(pipe, guidance_scale)
