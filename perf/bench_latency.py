@@ -7,7 +7,8 @@ For each model and each n, one torchrun job of n ranks (or of --ranks R ranks, e
 of a round as one batched call; R = 1 is the local evaluator, draft-and-refine on a single device) runs every mode:
 warm-up, then --repeats timed requests. The sequential baseline is mode=sequential on one rank. Reported per
 (model, mode, n): median latency and spread, speedup over sequential, the plan's ideal speedup, efficiency = speedup / ideal, the per-round time of each phase
-(draft, model, comm, refine) and the runtime overhead per serial round (wall time minus model time). On GPUs it
+(draft, model, comm, refine) and the runtime overhead per serial round (wall time minus model time), next to
+its floor on a multi-rank job: one all-gather of a rank's chunk after a --model-cost sleep, timed in the same job. On GPUs it
 also samples NVML memory/utilisation/power per rank and reports the extra device memory over sequential.
 Writes latency.json, latency.csv and latency.png (latency vs n with the ideal 1/n and 2/(n+1) curves) to --out.
 """
@@ -154,6 +155,13 @@ def worker(args):
             if rank == 0:
                 row["per_rank_gpu"] = [{k: v for k, v in g.items() if k.startswith("gpu_")} for g in gathered]
                 rows.append(row)
+    if info and layout.cfg == 1:
+        # the floor the overhead column is compared with: one all-gather of a rank's chunk, timed in this job
+        from bench_collectives import time_collectives
+        chunk = (x.shape[0] * -(-n // world), *x.shape[1:])
+        floor = time_collectives(info, chunk, args.model_cost, iters=20)["all_gather"]["median_ms"]
+        for row in rows:
+            row["all_gather_floor_ms"] = floor
     if rank == 0:
         with open(args.worker, "w") as f:
             json.dump(rows, f)
@@ -182,10 +190,10 @@ def launch(model, n, ranks, args, result, cfg=1):
 def table(rows) -> str:
     cols = [("model", "{}"), ("mode", "{}"), ("parallel", "{}"), ("ranks", "{}"), ("cfg", "{}"), ("latency_s", "{:.3f}"),
             ("speedup", "{:.2f}x"), ("ideal_speedup", "{:.2f}x"), ("efficiency", "{:.3f}"),
-            ("overhead_ms_per_serial_round", "{:.2f}"),
+            ("overhead_ms_per_serial_round", "{:.2f}"), ("all_gather_floor_ms", "{:.2f}"),
             ("comm_ms_per_round", "{:.2f}"), ("draft_ms_per_round", "{:.3f}"), ("refine_ms_per_round", "{:.3f}")]
     head = ["model", "mode", "n", "ranks", "cfg", "latency s (median)", "speedup", "ideal", "efficiency",
-            "overhead ms/serial round", "comm ms/round", "draft ms/round", "refine ms/round"]
+            "overhead ms/serial round", "one all-gather ms (floor)", "comm ms/round", "draft ms/round", "refine ms/round"]
     if any("extra_device_mb" in r for r in rows):
         cols += [("extra_device_mb", "{:+.0f}"), ("gpu_util_mean_pct", "{:.0f}")]
         head += ["extra device MB vs sequential", "GPU util %"]

@@ -33,8 +33,24 @@ def test_bench_latency_writes_rows_with_the_documented_fields(tmp_path):
         assert row["latency_s"] > 0 and row["efficiency"] > 0
     agg = next(row for row in rows if row["mode"] == "aggressive")
     assert agg["serial_rounds"] == 4 and agg["ideal_speedup"] == pytest.approx(6 / 4)
+    # the 2-rank job times the floor its overhead is compared with; the one-process baseline has none
+    assert all(row["all_gather_floor_ms"] > 0 for row in rows if row["ranks"] == 2)
+    assert "all_gather_floor_ms" not in next(row for row in rows if row["mode"] == "sequential")
     assert len(list(csv.DictReader((tmp_path / "latency.csv").open()))) == 3
     assert (tmp_path / "latency.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_bench_collectives_times_one_all_gather_and_one_broadcast(tmp_path):
+    out = tmp_path / "c.json"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(ROOT, "perf", "bench_collectives.py"), "--iters", "3", "--wake", "0.001",
+                        "--shape", "1x2x4x4", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = json.loads(out.read_text())
+    assert row["world"] == 2 and row["backend"] == "gloo" and row["iters"] == 3
+    for name in ("all_gather", "broadcast"):
+        assert 0 < row[name]["min_ms"] <= row[name]["median_ms"], row
 
 
 @pytest.mark.slow
