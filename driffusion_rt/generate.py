@@ -140,17 +140,21 @@ def parser() -> argparse.ArgumentParser:
 
 def check_args(args) -> services.Limits:
     """Checks of the flags that are not request fields; returns the request limits. Raises ValueError."""
-    for name in ("warmup",):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    check_runtime_args(args)
+    check_image_args(args)
+    return services.limits_from_args(args)
+
+
+def check_runtime_args(args):
+    """The flags generate and serve share: timeouts, the fixed-cost model's cost, the device. Raises ValueError."""
     for name in ("timeout", "load_timeout"):
         if not getattr(args, name) > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0 seconds, got {getattr(args, name)}")
     if not args.model_cost >= 0:
         raise ValueError(f"--model-cost must be >= 0 seconds, got {args.model_cost}")
     distributed.check_device(args.device)
-    check_image_args(args)
-    return services.limits_from_args(args)
 
 
 def check_image_args(args):

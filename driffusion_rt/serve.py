@@ -34,7 +34,7 @@ import torch
 from . import cfg_parallel, distributed, services
 from .distributed import DEFAULT_INIT_TIMEOUT_S, DEFAULT_TIMEOUT_S
 from .engine import Engine, QueueFull, ShuttingDown
-from .generate import _Parser, bad_input
+from .generate import _Parser, bad_input, check_runtime_args
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 DEFAULT_MAX_QUEUE = 16
@@ -252,12 +252,7 @@ def check_args(args) -> services.Limits:
                          f"{args.max_queue}")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
-    for name in ("timeout", "load_timeout"):
-        if not getattr(args, name) > 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be > 0 seconds, got {getattr(args, name)}")
-    if not args.model_cost >= 0:
-        raise ValueError(f"--model-cost must be >= 0 seconds, got {args.model_cost}")
-    distributed.check_device(args.device)
+    check_runtime_args(args)
     if args.model in services.BUILTIN and (args.lora or args.controlnet):
         raise ValueError(f"--lora and --controlnet apply to diffusers pipelines, not --model {args.model}")
     if args.lora:  # the scales (the files are checked with the model, on rank 0)

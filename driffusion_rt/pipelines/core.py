@@ -453,13 +453,19 @@ def prepare(pipe, prompt, *, negative_prompt=None, steps=None, guidance_scale=No
         kw.update(geometry)
         sched, traj = _trajectory(pipe, family, sched, scheduler, steps,
                                   family.timesteps_kwargs(pipe, sched, x, steps), step_kwargs)
-    run_gen = generator
-    if isinstance(generator, list):
-        if any(traj.noisy):
-            raise ValueError(f"a list of generators works only with deterministic schedulers; "
-                             f"{traj.scheduler_name} draws noise at every step: pass one torch.Generator")
-        run_gen = None
-    return Request(family.name, height, width, steps, x, kw, traj, run_gen, generator, step_kwargs, blend=blend)
+    return Request(family.name, height, width, steps, x, kw, traj, run_generator(generator, traj), generator,
+                   step_kwargs, blend=blend)
+
+
+def run_generator(generator, traj):
+    """The generator the sampler draws step noise from: a list of per-image generators only seeds the latents,
+    so it is refused when the scheduler draws noise at steps. Raises ValueError."""
+    if not isinstance(generator, list):
+        return generator
+    if any(traj.noisy):
+        raise ValueError(f"a list of generators works only with deterministic schedulers; "
+                         f"{traj.scheduler_name} draws noise at every step: pass one torch.Generator")
+    return None
 
 
 @torch.no_grad()

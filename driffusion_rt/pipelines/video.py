@@ -157,13 +157,8 @@ def prepare_video(pipe, prompt, *, negative_prompt=None, steps=None, guidance_sc
     kw.update(geometry)
     sched, traj = _trajectory(pipe, family, sched, scheduler, steps, family.timesteps_kwargs(pipe, sched, x, steps),
                               {})
-    run_gen = generator
-    if isinstance(generator, list):
-        if any(traj.noisy):
-            raise ValueError(f"a list of generators works only with deterministic schedulers; "
-                             f"{traj.scheduler_name} draws noise at every step: pass one torch.Generator")
-        run_gen = None
-    return VideoRequest(family.name, height, width, steps, x, kw, traj, run_gen, generator, {}, num_frames, options)
+    return VideoRequest(family.name, height, width, steps, x, kw, traj, core.run_generator(generator, traj),
+                        generator, {}, num_frames, options)
 
 
 # ---------------------------------------------------------------------------------------------- decoding
