@@ -755,50 +755,26 @@ def test_http_img2img_on_two_ranks(built, tmp_path):
     import base64
     import io
     import json
-    import subprocess
-    import sys
-    import time
-    import urllib.request
 
-    def post(port, body):
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=300) as resp:
-                return resp.status, resp.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-
-    port_file = tmp_path / "port"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "driffusion_rt.serve", "--model", built["sd15"], "--port", "0", "--port-file", str(port_file),
-           "--max-requests", "3", "--max-image-bytes", "30000"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    from serving import kill_job, post, start_server
+    proc, port = start_server(tmp_path, "--model", built["sd15"], "--max-requests", "3", "--max-image-bytes", "30000")
     try:
-        for _ in range(600):
-            if port_file.exists() and port_file.read_text():
-                break
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
-            time.sleep(0.2)
-        port = int(port_file.read_text())
         base = dict(prompt=PROMPT, steps=6, guidance_scale=4.0, parallel=2, seed=3)
-        status, body = post(port, dict(base, image=b64(tp.image(60, 32, 48)), strength=0.7))
+        status, _, body = post(port, dict(base, image=b64(tp.image(60, 32, 48)), strength=0.7))
         assert status == 200 and body[:8] == b"\x89PNG\r\n\x1a\n", body[-500:]
         from PIL import Image
         assert Image.open(io.BytesIO(body)).size == (48, 32)
-        status, body = post(port, dict(base, image=b64(tp.image(61), "JPEG"), mask_image=b64(tp.mask()),
+        status, _, body = post(port, dict(base, image=b64(tp.image(61), "JPEG"), mask_image=b64(tp.mask()),
                                        response="base64"))
         assert status == 200 and len(json.loads(body)["images"]) == 1, body[-500:]
-        status, body = post(port, dict(base, image="A" * 120000))
+        status, _, body = post(port, dict(base, image="A" * 120000))
         assert status == 413 and b"request body over" in body
-        status, body = post(port, dict(base, image=base64.b64encode(b"\x89PNG broken").decode()))
+        status, _, body = post(port, dict(base, image=base64.b64encode(b"\x89PNG broken").decode()))
         assert status == 422 and b"image cannot be read as an image" in body
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err[-3000:]
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        kill_job(proc)
     access = [json.loads(line) for line in out.splitlines() if '"event": "access"' in line]
     assert [(r["status"], r.get("task")) for r in access] == [(200, "img2img"), (200, "inpaint"), (413, None),
                                                            (422, None)]

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import numpy as np
 import pytest
@@ -20,18 +19,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "engine_worker.py")
 sys.path.insert(0, HERE)
 from engine_worker import REQUESTS  # noqa: E402
+from serving import get, kill_job, metric, post, start_server, torchrun  # noqa: E402
 
 
-def torchrun(*args, timeout=600, env=None, background=False):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
-    if background:
-        # a session of its own: a failing test kills torchrun and its ranks together (kill_job), leaving no orphan
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                start_new_session=True)
-    t0 = time.monotonic()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    return r, time.monotonic() - t0
 
 
 INVALID = {1: "width does not apply to the digits model", 3: "steps=0 is out of range: allowed 1..200",
@@ -93,55 +83,6 @@ def test_dead_worker_is_reported_and_the_job_exits(when):
     text = r.stdout + r.stderr
     assert re.search(r"rank\s+: 1 \(local_rank: 1\)\s+exitcode\s+: 19", text), text[-3000:]
     assert "driffusion_rt engine: rank 0:" in text and "another rank is hung or has died" in text
-
-
-def kill_job(proc):
-    """Kill a background torchrun job and its ranks (its process group) if it is still running."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-
-
-def post(port, body, timeout=120, raw=False, headers=None):
-    data = body if raw else json.dumps(body).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=data,
-                                 headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.headers, resp.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.headers, e.read()
-
-
-def get(port, path, timeout=30):
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-def metric(text: str, name: str, **labels) -> float:
-    """A sample's value from a Prometheus text exposition (0 when absent)."""
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    for line in text.splitlines():
-        if line.startswith(name + ("{" + want + "}" if want else " ")):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
-def start_server(tmp_path, *args, log_dir=None):
-    """torchrun serve on 2 ranks in the background; returns (process, port) once it listens."""
-    port_file = tmp_path / "port"
-    logs = ["--log-dir", str(log_dir), "--redirects", "3"] if log_dir else []
-    proc = torchrun(*logs, "-m", "driffusion_rt.serve", "--port", "0", "--port-file", str(port_file), *args,
-                    background=True)
-    for _ in range(600):
-        if port_file.exists() and port_file.read_text():
-            return proc, int(port_file.read_text())
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.2)
-    raise AssertionError("the server did not start")
 
 
 def wait_in_flight(port, n=1):

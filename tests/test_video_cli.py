@@ -5,13 +5,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import imageio.v3 as iio
 import pytest
 
 import tiny_pipelines as tp
 import tiny_video as tv
+from serving import kill_job, post, start_server
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -67,33 +67,10 @@ def test_bad_video_input_exits_2_with_one_line_and_no_output(dirs, model, args, 
     assert len(error_lines) == 1, r.stderr
 
 
-def post(port, body: dict, timeout=300):
-    import urllib.error
-    import urllib.request
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.headers, resp.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.headers, e.read()
-
-
 @pytest.mark.slow
 def test_http_answers_video_mp4_on_two_ranks(dirs, tmp_path):
-    port_file = tmp_path / "port"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "driffusion_rt.serve", "--model", dirs["wan21"], "--port", "0", "--port-file", str(port_file),
-           "--max-requests", "5", "--max-frames", "17"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    proc, port = start_server(tmp_path, "--model", dirs["wan21"], "--max-requests", "5", "--max-frames", "17")
     try:
-        for _ in range(600):
-            if port_file.exists() and port_file.read_text():
-                break
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
-            time.sleep(0.2)
-        port = int(port_file.read_text())
         base = {"prompt": "a red cat", "steps": 4, "height": 32, "width": 32, "parallel": 2}
         status, headers, body = post(port, {**base, "num_frames": 5, "fps": 10})
         assert status == 200 and headers["Content-Type"] == "video/mp4", body[:300]
@@ -120,8 +97,7 @@ def test_http_answers_video_mp4_on_two_ranks(dirs, tmp_path):
         assert status == 422 and "fps=500 is out of range: allowed 1..240" in json.loads(body)["error"]
         assert proc.wait(timeout=120) == 0  # --max-requests 5 (answered ones: the 400 never reaches the engine)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        kill_job(proc)
 
 
 def test_video_fields_on_an_image_model_are_refused_by_the_service():
