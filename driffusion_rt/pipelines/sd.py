@@ -137,10 +137,7 @@ class StableDiffusion(Family):
         """The VAE latents of a preprocessed image batch [N, 3, H, W] (in the latents' dtype), scaled as the
         img2img / inpainting pipelines scale them; a list of generators encodes image i with generator i."""
         vae = pipe.vae
-        if isinstance(generator, list):
-            lat = torch.cat([retrieve(vae.encode(image[i: i + 1]), g) for i, g in enumerate(generator)])
-        else:
-            lat = retrieve(vae.encode(image), generator)
+        lat = vae_latents(vae, image, generator)
         return vae.config.scaling_factor * lat
 
     def decode(self, pipe, latents, *, height, width, output_type, generator):
@@ -151,10 +148,13 @@ class StableDiffusion(Family):
         return pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=denorm), nsfw
 
 
-def retrieve(encoded, generator):
-    """A sample of the VAE's latent distribution, as the pipelines' retrieve_latents draws it."""
+def vae_latents(vae, image, generator):
+    """A sample of the VAE's latent distribution for an image batch, as the pipelines' retrieve_latents draws it
+    (unscaled); a list of generators encodes image i with generator i."""
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
-    return retrieve_latents(encoded, generator=generator)
+    if isinstance(generator, list):
+        return torch.cat([retrieve_latents(vae.encode(image[i: i + 1]), generator=g) for i, g in enumerate(generator)])
+    return retrieve_latents(vae.encode(image), generator=generator)
 
 
 def unet_kwargs(pipe, pos, neg, cfg, batch, guidance_scale, guidance_rescale, device, lora_scale=None) -> dict:

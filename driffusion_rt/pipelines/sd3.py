@@ -86,12 +86,9 @@ class StableDiffusion3(Family):
 
     def encode_image(self, pipe, image, generator, *, task="img2img"):
         """The VAE latents of a preprocessed image batch, shifted and scaled as the img2img pipeline does."""
-        from .sd import retrieve
+        from .sd import vae_latents
         vae = pipe.vae
-        if isinstance(generator, list):
-            lat = torch.cat([retrieve(vae.encode(image[i: i + 1]), g) for i, g in enumerate(generator)])
-        else:
-            lat = retrieve(vae.encode(image), generator)
+        lat = vae_latents(vae, image, generator)
         return (lat - vae.config.shift_factor) * vae.config.scaling_factor
 
     def decode(self, pipe, latents, *, height, width, output_type, generator):

@@ -7,7 +7,7 @@ import torch
 
 from .. import schedulers as named
 from .core import register
-from .sd import StableDiffusion, retrieve, unet_kwargs
+from .sd import StableDiffusion, vae_latents, unet_kwargs
 
 AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # the img2img / inpainting pipelines' defaults
 
@@ -64,10 +64,7 @@ class StableDiffusionXL(StableDiffusion):
             image = image.float()
             vae.to(dtype=torch.float32)
         try:
-            if isinstance(generator, list):
-                lat = torch.cat([retrieve(vae.encode(image[i: i + 1]), g) for i, g in enumerate(generator)])
-            else:
-                lat = retrieve(vae.encode(image), generator)
+            lat = vae_latents(vae, image, generator)
         finally:
             if vae.config.force_upcast:
                 vae.to(dtype)
