@@ -20,40 +20,9 @@ import torch
 
 from .evaluator import ModelCall
 from .noise import draw_noise, replica_generator
-from .results import Clock, NonFiniteOutputError, SampleOutput, SampleStats
+from .options import IterativeConfig
+from .results import Cancelled, Clock, NonFiniteOutputError, SampleOutput, SampleStats
 from .trajectory import Trajectory
-
-MODES = ("picard", "parasolver")
-
-
-@dataclass(frozen=True)
-class IterativeConfig:
-    subintervals: int     # N
-    preconditioning: int  # M: subintervals solved sequentially before iterating
-    window: int           # p: boundaries solved in parallel per iteration
-    tolerance: float      # delta of Eq. 14 (0: iterate until exact, which reproduces the sequential sampler)
-
-    @classmethod
-    def make(cls, mode: str, steps: int, parallel: int, subintervals=None, preconditioning=None, window=None,
-             tolerance=None) -> "IterativeConfig":
-        """Validated parameters with defaults: picard uses N = S; window defaults to `parallel`."""
-        if mode == "picard":
-            if subintervals not in (None, steps):
-                raise ValueError(f"mode='picard' is ParaSolver with subintervals = steps = {steps}; got {subintervals}")
-            subintervals = steps
-        n = subintervals if subintervals is not None else max(1, steps // 2)
-        m = preconditioning if preconditioning is not None else (0 if mode == "picard" else min(2, n - 1))
-        p = window if window is not None else parallel
-        tol = tolerance if tolerance is not None else 0.05
-        if not isinstance(n, int) or not 1 <= n <= steps:
-            raise ValueError(f"subintervals must be an integer in 1..steps={steps}, got {n!r}")
-        if not isinstance(m, int) or not 0 <= m < n:
-            raise ValueError(f"preconditioning must be an integer in 0..subintervals-1={n - 1}, got {m!r}")
-        if not isinstance(p, int) or p < 1:
-            raise ValueError(f"window must be an integer >= 1, got {p!r}")
-        if not (isinstance(tol, (int, float)) and tol >= 0):
-            raise ValueError(f"tolerance must be a number >= 0, got {tol!r}")
-        return cls(n, m, p, float(tol))
 
 
 @dataclass
@@ -68,13 +37,14 @@ def boundaries(steps: int, n: int) -> list:
 
 
 @torch.no_grad()
-def run(sampler, traj: Trajectory, x: torch.Tensor, mode: str, parallel: int, cfg: IterativeConfig,
+def run(ev, model, traj: Trajectory, x: torch.Tensor, mode: str, parallel: int, cfg: IterativeConfig,
         generator=None, model_kwargs=None, cancel=None) -> SampleOutput:
-    from .sampler import Cancelled  # sampler imports this module
-    ev, S = sampler.ev, traj.steps
+    """Sample `traj` from unit noise x with the iterative mode `mode` on evaluator `ev` (every rank calls this with
+    the same arguments); cancel: as in Sampler.run."""
+    S = traj.steps
     t0, clock = time.perf_counter(), Clock(x.device)
     stats = IterativeStats(mode, S, parallel)
-    call = ModelCall(sampler.model, traj, x, model_kwargs)
+    call = ModelCall(model, traj, x, model_kwargs)
     b = boundaries(S, cfg.subintervals)
     N = cfg.subintervals
     dims = tuple(range(2, x.dim() + 1))  # per-sample dims of a [points, B, ...] tensor

@@ -13,6 +13,10 @@ class NonFiniteOutputError(ModelOutputError):
     """A model output contained NaN or inf."""
 
 
+class Cancelled(RuntimeError):
+    """The caller cancelled the request (`cancel` was set on rank 0); every rank stopped at the same round."""
+
+
 @dataclass
 class SampleStats:
     mode: str

@@ -1,4 +1,4 @@
-"""The draft-and-refine sampler: executes a plan against an evaluator (DESIGN.md sections 1-3).
+"""The draft-and-refine sampler: executes a plan against an evaluator (docs/design.md sections 1-3).
 
 Per round at anchor i, advancing m steps, on every rank:
   [evaluate o_i] -> draw the round's noise (replica generators, the scheduler's order) -> draft this rank's slots
@@ -8,8 +8,12 @@ bit and one collective per round suffices (the all-gather; conservative anchors 
 
 All rows of a request live in one buffer, the arena [rows, B, ...]: two anchor blocks used in turn (x, o, prev,
 registers; a round reads one and writes the other), the round's noise draws, this rank's drafts and the gathered
-outputs. Drafts and refines are `kernels.combine` calls with row numbers and weights precomputed once per
-(trajectory, plan, draft rule, rank) from rounds.py; nothing is allocated per round.
+outputs (`Rows` numbers them). Drafts and refines are `kernels.combine` calls with row numbers and weights
+precomputed once per (trajectory, plan, draft rule, rank) from rounds.py; nothing is allocated per round.
+
+A `Sampler` takes a request either as keyword options (`sampler(scheduler, x, steps=..., mode=...)`, what `sample`
+does) or prepared (`sampler.apply(prepared, options)`: a `Prepared` trajectory, latents, model kwargs, generator and
+blend, with one `SamplingOptions`), which is how every entry point of the runtime applies a request.
 """
 import contextlib
 import os
@@ -22,16 +26,16 @@ import torch
 from tqdm.auto import tqdm
 
 from . import kernels, parasolver
-from .distributed import default_evaluator
 from .cuda_graphs import GraphCache
+from .distributed import default_evaluator
 from .evaluator import LocalEvaluator, ModelCall
 from .noise import PinnedStage, draw_noise, replica_generator
-from .plan import MODES, Plan, make_plan
-from .results import Clock, NonFiniteOutputError, SampleOutput, SampleStats
-from .rounds import DRAFT_RULES, round_weights
+from .options import SamplingOptions
+from .plan import MODES, Plan
+from .results import Cancelled, Clock, NonFiniteOutputError, SampleOutput, SampleStats
+from .rounds import round_weights
 from .trajectory import Trajectory
 
-ALL_MODES = MODES + parasolver.MODES
 # Stochastic schedulers keep the sequential sample's spread (within 5%) from this many model calls per parallel
 # evaluation on; below it their noise amplifies draft errors (perf/bench_spread.py, perf/results/spread.md).
 STOCHASTIC_CALLS_PER_N = 8
@@ -39,10 +43,25 @@ STOCHASTIC_CALLS_PER_N = 8
 # construction. DRIFFUSION_CHECK_SYNC=k checks that every k rounds (one all-gather of a checksum), for debugging.
 CHECK_SYNC = int(os.environ.get("DRIFFUSION_CHECK_SYNC", "0") or 0)
 
+__all__ = ["Sampler", "sample", "Prepared", "Cancelled", "STOCHASTIC_CALLS_PER_N"]
 
 
-class Cancelled(RuntimeError):
-    """The caller cancelled the request (`cancel` was set on rank 0); every rank stopped at the same round."""
+@dataclass(frozen=True)
+class Prepared:
+    """A request prepared for the sampler on this rank: the scheduler's trajectory, the latents the run starts from
+    (unit noise [B, ...]; img2img: the noised state at the trajectory's start), the model kwargs, the generator of
+    the stochastic steps' noise (rank 0's counts) and the per-state blend (inpainting) or None."""
+    trajectory: Trajectory
+    latents: torch.Tensor
+    model_kwargs: dict | None = None
+    generator: torch.Generator | None = None
+    blend: object = None
+
+    @property
+    def steps(self) -> int:
+        """The step count the schedule was set with (img2img runs the steps from the trajectory's start)."""
+        return self.trajectory.num_inference_steps
+
 
 class LRU(OrderedDict):
     """A small least-recently-used cache: a long-lived server sees many shapes and step counts."""
@@ -63,7 +82,7 @@ class LRU(OrderedDict):
 
 
 @dataclass(frozen=True)
-class Layout:
+class Rows:
     """Row numbers of the arena for a plan: block b's x, o, prev and registers; noise; drafts; gathered outputs."""
     registers: int
     noise: int        # first noise row
@@ -101,7 +120,7 @@ class RoundTable:
     eval_offset: int        # index of the round's first model evaluation (for error reports)
 
 
-def _row(name, lay: Layout, block: int, anchor: int) -> int:
+def _row(name, lay: Rows, block: int, anchor: int) -> int:
     base = lay.block(block)
     if name == "x":
         return base
@@ -126,10 +145,10 @@ def _table(terms: list, lay, block, anchor, out_rows, device, acc) -> Table:
 
 
 def round_tables(traj: Trajectory, plan: Plan, rule: str, ev, device, acc) -> tuple:
-    """(Layout, [RoundTable]) of `plan` on this rank: rows and weights of every draft and refine."""
+    """(Rows, [RoundTable]) of `plan` on this rank: rows and weights of every draft and refine."""
     weights = round_weights(traj, plan, rule)
     chunk = max([ev.chunk(len(r.drafts)) for r in plan.rounds if r.drafts] + [0])
-    lay = Layout.make(max(traj.registers(r.anchor + r.advance) for r in plan.rounds) if plan.rounds else 0,
+    lay = Rows.make(max(traj.registers(r.anchor + r.advance) for r in plan.rounds) if plan.rounds else 0,
                       max(len(w.noise) for w in weights), chunk, ev.world)
     tables, offset = [], 0
     for r, (rnd, w) in enumerate(zip(plan.rounds, weights)):
@@ -179,14 +198,15 @@ class Sampler:
     """A persistent draft-and-refine executor for one model. Buffers, round tables and CUDA graphs live across
     requests."""
 
-    def __init__(self, model, evaluator=None, cuda_graphs: bool = True):
+    def __init__(self, model, evaluator=None, cuda_graphs: bool = True, layout=None):
         self.model = model
         self.ev = evaluator if evaluator is not None else LocalEvaluator(model)
         self.cuda_graphs = cuda_graphs  # used on CUDA latents only
+        self.layout = layout  # the parallel layout layout.parallelize built this sampler on (None: not built there)
         self._graphs = GraphCache()
         self._arenas, self._tables = LRU(8), LRU(64)
 
-    def arena(self, x, lay: Layout, plan: Plan) -> Arena:
+    def arena(self, x, lay: Rows, plan: Plan) -> Arena:
         key = (tuple(x.shape), x.dtype, x.device)
         a = self._arenas.get(key)
         noise_rows = lay.drafts - lay.noise
@@ -205,44 +225,42 @@ class Sampler:
                  model_kwargs=None, timesteps_kwargs=None, progress=False, drafts="jump", start=0, blend=None,
                  subintervals=None, preconditioning=None, window=None, tolerance=None, cancel=None,
                  **step_kwargs) -> SampleOutput:
-        if mode not in ALL_MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(ALL_MODES)}")
-        parallel = self.ev.world if parallel is None else parallel
-        if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
-            raise ValueError(f"parallel must be an integer >= 1, got {parallel!r}")
+        """Sample from `x` with `scheduler` (a diffusers scheduler or a Trajectory) and the options as keywords
+        (see `sample`)."""
+        options = SamplingOptions(mode, parallel, drafts, subintervals, preconditioning, window, tolerance)
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or not x.is_floating_point():
             raise ValueError(f"x must be a floating-point latent tensor [B, ...], got {type(x).__name__}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be one torch.Generator, got {type(generator).__name__}")
-        if drafts not in DRAFT_RULES:
-            raise ValueError(f"unknown draft rule {drafts!r}; choose one of {', '.join(DRAFT_RULES)}")
         if not isinstance(start, int) or isinstance(start, bool) or start < 0:
             raise ValueError(f"start must be an integer >= 0, got {start!r}")
-        iterative = mode in parasolver.MODES
-        if iterative and drafts != "jump":
-            raise ValueError(f"drafts={drafts!r} applies to the draft-and-refine modes, not mode={mode!r}")
-        if iterative and blend is not None:
-            raise ValueError(f"a blend (inpainting with a 4-channel denoiser) runs in modes {', '.join(MODES)}, "
-                             f"not mode={mode!r}")
-        if not iterative:
-            extra = {k: v for k, v in dict(subintervals=subintervals, preconditioning=preconditioning, window=window,
-                                           tolerance=tolerance).items() if v is not None}
-            if extra:
-                raise ValueError(f"{sorted(extra)} apply to modes picard and parasolver only, not mode={mode!r}")
         traj = scheduler if isinstance(scheduler, Trajectory) else \
             Trajectory.from_scheduler(scheduler, steps, timesteps_kwargs, start, **step_kwargs)
         if isinstance(scheduler, Trajectory) and (traj.num_inference_steps != steps or traj.start != start):
             raise ValueError(f"the trajectory was built for steps={traj.num_inference_steps}, start={traj.start}; "
                              f"got steps={steps}, start={start}")
-        if mode in ("aggressive", "conservative") and parallel > 1 and traj.draws and self.ev.is_root:
+        return self._sample(traj, x, options, generator, model_kwargs, progress, blend, cancel)
+
+    def apply(self, prepared: Prepared, options: SamplingOptions, *, progress=False, cancel=None) -> SampleOutput:
+        """Sample a prepared request with one set of options: how every entry point of the runtime (command line,
+        engine, pipelines) runs a request. Every rank calls this with the same request and options."""
+        return self._sample(prepared.trajectory, prepared.latents, options, prepared.generator,
+                            prepared.model_kwargs, progress, prepared.blend, cancel)
+
+    def _sample(self, traj, x, options, generator, model_kwargs, progress, blend, cancel) -> SampleOutput:
+        parallel = options.n(self.ev.world)
+        if options.iterative and blend is not None:
+            raise ValueError(f"a blend (inpainting with a 4-channel denoiser) runs in modes {', '.join(MODES)}, not "
+                             f"mode={options.mode!r}")
+        if options.mode in ("aggressive", "conservative") and parallel > 1 and traj.draws and self.ev.is_root:
             _warn_spread(traj, parallel)
         with _device_scope(x.device):
-            if iterative:
-                cfg = parasolver.IterativeConfig.make(mode, traj.steps, parallel, subintervals, preconditioning,
-                                                      window, tolerance)
-                return parasolver.run(self, traj, x, mode, parallel, cfg, generator, model_kwargs, cancel=cancel)
-            return self.run(make_plan(mode, traj.steps, parallel), traj, x, generator, model_kwargs, progress, drafts,
-                            blend, cancel=cancel)
+            if options.iterative:
+                cfg = options.iterative_config(traj.steps, parallel)
+                return parasolver.run(self.ev, self.model, traj, x, options.mode, parallel, cfg, generator,
+                                      model_kwargs, cancel=cancel)
+            return self.run(options.plan(traj.steps, parallel), traj, x, generator, model_kwargs, progress,
+                            options.drafts, blend, cancel=cancel)
 
     @torch.no_grad()  # sampling never needs gradients: no autograd graph per model call, whatever the model
     def run(self, plan: Plan, traj: Trajectory, x, generator=None, model_kwargs=None, progress=False,
@@ -318,7 +336,7 @@ class Sampler:
         return SampleOutput(result.clone(), stats, plan, arena.result)
 
     @staticmethod
-    def _draw(arena: Arena, lay: Layout, traj: Trajectory, draws: range, gen):
+    def _draw(arena: Arena, lay: Rows, traj: Trajectory, draws: range, gen):
         """The round's noise draws into the noise rows, in the scheduler's order (every rank draws the same)."""
         if not draws:
             return
@@ -366,7 +384,7 @@ def _warn_spread(traj: Trajectory, parallel: int):
         f"({traj.steps / parallel:.1f} per parallel evaluation, below {STOCHASTIC_CALLS_PER_N}) the parallel modes "
         f"amplify draft errors and the sample's spread grows: use parallel <= {max(safe_n, 1)}"
         + ("" if safe_n >= 2 else " (i.e. sequential)") + f", or >= {STOCHASTIC_CALLS_PER_N * parallel} model calls "
-        f"(perf/results/spread.md)", stacklevel=3)
+        f"(perf/results/spread.md)", stacklevel=4)
 
 
 def sample(model, scheduler, x, *, steps, mode="aggressive", parallel=None, generator=None, model_kwargs=None,

@@ -14,7 +14,7 @@ import torch
 import driffusion_rt.sampler as sampler_module
 from driffusion_rt import GaussianMixture, GaussianMixtureModel, Sampler
 from driffusion_rt.noise import PinnedStage
-from driffusion_rt.sampler import Layout, _device_scope
+from driffusion_rt.sampler import Rows, _device_scope
 
 
 class FakeDevice:
@@ -71,7 +71,7 @@ def stage_rows(stage):
 def test_sampler_draws_never_rewrite_a_staged_row_before_its_copy_ran(monkeypatch):
     device = FakeDevice()
     rounds, per_round, shape = 6, 3, (2, 4, 4)
-    lay = Layout.make(0, per_round, 1, 1)
+    lay = Rows.make(0, per_round, 1, 1)
     rows = torch.zeros(lay.rows * rounds, *shape)
     stage = PinnedStage(per_round, shape, torch.float32, event=device.event)
     writes = []
