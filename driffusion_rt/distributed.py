@@ -1,4 +1,4 @@
-"""Distributed runtime: torchrun rank-per-device, broadcast / all-gather over NCCL or gloo (DESIGN.md section 3).
+"""Distributed runtime: torchrun rank-per-device, broadcast / all-gather over NCCL or gloo (docs/design.md section 3).
 
 Outside torchrun nothing is initialised and the local evaluator is used, so one process costs nothing extra; it
 runs on `pick_device` (CUDA when available). Under torchrun, rank r uses cuda:LOCAL_RANK with NCCL (gloo on CPU);
@@ -164,6 +164,21 @@ def rank0_agrees(info: DistInfo | None, ok: bool) -> bool:
     return bool(flag.item())
 
 
+def broadcast_bytes(info: DistInfo | None, data: bytes | None) -> bytes:
+    """Rank 0's `data` on every rank (the length, then the bytes: two broadcasts on the default group, under the
+    long start-up timeout); outside torchrun `data` itself."""
+    if info is None:
+        return data
+    timeout = datetime.timedelta(seconds=info.init_timeout_s)
+    n = torch.tensor([len(data) if info.rank == 0 else 0], dtype=torch.int64, device=info.device)
+    dist.broadcast(n, 0, async_op=True).wait(timeout=timeout)
+    buf = torch.empty(int(n.item()), dtype=torch.uint8, device=info.device)
+    if info.rank == 0:
+        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    dist.broadcast(buf, 0, async_op=True).wait(timeout=timeout)
+    return bytes(buf.cpu().numpy())
+
+
 def teardown(info: DistInfo | None):
     """Leave the job cleanly (every rank, on success or on an error every rank agreed on): a barrier under the
     long timeout (rank 0 may still be writing outputs), then destroy every group, which joins the backends'
@@ -187,6 +202,11 @@ def exit_now(code: int):
         except (OSError, ValueError):
             pass
     os._exit(code)
+
+
+def is_root() -> bool:
+    """Whether this process is rank 0 of its job (True outside torchrun): the rank that decodes and reports."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def current() -> DistInfo | None:

@@ -88,11 +88,12 @@ def build_model(name, args, device):
                            layers_per_block=1, down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3,
                            norm_num_groups=8).eval().to(device)
         return (lambda x, t: unet(x, t).sample), DDIMScheduler(clip_sample=False), torch.randn(1, 4, 64, 64), None
-    from driffusion_rt import services  # digits, or a diffusers pipeline: its default request
+    from driffusion_rt import requests, services  # digits, or a diffusers pipeline: its default request
     service = services.load_service(name, device)
-    req = service.request({"prompt": "0123456789" if name == "digits" else "an astronaut riding a horse on the moon",
-                           "steps": args.steps})
-    return service.model, req.scheduler, req.latent, req.model_kwargs
+    spec = {"prompt": "0123456789" if name == "digits" else "an astronaut riding a horse on the moon",
+            "steps": args.steps}
+    req = service.prepare(service.admit(requests.parse(spec, service)))
+    return service.model, req.trajectory, req.latents, req.model_kwargs
 
 
 def worker(args):
@@ -100,9 +101,8 @@ def worker(args):
     import torch.distributed as dist
     from gpu_monitor import GpuMonitor
 
-    from driffusion_rt import Sampler
-    from driffusion_rt.cfg_parallel import Layout, denoisers
-    from driffusion_rt.distributed import default_evaluator, maybe_init_dist
+    from driffusion_rt.distributed import maybe_init_dist
+    from driffusion_rt.layout import parallelize
     torch.set_num_threads(args.threads)
     info = maybe_init_dist(timeout_s=120)
     rank, world = (info.rank, info.world) if info else (0, 1)
@@ -110,10 +110,8 @@ def worker(args):
     name = args.model[0]
     model, sched, x, kw = build_model(name, args, device)
     x = x.to(device)
-    layout = Layout.make(args.worker_cfg, info)
-    layout.apply(*denoisers(model))
-    sampler = Sampler(model, default_evaluator(model, layout), cuda_graphs=layout.cfg == 1)
-    n = args.worker_parallel or layout.draft
+    sampler = parallelize(model, cfg=args.worker_cfg, info=info)
+    n = args.worker_parallel or sampler.layout.draft
     modes = ["sequential"] if n == 1 else []
     modes += [m for m in args.modes if m != "sequential"]
     monitor = GpuMonitor(device)
@@ -139,7 +137,7 @@ def worker(args):
             st = outs[-1].stats
             rounds = max(len(outs[-1].plan.rounds) if outs[-1].plan else st.serial_rounds, 1)
             phases = {k: statistics.mean(o.stats.phases[k] for o in outs) for k in st.phases}
-            row = dict(model=name, mode=mode, parallel=n, ranks=world, cfg=layout.cfg, steps=args.steps,
+            row = dict(model=name, mode=mode, parallel=n, ranks=world, cfg=sampler.layout.cfg, steps=args.steps,
                        repeats=args.repeats,
                        latency_s=statistics.median(times), latency_min_s=min(times), latency_max_s=max(times),
                        serial_rounds=st.serial_rounds, model_evals=st.model_evals, ideal_speedup=st.ideal_speedup,
@@ -155,7 +153,7 @@ def worker(args):
             if rank == 0:
                 row["per_rank_gpu"] = [{k: v for k, v in g.items() if k.startswith("gpu_")} for g in gathered]
                 rows.append(row)
-    if info and layout.cfg == 1:
+    if info and sampler.layout.cfg == 1:
         # the floor the overhead column is compared with: one all-gather of a rank's chunk, timed in this job
         from bench_collectives import time_collectives
         chunk = (x.shape[0] * -(-n // world), *x.shape[1:])

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from driffusion_rt import Sampler
-from driffusion_rt.cfg_parallel import Layout, denoisers, guided
+from driffusion_rt.layout import Layout, denoisers, guided
 from driffusion_rt.distributed import default_evaluator, maybe_init_dist, teardown
 from driffusion_rt.evaluator import LocalEvaluator
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tiny_pipelines as tp
-from driffusion_rt.cfg_parallel import Layout, denoisers, guided, resolve
+from driffusion_rt.layout import Layout, denoisers, guided, resolve
 from driffusion_rt.evaluator import ModelCall
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -1,4 +1,10 @@
-"""Guidance-parallel ranks: world = draft ranks x cfg ranks, and the two ranks of a cfg pair each run one half of
+"""The parallel layout of a job and the one function that assembles a sampler for it (docs/design.md section 4).
+
+`parallelize(model, pipe, cfg=..., info=...)` is how every entry point (command line, engine, pipelines, benchmarks)
+builds its sampler: the job's ranks as a (draft, cfg) DeviceMesh, the guidance pair's hooks on the denoiser modules,
+the evaluator over the draft dim, CUDA graphs off under a guidance pair. `Sampler.apply` then runs requests on it.
+
+Guidance-parallel ranks: world = draft ranks x cfg ranks, and the two ranks of a cfg pair each run one half of
 every classifier-free-guidance denoiser call.
 
 The layout is a DeviceMesh of shape (draft, cfg), dims named "draft" and "cfg": a pair is two consecutive ranks (so
@@ -20,13 +26,16 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
-from .evaluator import call_rows
+from .distributed import DistributedEvaluator, all_gather_rows, current, watchdog_grace
+from .evaluator import LocalEvaluator, call_rows
+from .sampler import Sampler
 
 CHOICES = ("1", "2", "auto")
 
 
-def parse(value) -> str:
+def parse_cfg(value) -> str:
     """--cfg-parallel / cfg_parallel= as given: 1, 2 or auto (ValueError otherwise)."""
     v = str(value)
     if v not in CHOICES:
@@ -37,7 +46,7 @@ def parse(value) -> str:
 def check_world(value, world: int):
     """Before any model loads: a fixed cfg degree must divide the job's world size, and the ranks per node (a pair
     is two consecutive ranks: it shares a node when every node runs an even number of ranks)."""
-    v = parse(value)
+    v = parse_cfg(value)
     if v != "auto" and world % int(v):
         raise ValueError(f"--cfg-parallel {v} needs a number of ranks divisible by {v}; this job has {world} "
                          f"rank{'s' if world != 1 else ''}")
@@ -57,7 +66,7 @@ def guided(model, model_kwargs) -> bool:
 def resolve(value, world: int, is_guided: bool) -> int:
     """The cfg degree of a job: "auto" is 2 when guidance is on and the world is even; 2 with guidance off is an
     error (a pair would compute every call twice, whole)."""
-    v = parse(value)
+    v = parse_cfg(value)
     if v == "auto":
         return 2 if is_guided and world % 2 == 0 else 1
     check_world(v, world)
@@ -111,9 +120,7 @@ class Layout:
         if info is None or cfg == 1:
             return cls(1, info.world if info else 1, 0, info.rank if info else 0)
         check_world(cfg, info.world)
-        from torch.distributed.device_mesh import init_device_mesh
         opts = dist.ProcessGroupNCCL.Options() if info.backend == "nccl" else dist.ProcessGroupGloo._Options()
-        from .distributed import watchdog_grace
         opts._timeout = datetime.timedelta(seconds=info.timeout_s + watchdog_grace(info.timeout_s))
         mesh = init_device_mesh(info.device.type, (info.world // cfg, cfg), mesh_dim_names=("draft", "cfg"),
                                 backend_override={"draft": (info.backend, opts), "cfg": (info.backend, opts)})
@@ -157,7 +164,6 @@ class Layout:
         if rows is None:
             return None
         module._driffusion_half = None
-        from .distributed import all_gather_rows, current
 
         def whole(t):
             if not t.dim() or t.shape[0] != rows:
@@ -166,3 +172,17 @@ class Layout:
             all_gather_rows(out, t.contiguous(), current(), self.cfg_group)
             return out
         return _map(output, whole)
+
+
+def parallelize(model, *owners, cfg: int = 1, info=None, cuda_graphs: bool = True) -> Sampler:
+    """The sampler of `model` on this rank of the job (info: its DistInfo, default the process group this process
+    joined; None outside torchrun): the ranks as a (draft, cfg) layout, the cfg pair's hooks on the denoiser modules
+    of the model and of `owners` (e.g. the pipeline), drafts spread and gathered over the draft dim, and CUDA graphs
+    (on CUDA latents) unless turned off, the model cannot be captured, or a guidance pair splits its calls (the
+    pair's exchange inside a captured call is unverified on GPUs). Every rank calls this the same way."""
+    info = current() if info is None else info
+    layout = Layout.make(cfg, info)
+    layout.apply(*denoisers(model, *owners))
+    ev = LocalEvaluator(model) if info is None else DistributedEvaluator(model, info, layout)
+    graphs = cuda_graphs and getattr(model, "cuda_graphs", True) and layout.cfg == 1
+    return Sampler(model, ev, cuda_graphs=graphs, layout=layout)
