@@ -16,10 +16,13 @@ the conditional branch as one UNet batch and combines them with the guidance sca
 import functools
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from . import schedulers as named
 from .outputs import atomic_write
+from .sampler import sample
 
 ASSET_DIR = Path(__file__).resolve().parent / "assets" / "digits"
 NULL_CLASS = 10
@@ -30,7 +33,7 @@ SPLIT_SEED = 0          # the fixed train / held-out split shared by the diffusi
 HELD_OUT_FRACTION = 0.3
 # Every short name for noise-prediction models but dpm++2m-karras: Karras sigmas on this cosine schedule round
 # to one timestep many times over and diffusers' own DPM-Solver step fails on them (an IndexError at any step count).
-SCHEDULERS = tuple(n for n in named.VP if n != "dpm++2m-karras")
+SCHEDULER_NAMES = tuple(n for n in named.VP if n != "dpm++2m-karras")
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -41,8 +44,8 @@ def digits_split(seed: int = SPLIT_SEED, held_out: float = HELD_OUT_FRACTION):
     x are float32 [N, 1, 8, 8] in [-1, 1], y int64 [N]. The diffusion model is trained on the train part only;
     the quality classifier is trained on the same train part and its test part is never seen by either model.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    from sklearn.datasets import load_digits  # optional (the test and perf extras): training and quality only
+    from sklearn.model_selection import train_test_split  # optional, as above
 
     d = load_digits()
     x = torch.from_numpy(d.images).float().div(16).mul(2).sub(1).unsqueeze(1)  # 0..16 -> [-1, 1]
@@ -55,12 +58,12 @@ def digits_split(seed: int = SPLIT_SEED, held_out: float = HELD_OUT_FRACTION):
 
 # ---------------------------------------------------------------------------------------------------- loading
 
-def make_scheduler(name: str = "ddim", path=None):
+def load_scheduler(name: str = "ddim", path=None):
     """A fresh scheduler of the shipped model's noise schedule: ddim (the saved config) or any other VP short name
     of driffusion_rt.schedulers (dpm++2m, unipc, euler-a, ...), built from the same config."""
-    from diffusers import DDIMScheduler
-    if name not in SCHEDULERS:
-        raise ValueError(f"scheduler {name!r} is not one of {', '.join(SCHEDULERS)}")
+    from diffusers import DDIMScheduler  # heavy: diffusers takes seconds to import
+    if name not in SCHEDULER_NAMES:
+        raise ValueError(f"scheduler {name!r} is not one of {', '.join(SCHEDULER_NAMES)}")
     return named.build(name, DDIMScheduler.load_config(str(_path(path)), local_files_only=True))
 
 
@@ -74,12 +77,12 @@ def _path(path) -> Path:
 
 def load_digits_model(path=None, scheduler: str = "ddim", device="cpu", dtype=torch.float32):
     """(UNet2DModel in eval mode, scheduler) from `path` (default: the weights shipped in the package). Offline."""
-    from diffusers import UNet2DModel
+    from diffusers import UNet2DModel  # heavy: diffusers takes seconds to import
     p = _path(path)
     unet = UNet2DModel.from_pretrained(str(p), local_files_only=True, use_safetensors=True, torch_dtype=dtype,
                                        low_cpu_mem_usage=False)
     unet = unet.to(device=device).eval().requires_grad_(False)
-    return unet, make_scheduler(scheduler, p)
+    return unet, load_scheduler(scheduler, p)
 
 
 @functools.lru_cache(maxsize=4)
@@ -179,7 +182,6 @@ def to_images(latents: torch.Tensor) -> torch.Tensor:
 
 def grid(images, ncol=None, scale: int = 4, pad: int = 1):
     """A uint8 [rows*(H*scale+pad)+pad, cols*(W*scale+pad)+pad] canvas of images [B, H, W] (nearest upscaling)."""
-    import numpy as np
     imgs = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     if imgs.ndim != 3 or imgs.dtype != np.uint8 or len(imgs) == 0:
         raise ValueError(f"images must be a non-empty uint8 [B, H, W] array, got {imgs.dtype} {imgs.shape}")
@@ -202,7 +204,6 @@ def save_grid(images, path, ncol=None, scale: int = 4, pad: int = 1) -> Path:
     """Write images [B, H, W] uint8 as ONE PNG grid, atomically (temp file in the same directory, then os.replace).
 
     ncol defaults to min(B, 10); each image is upscaled `scale` times (nearest) with `pad` pixel gaps."""
-    from PIL import Image
     canvas = Image.fromarray(grid(images, ncol, scale, pad), mode="L")
     return Path(atomic_write(path, lambda f: canvas.save(f, format="PNG")))
 
@@ -216,9 +217,8 @@ def sample_digits(labels, *, steps: int = 50, mode: str = "aggressive", parallel
     this; each gets the result), or `sampler` (a driffusion_rt.Sampler around a DigitsModel) when given.
     The initial noise is torch.randn(B, 1, 8, 8) from a generator seeded with `seed`.
     """
-    from .sampler import sample
     labels = parse_prompt(labels)
-    sched = make_scheduler(scheduler, path)
+    sched = load_scheduler(scheduler, path)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(len(labels), 1, RESOLUTION, RESOLUTION, generator=g)
     kw = dict(steps=steps, mode=mode, parallel=parallel, generator=g,

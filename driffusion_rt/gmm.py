@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .evaluator import Shared
 from .trajectory import Trajectory
 
 
@@ -89,7 +90,6 @@ class GaussianMixtureModel:
     @staticmethod
     def table_kwargs(traj: Trajectory, device) -> dict:
         """model_kwargs that make the model follow `traj` whatever trajectory it was built for."""
-        from .evaluator import Shared
         return {"trajectory_table": Shared(trajectory_table(traj).to(device))}
 
     def __call__(self, x_in: torch.Tensor, t: torch.Tensor, trajectory_table=None, **_) -> torch.Tensor:

@@ -36,6 +36,7 @@ FLOW = {
 }
 NAMES = {**VP, **FLOW}
 NONLINEAR_OFF = {"clip_sample": False, "thresholding": False}  # options the runtime cannot run, switched off
+TOY = ("ddim", "ddpm", "euler", "flow")  # the built-in test models' schedules (gmm, fixed): `toy`
 
 
 def name_of(scheduler) -> str | None:
@@ -52,7 +53,7 @@ def name_of(scheduler) -> str | None:
 def build(name: str, config, allowed=None):
     """The scheduler `name` built from a model's scheduler `config` (its schedule kept, the name's options set, and
     clip_sample / thresholding off). allowed: the names a model accepts (ValueError for others)."""
-    import diffusers
+    import diffusers  # heavy: seconds to import
 
     allowed = tuple(NAMES) if allowed is None else tuple(allowed)
     if name not in NAMES or name not in allowed:
@@ -68,3 +69,15 @@ def build(name: str, config, allowed=None):
         config.setdefault("shift", config["flow_shift"])  # and the reverse (Wan ships UniPC with a flow_shift)
     extra = {k: v for k, v in {**NONLINEAR_OFF, **implied}.items() if k in params}
     return cls.from_config(config, **extra)
+
+
+def toy(name: str):
+    """The schedule of the built-in test models (gmm, fixed): SD's scaled-linear betas for ddim, ddpm and euler,
+    shift 3 for flow."""
+    import diffusers  # heavy: seconds to import
+
+    sd = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    return {"ddim": lambda: diffusers.DDIMScheduler(clip_sample=False, set_alpha_to_one=False, steps_offset=1, **sd),
+            "ddpm": lambda: diffusers.DDPMScheduler(clip_sample=False, **sd),
+            "euler": lambda: diffusers.EulerDiscreteScheduler(**sd),
+            "flow": lambda: diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)}[name]()

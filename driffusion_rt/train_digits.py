@@ -69,7 +69,7 @@ def lr_at(step: int, args) -> float:
 
 
 def train(args) -> dict:
-    from diffusers import DDIMScheduler, UNet2DModel
+    from diffusers import DDIMScheduler, UNet2DModel  # heavy: diffusers takes seconds to import
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -1,6 +1,6 @@
 """The fused combine of draft and refine updates (installed as driffusion_rt.kernels).
 
-Every draft and refine update of the runtime is one call of `combine` on the round's buffer (DESIGN.md section 1):
+Every draft and refine update of the runtime is one call of `combine` on the round's buffer (docs/design.md section 1):
 
     arena[out_rows[r]] = sum_s coef[r, s] * arena[in_rows[s]]        k outputs from s inputs, one pass
 
@@ -63,7 +63,7 @@ def combine(arena: torch.Tensor, out_rows: torch.Tensor, in_rows: torch.Tensor, 
     if out_rows.dtype != torch.int64 or in_rows.dtype != torch.int64:
         raise ValueError("combine: row numbers must be int64 tensors")
     if _use_triton(arena):
-        from . import fused
+        from . import fused  # imports triton: only when a combine runs on it
         if arena.is_cuda:
             with torch.cuda.device(arena.device):  # Triton launches on the current device
                 return fused.combine(arena, out_rows, in_rows, coef)

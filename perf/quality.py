@@ -193,7 +193,7 @@ def digits_part(args, configs, log=print) -> dict:
         mode, n, steps, opts = cfg
         opts = dict(opts)
         name = opts.pop("scheduler", "ddim")
-        sched = dg.make_scheduler(name, args.model)
+        sched = dg.load_scheduler(name, args.model)
         t0, finals, rounds = time.perf_counter(), [], 0
         for k in range(0, len(labels), args.batch):
             o = sampler(sched, noise[k: k + args.batch], steps=steps, mode=mode, parallel=n,

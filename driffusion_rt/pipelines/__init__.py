@@ -2,9 +2,10 @@
 (img2img, inpainting, ControlNet: conditioning.py) with LoRA weights (lora.py); and text-to-video: Wan 2.1 / 2.2 (and
 Wan image-to-video), HunyuanVideo 1.5 and LTX-Video (video.py, `text_to_video`).
 
-A request goes: encode the prompt once (the pipeline's own encode_prompt) -> draw the initial noise exactly as the
-pipeline's prepare_latents draws it (same generator calls, shape and dtype, but as unit noise: `sample()` applies
-init_noise_sigma) -> `driffusion_rt.sample` with a model adapter -> VAE decode (rank 0 only under torchrun).
+A request goes: check every argument (prepare.check) -> encode the prompt once (the pipeline's own encode_prompt)
+-> draw the initial noise exactly as the pipeline's prepare_latents draws it (same generator calls, shape and
+dtype, but as unit noise: the sampler applies init_noise_sigma) -> `Sampler.apply` with a model adapter -> VAE
+decode (rank 0 only under torchrun).
 
 The adapters turn a pipeline's denoiser into the runtime's model call `model(x_in, t, **model_kwargs)`: x_in is
 [rows, ...] with rows = drafts x batch (already through scale_model_input), t one timestep per row. Classifier-free
@@ -21,15 +22,19 @@ scale, SDXL's denoising_start / denoising_end, SD3's skip-layer guidance, precom
 keeps its own scheduler (PNDM, DPM-Solver, UniPC, ...: every affine one runs); one the runtime cannot run is
 replaced by the family's default with a warning, see `make_scheduler`.
 
-Layout: `core` holds what every family shares (loading, the registry, scheduler choice, prepare / run / decode,
-text_to_image, DRiffusionPipeline); each family is one module defining a `core.Family` and registering it. A new
-family is a new module plus its line in the import list below (the order there is the order of error messages).
+Files: family.py (the Family contract and registry), loading.py, prepare.py (check / encode / run), decode.py,
+guidance.py, images.py, conditioning.py (image tasks), video.py, api.py (the functional forms), wrapper.py
+(DRiffusionPipeline), lora.py, and one module per family, each registering itself when imported below (the order
+here is the order of error messages).
 """
-from .core import (DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, DTYPES, FAMILIES, OPTIONS, OUTPUT_TYPES,
-                   REGISTRY, SCHEDULERS, DRiffusionPipeline, Family, Request, check_model_dir,
-                   check_size, decode, default_size, draw_noise, family_of, family_of_class, get_family, guide,
-                   load_pipeline, make_scheduler, model_adapter, output_class, parse_dtype, prepare, register, run,
-                   size_multiple, text_to_image)
+from .family import (DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, FAMILIES, OPTIONS, REGISTRY, SCHEDULERS,
+                     Family, default_size, family_names, family_of, family_of_class, get_family, model_adapter,
+                     output_class, register, size_multiple)
+from .loading import DTYPE_ALIASES, HUB_ID, check_model_dir, load_pipeline, parse_dtype
+from .guidance import guide
+from .prepare import (ImageArgs, PreparedImage, check, check_size, encode, initial_noise, make_scheduler, prepare,
+                      run, step_options)
+from .decode import OUTPUT_TYPES, decode
 from . import sd, sdxl, sd3, flux  # noqa: E402,F401  the family registry's import list: each module registers itself
 from . import wan, hunyuan_video15, ltx  # noqa: E402,F401  video families (video.py: what they share)
 from .flux import FluxAdapter
@@ -37,20 +42,23 @@ from .hunyuan_video15 import HunyuanVideo15Adapter
 from .ltx import LTXAdapter
 from .sd import UNetAdapter
 from .sd3 import SD3Adapter
-from .video import (DRiffusionVideoPipeline, VideoFamily, VideoRequest, VideoStats, DecodeStats, check_frames,
-                    decode_video, default_fps, prepare_video, text_to_video, video_sampler)
+from .video import (DecodeStats, PreparedVideo, VideoArgs, VideoFamily, VideoStats, check_frames, check_video,
+                    decode_video, default_fps, encode_video, family_options, prepare_video)
 from .wan import WanAdapter
-from .conditioning import (TASKS, control, control_to_image, for_task, from_call, image_to_image, img2img, inpaint,
-                           inpainting, lora_scale_of, read_image, task_of)
+from .conditioning import (TASKS, control, for_task, from_call, img2img, inpainting, lora_scale_of, task_of)
+from .images import read_image
 from .lora import load_loras
+from .api import control_to_image, image_to_image, inpaint, text_to_image, text_to_video, video_sampler
+from .wrapper import DRiffusionPipeline, DRiffusionVideoPipeline
 
-__all__ = ["DRiffusionPipeline", "text_to_image", "prepare", "run", "decode", "Request", "load_pipeline",
-           "check_model_dir", "parse_dtype", "make_scheduler", "check_size", "size_multiple", "default_size",
-           "family_of", "family_of_class", "get_family", "model_adapter", "output_class", "Family", "register",
-           "guide", "draw_noise", "UNetAdapter", "SD3Adapter", "FluxAdapter", "REGISTRY", "FAMILIES", "SCHEDULERS",
-           "text_to_video", "prepare_video", "decode_video", "check_frames", "default_fps", "video_sampler",
-           "DRiffusionVideoPipeline", "VideoFamily", "VideoRequest", "VideoStats", "DecodeStats", "WanAdapter",
-           "HunyuanVideo15Adapter", "LTXAdapter",
-           "DEFAULT_SCHEDULER", "DEFAULT_GUIDANCE", "DEFAULT_STEPS", "OPTIONS", "OUTPUT_TYPES",
-           "DTYPES", "TASKS", "task_of", "for_task", "image_to_image", "inpaint", "control_to_image", "img2img",
-           "inpainting", "control", "from_call", "lora_scale_of", "read_image", "load_loras"]
+__all__ = ["DRiffusionPipeline", "text_to_image", "prepare", "check", "encode", "run", "decode", "PreparedImage",
+           "ImageArgs", "load_pipeline", "check_model_dir", "parse_dtype", "make_scheduler", "check_size",
+           "size_multiple", "default_size", "family_of", "family_of_class", "family_names", "get_family",
+           "model_adapter", "output_class", "Family", "register", "guide", "initial_noise", "UNetAdapter",
+           "SD3Adapter", "FluxAdapter", "REGISTRY", "FAMILIES", "SCHEDULERS", "text_to_video", "prepare_video",
+           "check_video", "encode_video", "decode_video", "check_frames", "default_fps", "video_sampler",
+           "DRiffusionVideoPipeline", "VideoFamily", "PreparedVideo", "VideoArgs", "VideoStats", "DecodeStats",
+           "WanAdapter", "HunyuanVideo15Adapter", "LTXAdapter", "DEFAULT_SCHEDULER", "DEFAULT_GUIDANCE",
+           "DEFAULT_STEPS", "OPTIONS", "OUTPUT_TYPES", "DTYPE_ALIASES", "HUB_ID", "TASKS", "task_of", "for_task",
+           "image_to_image", "inpaint", "control_to_image", "img2img", "inpainting", "control", "from_call",
+           "lora_scale_of", "read_image", "load_loras", "step_options", "family_options"]

@@ -3,30 +3,35 @@
 A pipeline's task comes from its class: each family maps the classes it serves to "text2img", "img2img",
 "inpaint" or "controlnet" (`task_of`; `for_task` builds another task's pipeline from the same components). A
 task's inputs are read and checked into one object before any work (`img2img`, `inpainting`, `control`, or
-`from_call` with a wrapped pipeline's own argument names); `core.prepare` calls it twice: `begin` (output size and
-the checks that need the step count and batch) and, after the prompt is encoded, `prepare` (start state, trajectory,
-extra model kwargs, and the mask blend of inpainting with a 4-channel UNet).
+`from_call` with a wrapped pipeline's own argument names). prepare.check calls its `begin` (the checks that need the
+step count and batch, then `fit`: the output size and what only the loaded pipeline can tell; a service whose
+request was checked already calls `fit` alone) and prepare.encode, once the prompt is encoded, its `prepare` (start
+state, trajectory, extra model kwargs, and the mask blend of inpainting with a 4-channel UNet).
 
 Under torchrun the image is VAE-encoded on rank 0 only (it draws from the request's generator, as the pipelines
 do); the states built from it are broadcast, so every rank starts from rank 0's tensors.
 
-    image_to_image(pipe, prompt, image, strength=0.6)          # any sd / sdxl / sd3 / flux pipeline
-    inpaint(pipe, prompt, image, mask_image)                    # sd / sdxl (4- or 9-channel UNet)
-    control_to_image(cn_pipe, prompt, control_image)            # a (Multi)ControlNet sd / sdxl pipeline
+    img2img(pipe, image, strength=0.6)              # any sd / sdxl / sd3 / flux pipeline
+    inpainting(pipe, image, mask_image)             # sd / sdxl (4- or 9-channel UNet)
+    control(cn_pipe, control_image)                 # a (Multi)ControlNet sd / sdxl pipeline
+(api.py's image_to_image, inpaint and control_to_image run them through the runtime.)
 """
 import dataclasses
 import inspect
-import io
 import numbers
-import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
+import torch.distributed as dist
 
+from ..blend import MaskBlend
+from ..distributed import collective, current, is_root
 from ..evaluator import PerStep
 from ..strength import check_strength, kept_steps, noised
-from .core import (FAMILIES, REGISTRY, _is_rank0, _trajectory, family_of, get_family, text_to_image)
+from ..trajectory import Trajectory
+from .family import FAMILIES, REGISTRY, family_of, get_family, pipeline_classes
+from .images import first_image, image_count, read_image
+from .prepare import choose_trajectory
 
 TASKS = ("text2img", "img2img", "inpaint", "controlnet")
 TASK_NAMES = {"img2img": "img2img", "inpaint": "inpainting", "controlnet": "ControlNet"}
@@ -35,35 +40,31 @@ TASK_NAMES = {"img2img": "img2img", "inpaint": "inpainting", "controlnet": "Cont
 # ---------------------------------------------------------------------------------------------- tasks
 
 
-def _classes(family) -> dict:
-    c = family.pipeline_classes
-    return dict(c) if isinstance(c, dict) else {name: "text2img" for name in c}
-
-
 def task_of(pipe) -> str:
     """The task of a loaded pipeline: "text2img", "img2img", "inpaint" or "controlnet" (by its class)."""
     for cls in type(pipe).__mro__:
         fam = FAMILIES.get(cls.__name__)
         if fam is not None:
-            return _classes(REGISTRY[fam])[cls.__name__]
+            return pipeline_classes(REGISTRY[fam])[cls.__name__]
     family_of(pipe)  # raises: unsupported family
     return "text2img"
 
 
 def task_class(family, task: str) -> str | None:
     """The diffusers class name serving `task` in a family, None when the family has none."""
-    return next((name for name, t in _classes(family).items() if t == task), None)
+    return next((name for name, t in pipeline_classes(family).items() if t == task), None)
 
 
-def _families_with(task: str) -> str:
+def families_with(task: str) -> str:
     return ", ".join(f.name for f in REGISTRY.values() if task_class(f, task) is not None)
 
 
-def _require(family, task: str, pipe=None):
+def require(family, task: str, pipe=None):
+    """ValueError unless the family has `task`, and the loaded pipeline (when given) can run it."""
     if task_class(family, task) is None:
-        raise ValueError(f"{TASK_NAMES[task]} is supported for the {_families_with(task)} families; the "
+        raise ValueError(f"{TASK_NAMES[task]} is supported for the {families_with(task)} families; the "
                          f"{family.name} pipeline has none")
-    if pipe is not None and task != "controlnet" and _nets(pipe):
+    if pipe is not None and task != "controlnet" and nets_of(pipe):
         raise ValueError(f"{TASK_NAMES[task]} on a ControlNet pipeline ({type(pipe).__name__}) is not supported: "
                          f"use the family's own pipeline")
     unet = getattr(pipe, "unet", None)
@@ -79,10 +80,10 @@ def for_task(pipe, task: str, **components):
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     family = get_family(pipe)
     if task != "text2img":
-        _require(family, task)
+        require(family, task)
     if task_of(pipe) == task and not components:
         return pipe
-    import diffusers
+    import diffusers  # heavy: seconds to import
     return getattr(diffusers, task_class(family, task)).from_pipe(pipe, **components)
 
 
@@ -96,7 +97,7 @@ def default_strength(pipe, task: str) -> float:
 
 def family_default_strength(family, task: str) -> float:
     """default_strength of the family's pipeline class for `task`, known without a loaded pipeline."""
-    import diffusers
+    import diffusers  # heavy: seconds to import
     cls = getattr(diffusers, task_class(family, task))
     return float(inspect.signature(cls.__call__).parameters["strength"].default)
 
@@ -104,54 +105,10 @@ def family_default_strength(family, task: str) -> float:
 # ---------------------------------------------------------------------------------------------- images
 
 
-def open_image(source, what: str = "image"):
-    """A PIL image (RGB) from a path or encoded bytes (PNG, JPEG, ...); ValueError naming `what` otherwise."""
-    import PIL.Image
-    label = f"{what} {source!r}" if isinstance(source, (str, os.PathLike)) else what
-    try:
-        with PIL.Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as im:
-            im.load()
-            return im.convert("RGB")
-    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as e:
-        raise ValueError(f"{label} cannot be read as an image: {type(e).__name__}: {e}") from None
-
-
-def read_image(value, what: str = "image"):
-    """An image input as the pipelines' image processors take it: a PIL image, a path (opened here), an array
-    [H, W, C] / [B, H, W, C] or a tensor [C, H, W] / [B, C, H, W], or a non-empty list of them."""
-    import PIL.Image
-    if isinstance(value, (list, tuple)):
-        if not value:
-            raise ValueError(f"{what} is an empty list")
-        return [read_image(v, f"{what}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, (str, os.PathLike, bytes, bytearray)):
-        return open_image(value, what)
-    if isinstance(value, PIL.Image.Image):
-        return value
-    if isinstance(value, (np.ndarray, torch.Tensor)):
-        if value.ndim not in (3, 4) or 0 in value.shape:
-            raise ValueError(f"{what} must be [H, W, C] / [B, H, W, C] (array) or [C, H, W] / [B, C, H, W] "
-                             f"(tensor), got shape {tuple(value.shape)}")
-        return value
-    raise ValueError(f"{what} must be a PIL image, a path, a numpy array or a torch tensor (or a list of them), "
-                     f"got {type(value).__name__}")
-
-
-def _first(image):
-    return image[0] if isinstance(image, list) else image
-
-
-def _count(image) -> int:
-    """Images in an input (a list, or the batch dim of a 4-D array / tensor)."""
-    if isinstance(image, list):
-        return len(image)
-    return image.shape[0] if isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 4 else 1
-
-
 def _size(processor, image, height=None, width=None) -> tuple:
     """(height, width) the processor resizes `image` to (its own size, rounded down to the processor's factor,
     where height / width are None)."""
-    return tuple(processor.get_default_height_width(_first(image), height, width))
+    return tuple(processor.get_default_height_width(first_image(image), height, width))
 
 
 def _check_batch(n: int, batch: int, what: str):
@@ -165,7 +122,7 @@ def _mask_processor(pipe):
     none, so it is built the same way."""
     proc = getattr(pipe, "mask_processor", None)
     if proc is None:
-        from diffusers.image_processor import VaeImageProcessor
+        from diffusers.image_processor import VaeImageProcessor  # heavy: diffusers takes seconds to import
         proc = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor, do_normalize=False, do_binarize=True,
                                  do_convert_grayscale=True)
     return proc
@@ -180,10 +137,8 @@ def _control_processor(pipe):
 
 def _share(tensors: list) -> list:
     """Rank 0's tensors on every rank (one broadcast each under torchrun; nothing otherwise)."""
-    from ..distributed import collective, current
     if current() is None:
         return tensors
-    import torch.distributed as dist
     out = [t.contiguous() for t in tensors]
     for t in out:
         collective("broadcast", dist.broadcast, t, 0)  # the runtime's group and timeout
@@ -202,7 +157,7 @@ def _encode(pipe, family, image, generator, batch, dtype, task):
         if isinstance(generator, list) and n < batch and task == "img2img":
             image, n = torch.cat([image] * (batch // n)), batch
         vsf = int(pipe.vae_scale_factor)
-        if _is_rank0():
+        if is_root():
             lat = family.encode_image(pipe, image, generator, task=task).to(dtype)
         else:
             lat = torch.zeros(n, vae.config.latent_channels, image.shape[2] // vsf, image.shape[3] // vsf,
@@ -211,7 +166,7 @@ def _encode(pipe, family, image, generator, batch, dtype, task):
 
 
 def _noise(shape, generator, device, dtype):
-    from diffusers.utils.torch_utils import randn_tensor
+    from diffusers.utils.torch_utils import randn_tensor  # heavy: diffusers takes seconds to import
     return randn_tensor(tuple(shape), generator=generator, device=device, dtype=dtype)
 
 
@@ -227,9 +182,8 @@ def _from_start(pipe, family, sched, named_scheduler, steps, tkw, step_kwargs, t
     """The trajectory over timesteps[t_start * order:], the start index the pipelines' get_timesteps computes
     (re-probed if the scheduler had to be replaced by one of another order)."""
     order = lambda s: int(getattr(s, "order", 1))  # noqa: E731
-    new, traj = _trajectory(pipe, family, sched, named_scheduler, steps, tkw, step_kwargs, t_start * order(sched))
+    new, traj = choose_trajectory(family, sched, named_scheduler, steps, tkw, step_kwargs, t_start * order(sched))
     if order(new) != order(sched):
-        from ..trajectory import Trajectory
         traj = Trajectory.from_scheduler(new, steps, tkw, t_start * order(new), **step_kwargs)
     return new, traj
 
@@ -255,7 +209,11 @@ class Img2Img:
             raise ValueError("latents cannot be given with an init image: img2img starts from the image, noised to "
                              "the strength's level")
         kept_steps(steps, self.strength, family.strength_rule)
-        _check_batch(_count(self.image), batch, "init image")
+        return self.fit(pipe, family, height=height, width=width, batch=batch, num_images=num_images)
+
+    def fit(self, pipe, family, *, height, width, batch, num_images) -> tuple:
+        """The output size (SD / SDXL: the image's own unless asked otherwise) and the image count's fit."""
+        _check_batch(image_count(self.image), batch, "init image")
         if family.img2img_size_from_image:  # SD / SDXL img2img: the image's own size unless asked otherwise
             height, width = _size(pipe.image_processor, self.image, height, width)
         return height, width
@@ -295,8 +253,12 @@ class Inpaint:
             raise ValueError("latents cannot be given with inpainting: it starts from the image (noise where "
                              "strength is 1)")
         kept_steps(steps, self.strength, family.strength_rule)
-        _check_batch(_count(self.image), batch, "image")
-        _check_batch(_count(self.mask), batch, "mask image")
+        return self.fit(pipe, family, height=height, width=width, batch=batch, num_images=num_images)
+
+    def fit(self, pipe, family, *, height, width, batch, num_images) -> tuple:
+        """The image and mask counts' fit and the UNet's input channels; the output keeps the size asked for."""
+        _check_batch(image_count(self.image), batch, "image")
+        _check_batch(image_count(self.mask), batch, "mask image")
         if pipe.unet.config.in_channels not in (4, 9):
             raise ValueError(f"inpainting needs a UNet with 4 (mask blend) or 9 (inpainting UNet) input channels, "
                              f"got {pipe.unet.config.in_channels}")
@@ -304,7 +266,6 @@ class Inpaint:
 
     def prepare(self, pipe, family, kw, *, sched, named_scheduler, steps, step_kwargs, batch, height, width,
                 generator, latents, device):
-        from ..blend import MaskBlend
         t_start, _ = kept_steps(steps, self.strength, family.strength_rule)
         like, geometry = _geometry(pipe, family, kw, batch, height, width, device)
         kw.update(geometry)
@@ -339,12 +300,14 @@ class Inpaint:
 # ---------------------------------------------------------------------------------------------- ControlNet
 
 
-def _nets(pipe) -> list:
+def nets_of(pipe) -> list:
+    """The ControlNets of a pipeline (a MultiControlNet's nets), none without."""
     net = getattr(pipe, "controlnet", None)
     return [] if net is None else list(getattr(net, "nets", [net]))
 
 
-def _per_net(value, nets: int, name: str, kind) -> list:
+def per_net(value, nets: int, name: str, kind=numbers.Real) -> list:
+    """One float per ControlNet from a value or a list of them (ValueError naming `name` otherwise)."""
     values = list(value) if isinstance(value, (list, tuple)) else [value] * nets
     if len(values) != nets:
         raise ValueError(f"{name} has {len(values)} values for {nets} ControlNet(s)")
@@ -366,6 +329,10 @@ class Control:
     task = "controlnet"
 
     def begin(self, pipe, family, *, height, width, steps, batch, num_images, latents):
+        return self.fit(pipe, family, height=height, width=width, batch=batch, num_images=num_images)
+
+    def fit(self, pipe, family, *, height, width, batch, num_images) -> tuple:
+        """The output size (the control images' unless asked otherwise), which every control image must have."""
         proc = _control_processor(pipe)
         sizes = [_size(proc, im) for im in self.images]
         height = sizes[0][0] if height is None else height
@@ -376,7 +343,7 @@ class Control:
                 raise ValueError(f"{which} is {size[0]}x{size[1]} (height x width, rounded down to a multiple of "
                                  f"{proc.config.vae_scale_factor}) but the output is {height}x{width}: pass control "
                                  f"images of the output size")
-            n = _count(im)
+            n = image_count(im)
             if n != 1 and n * num_images != batch:
                 raise ValueError(f"{n} control images for {batch // num_images} prompt(s): pass one, or one per "
                                  f"prompt")
@@ -387,9 +354,9 @@ class Control:
         x, geometry = family.prepare(pipe, kw, batch=batch, height=height, width=width, generator=generator,
                                      latents=latents, device=device)
         kw.update(geometry)
-        sched, traj = _trajectory(pipe, family, sched, named_scheduler, steps,
-                                  family.timesteps_kwargs(pipe, sched, x, steps), step_kwargs)
-        nets, proc = _nets(pipe), _control_processor(pipe)
+        sched, traj = choose_trajectory(family, sched, named_scheduler, steps,
+                                        family.timesteps_kwargs(pipe, sched, x, steps), step_kwargs)
+        nets, proc = nets_of(pipe), _control_processor(pipe)
         images = []
         for im in self.images:
             t = proc.preprocess(im, height=height, width=width).to(dtype=torch.float32)
@@ -411,7 +378,7 @@ def img2img(pipe, image, strength=None) -> Img2Img:
     """Checked img2img inputs for `pipe` (any pipeline of a family with img2img); strength None: the pipeline's
     own default."""
     family = get_family(pipe)
-    _require(family, "img2img", pipe)
+    require(family, "img2img", pipe)
     strength = default_strength(pipe, "img2img") if strength is None else check_strength(strength)
     return Img2Img(read_image(image, "image"), strength)
 
@@ -419,7 +386,7 @@ def img2img(pipe, image, strength=None) -> Img2Img:
 def inpainting(pipe, image, mask_image, strength=None) -> Inpaint:
     """Checked inpainting inputs for `pipe` (an sd / sdxl pipeline, text-to-image or inpainting)."""
     family = get_family(pipe)
-    _require(family, "inpaint", pipe)
+    require(family, "inpaint", pipe)
     strength = default_strength(pipe, "inpaint") if strength is None else check_strength(strength)
     if mask_image is None:
         raise ValueError("inpainting needs mask_image (white: repaint, black: keep)")
@@ -431,8 +398,8 @@ def control(pipe, control_image, controlnet_conditioning_scale=1.0, guess_mode=F
     """Checked ControlNet inputs for a ControlNet pipeline: one control image per net (MultiControlNet: a list
     with one entry per net, each an image or a list of images)."""
     family = get_family(pipe)
-    _require(family, "controlnet")
-    nets = _nets(pipe)
+    require(family, "controlnet")
+    nets = nets_of(pipe)
     if not nets:
         raise ValueError(f"a control image needs a ControlNet pipeline ({task_class(family, 'controlnet')}); "
                          f"this {type(pipe).__name__} has no controlnet: build one with "
@@ -446,9 +413,9 @@ def control(pipe, control_image, controlnet_conditioning_scale=1.0, guess_mode=F
         images = [read_image(im, f"control image {k}") for k, im in enumerate(control_image)]
     else:
         images = [read_image(control_image, "control image")]
-    scales = _per_net(controlnet_conditioning_scale, len(nets), "controlnet_conditioning_scale", numbers.Real)
-    starts = _per_net(control_guidance_start, len(nets), "control_guidance_start", numbers.Real)
-    ends = _per_net(control_guidance_end, len(nets), "control_guidance_end", numbers.Real)
+    scales = per_net(controlnet_conditioning_scale, len(nets), "controlnet_conditioning_scale", numbers.Real)
+    starts = per_net(control_guidance_start, len(nets), "control_guidance_start", numbers.Real)
+    ends = per_net(control_guidance_end, len(nets), "control_guidance_end", numbers.Real)
     for a, b in zip(starts, ends):
         if not 0.0 <= a < b <= 1.0:
             raise ValueError(f"control_guidance_start {a:g} and control_guidance_end {b:g} must satisfy "
@@ -505,26 +472,3 @@ def lora_scale_of(pipe, cross_attention_kwargs=None, joint_attention_kwargs=None
     if isinstance(s, bool) or not isinstance(s, numbers.Real):
         raise ValueError(f"{own}['scale'] must be a number, got {s!r}")
     return float(s)
-
-
-# ---------------------------------------------------------------------------------------------- functional API
-
-
-def image_to_image(pipe, prompt, image, *, strength=None, **kwargs) -> tuple:
-    """img2img through the runtime (diffusers' Img2Img pipelines' semantics); returns (images, stats) like
-    text_to_image, whose keyword arguments it takes. strength in (0, 1]: None is the pipeline's default."""
-    return text_to_image(pipe, prompt, conditioning=img2img(pipe, image, strength), **kwargs)
-
-
-def inpaint(pipe, prompt, image, mask_image, *, strength=None, **kwargs) -> tuple:
-    """Inpainting through the runtime (diffusers' inpainting pipelines' semantics: a 9-channel inpainting UNet
-    sees the mask and masked image, a 4-channel one is blended with the noised image after every state)."""
-    return text_to_image(pipe, prompt, conditioning=inpainting(pipe, image, mask_image, strength), **kwargs)
-
-
-def control_to_image(pipe, prompt, control_image, *, controlnet_conditioning_scale=1.0, guess_mode=False,
-                     control_guidance_start=0.0, control_guidance_end=1.0, **kwargs) -> tuple:
-    """ControlNet text-to-image through the runtime on a (Multi)ControlNet sd / sdxl pipeline."""
-    inputs = control(pipe, control_image, controlnet_conditioning_scale, guess_mode, control_guidance_start,
-                     control_guidance_end)
-    return text_to_image(pipe, prompt, conditioning=inputs, **kwargs)

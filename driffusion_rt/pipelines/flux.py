@@ -4,7 +4,10 @@ import numpy as np
 import torch
 
 from ..evaluator import Shared, Static, attention_kwargs
-from .core import Family, cfg, draw_noise, guide, register
+from .family import Family, register, square, vae_scale_of
+from .guidance import cfg, guide
+from .prepare import initial_noise
+from .sd import vae_latents
 
 
 class FluxAdapter:
@@ -67,6 +70,7 @@ class Flux(Family):
     img2img_size_from_image = False  # img2img: the image is resized to height / width (default: the model's size)
 
     def output_class(self):
+        # heavy: diffusers takes seconds to import
         from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
         return FluxPipelineOutput
 
@@ -74,8 +78,15 @@ class Flux(Family):
         return FluxAdapter(pipe.transformer)
 
     def size_multiple(self, pipe):
-        vsf = int(pipe.vae_scale_factor)
+        return self._rule(int(pipe.vae_scale_factor))
+
+    @staticmethod
+    def _rule(vsf: int) -> tuple:
         return vsf * 2, f"VAE scale factor {vsf} x 2 for the 2 x 2 latent packing"
+
+    def rules_from_configs(self, configs):
+        vsf = vae_scale_of(configs)
+        return (*self._rule(vsf), square(128, vsf), vsf)  # FluxPipeline's default_sample_size is 128
 
     def encode(self, pipe, prompt, negative_prompt, *, batch, num_images, guidance_scale, height, width, device,
                true_cfg_scale, max_sequence_length, lora_scale):
@@ -102,14 +113,14 @@ class Flux(Family):
         ch = pipe.transformer.config.in_channels // 4
         h, w = 2 * (height // (vsf * 2)), 2 * (width // (vsf * 2))
         if latents is None:
-            x = pipe._pack_latents(draw_noise((batch, ch, h, w), generator, device, dtype, None), batch, ch, h, w)
+            x = pipe._pack_latents(initial_noise((batch, ch, h, w), generator, device, dtype, None), batch, ch, h, w)
         else:
-            x = draw_noise((batch, (h // 2) * (w // 2), ch * 4), generator, device, dtype, latents)
+            x = initial_noise((batch, (h // 2) * (w // 2), ch * 4), generator, device, dtype, latents)
         return x, {"img_ids": Shared(pipe._prepare_latent_image_ids(batch, h // 2, w // 2, device, dtype))}
 
     def timesteps_kwargs(self, pipe, scheduler, latents, steps):
         c = scheduler.config
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # heavy: seconds to import
         mu = calculate_shift(latents.shape[1], c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
                              c.get("base_shift", 0.5), c.get("max_shift", 1.15))
         kw = {"mu": mu}
@@ -119,7 +130,6 @@ class Flux(Family):
 
     def encode_image(self, pipe, image, generator, *, task="img2img"):
         """The VAE latents of a preprocessed image batch (unpacked), shifted and scaled as the img2img pipeline does."""
-        from .sd import vae_latents
         vae = pipe.vae
         lat = vae_latents(vae, image, generator)
         return (lat - vae.config.shift_factor) * vae.config.scaling_factor

@@ -11,7 +11,8 @@ import math
 import numpy as np
 import torch
 
-from .core import draw_noise, register
+from .family import register
+from .prepare import initial_noise
 from .video import VideoFamily
 
 
@@ -51,7 +52,7 @@ class HunyuanVideo15Adapter:
             uncond, cond = out.chunk(2)  # the guider's arithmetic: base + scale * (cond - uncond)
             pred = (cond if original_formulation else uncond) + guidance_scale * (cond - uncond)
         if guidance_rescale > 0.0:
-            from diffusers.guiders.guider_utils import rescale_noise_cfg
+            from diffusers.guiders.guider_utils import rescale_noise_cfg  # heavy: diffusers takes seconds to import
             pred = rescale_noise_cfg(pred, cond, guidance_rescale)
         return pred
 
@@ -66,6 +67,7 @@ class HunyuanVideo15(VideoFamily):
     default_frames = 121
 
     def output_class(self):
+        # heavy: diffusers takes seconds to import
         from diffusers.pipelines.hunyuan_video1_5.pipeline_output import HunyuanVideo15PipelineOutput
         return HunyuanVideo15PipelineOutput
 
@@ -121,7 +123,7 @@ class HunyuanVideo15(VideoFamily):
     def prepare(self, pipe, model_kwargs, *, batch, height, width, num_frames, generator, latents, device, options):
         vsf, vst = int(pipe.vae_scale_factor_spatial), int(pipe.vae_scale_factor_temporal)
         shape = (batch, pipe.num_channels_latents, (num_frames - 1) // vst + 1, height // vsf, width // vsf)
-        return draw_noise(shape, generator, device, pipe.transformer.dtype, latents), {}
+        return initial_noise(shape, generator, device, pipe.transformer.dtype, latents), {}
 
     def timesteps_kwargs(self, pipe, scheduler, latents, steps):
         """The pipeline's linear sigmas (1 .. 1/S), for schedulers that take custom sigmas."""

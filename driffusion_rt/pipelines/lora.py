@@ -38,7 +38,7 @@ def load_loras(pipe, loras) -> list:
     if not loras:
         return []
     try:
-        import peft  # noqa: F401
+        import peft  # noqa: F401  optional: the lora extra
     except ImportError:
         raise ValueError("loading LoRA weights needs peft: pip install 'driffusion_rt[lora]'") from None
     if not hasattr(pipe, "load_lora_weights"):

@@ -15,7 +15,9 @@ import inspect
 import numpy as np
 import torch
 
-from .core import draw_noise, guide, register
+from .family import register
+from .guidance import guide
+from .prepare import initial_noise
 from .video import VideoFamily
 
 
@@ -48,6 +50,7 @@ class LTXAdapter:
             return out
         out, cond = guide(out, guidance_scale)
         if guidance_rescale > 0:
+            # heavy: diffusers takes seconds to import
             from diffusers.pipelines.ltx.pipeline_ltx import rescale_noise_cfg
             out = rescale_noise_cfg(out, cond, guidance_rescale=guidance_rescale)
         return out
@@ -66,6 +69,7 @@ class LTX(VideoFamily):
     video_options = ("frame_rate", "decode_timestep", "decode_noise_scale")
 
     def output_class(self):
+        # heavy: diffusers takes seconds to import
         from diffusers.pipelines.ltx.pipeline_output import LTXPipelineOutput
         return LTXPipelineOutput
 
@@ -113,9 +117,9 @@ class LTX(VideoFamily):
         c = pipe.transformer.config.in_channels
         f, h, w = (num_frames - 1) // vst + 1, height // vsf, width // vsf
         if latents is None:
-            x = pipe._pack_latents(draw_noise((batch, c, f, h, w), generator, device, torch.float32, None), p, pt)
+            x = pipe._pack_latents(initial_noise((batch, c, f, h, w), generator, device, torch.float32, None), p, pt)
         else:
-            x = draw_noise((batch, (f // pt) * (h // p) * (w // p), c * pt * p * p), generator, device,
+            x = initial_noise((batch, (f // pt) * (h // p) * (w // p), c * pt * p * p), generator, device,
                            torch.float32, latents)
         rate = 25 if options["frame_rate"] is None else options["frame_rate"]
         return x, dict(latent_frames=f, latent_height=h, latent_width=w,
@@ -124,7 +128,7 @@ class LTX(VideoFamily):
     def timesteps_kwargs(self, pipe, scheduler, latents, steps):
         """The pipeline's sigmas (1 .. 1/S) and the dynamic-shift mu of the video's token count, for the
         schedulers that take them (the pipeline passes both)."""
-        from diffusers.pipelines.ltx.pipeline_ltx import calculate_shift
+        from diffusers.pipelines.ltx.pipeline_ltx import calculate_shift  # heavy: diffusers takes seconds to import
         c = scheduler.config
         p, pt = int(pipe.transformer_spatial_patch_size), int(pipe.transformer_temporal_patch_size)
         mu = calculate_shift(latents.shape[1] * pt * p * p, c.get("base_image_seq_len", 256),
@@ -136,7 +140,7 @@ class LTX(VideoFamily):
     def decode(self, pipe, latents, *, height, width, output_type, generator, options=None):
         """Unpack, denormalise and decode; a timestep-conditioned VAE gets the pipeline's decode noise, drawn from
         the request's generator after the initial noise (as the pipeline draws it)."""
-        from diffusers.utils.torch_utils import randn_tensor
+        from diffusers.utils.torch_utils import randn_tensor  # heavy: diffusers takes seconds to import
         options = options or {}
         vae = pipe.vae
         vsf = int(pipe.vae_spatial_compression_ratio)

@@ -1,12 +1,12 @@
 """Stable Diffusion 1.5 / 2.1 (StableDiffusionPipeline and its img2img, inpainting and ControlNet pipelines):
 UNet2DConditionModel, epsilon or v-prediction."""
-import math
-
 import torch
 
 from .. import schedulers as named
 from ..evaluator import Static, attention_kwargs
-from .core import Family, draw_noise, guide, register, rescale
+from .family import Family, denoiser_config, lcm8, register, square, vae_scale_of
+from .guidance import guide, rescale
+from .prepare import initial_noise
 
 
 class UNetAdapter:
@@ -101,15 +101,22 @@ class StableDiffusion(Family):
     img2img_size_from_image = True  # img2img: the output has the input image's size (rounded to the VAE's factor)
 
     def output_class(self):
+        # heavy: diffusers takes seconds to import
         from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
         return StableDiffusionPipelineOutput
 
     def adapter(self, pipe):
         return UNetAdapter(pipe.unet, getattr(pipe, "controlnet", None))
 
+    default_sample_size = 64  # the UNet's sample size when its config has none
+
     def size_multiple(self, pipe):
-        vsf = int(pipe.vae_scale_factor)  # the SD / SDXL pipelines require multiples of 8
-        return math.lcm(8, vsf), f"multiples of 8 and of the VAE scale factor {vsf}"
+        return lcm8(int(pipe.vae_scale_factor))  # the SD / SDXL pipelines require multiples of 8
+
+    def rules_from_configs(self, configs):
+        vsf = vae_scale_of(configs)
+        sample = denoiser_config(configs).get("sample_size") or self.default_sample_size
+        return (*lcm8(vsf), square(sample, vsf), vsf)
 
     def default_size(self, pipe):
         vsf, s = int(pipe.vae_scale_factor), pipe.unet.config.sample_size
@@ -131,7 +138,7 @@ class StableDiffusion(Family):
     def prepare(self, pipe, model_kwargs, *, batch, height, width, generator, latents, device):
         vsf = int(pipe.vae_scale_factor)
         shape = (batch, pipe.unet.config.in_channels, height // vsf, width // vsf)
-        return draw_noise(shape, generator, device, model_kwargs["prompt_embeds"].dtype, latents), {}
+        return initial_noise(shape, generator, device, model_kwargs["prompt_embeds"].dtype, latents), {}
 
     def encode_image(self, pipe, image, generator, *, task="img2img"):
         """The VAE latents of a preprocessed image batch [N, 3, H, W] (in the latents' dtype), scaled as the
@@ -151,7 +158,7 @@ class StableDiffusion(Family):
 def vae_latents(vae, image, generator):
     """A sample of the VAE's latent distribution for an image batch, as the pipelines' retrieve_latents draws it
     (unscaled); a list of generators encodes image i with generator i."""
-    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents  # heavy
     if isinstance(generator, list):
         return torch.cat([retrieve_latents(vae.encode(image[i: i + 1]), generator=g) for i, g in enumerate(generator)])
     return retrieve_latents(vae.encode(image), generator=generator)

@@ -3,7 +3,10 @@ matching, CLIP x 2 + T5."""
 import torch
 
 from ..evaluator import Static, attention_kwargs
-from .core import Family, draw_noise, guide, register
+from .family import Family, denoiser_config, register, square, vae_scale_of
+from .guidance import guide
+from .prepare import initial_noise
+from .sd import vae_latents
 
 
 class SD3Adapter:
@@ -44,6 +47,7 @@ class StableDiffusion3(Family):
     img2img_size_from_image = False  # img2img: the image is resized to height / width (default: the model's size)
 
     def output_class(self):
+        # heavy: diffusers takes seconds to import
         from diffusers.pipelines.stable_diffusion_3.pipeline_output import StableDiffusion3PipelineOutput
         return StableDiffusion3PipelineOutput
 
@@ -51,8 +55,15 @@ class StableDiffusion3(Family):
         return SD3Adapter(pipe.transformer)
 
     def size_multiple(self, pipe):
-        vsf, p = int(pipe.vae_scale_factor), int(pipe.transformer.config.patch_size)
+        return self._rule(int(pipe.vae_scale_factor), int(pipe.transformer.config.patch_size))
+
+    @staticmethod
+    def _rule(vsf: int, p: int) -> tuple:
         return vsf * p, f"VAE scale factor {vsf} x transformer patch size {p}"
+
+    def rules_from_configs(self, configs):
+        vsf, den = vae_scale_of(configs), denoiser_config(configs)
+        return (*self._rule(vsf, int(den.get("patch_size", 1))), square(den.get("sample_size") or 128, vsf), vsf)
 
     def encode(self, pipe, prompt, negative_prompt, *, batch, num_images, guidance_scale, height, width, device,
                clip_skip, max_sequence_length, lora_scale):
@@ -72,12 +83,13 @@ class StableDiffusion3(Family):
     def prepare(self, pipe, model_kwargs, *, batch, height, width, generator, latents, device):
         vsf = int(pipe.vae_scale_factor)
         shape = (batch, pipe.transformer.config.in_channels, height // vsf, width // vsf)
-        return draw_noise(shape, generator, device, model_kwargs["prompt_embeds"].dtype, latents), {}
+        return initial_noise(shape, generator, device, model_kwargs["prompt_embeds"].dtype, latents), {}
 
     def timesteps_kwargs(self, pipe, scheduler, latents, steps):
         c = scheduler.config
         if not c.get("use_dynamic_shifting", None):
             return None
+        # heavy: diffusers takes seconds to import
         from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
         p = pipe.transformer.config.patch_size
         mu = calculate_shift((latents.shape[2] // p) * (latents.shape[3] // p), c.get("base_image_seq_len", 256),
@@ -86,7 +98,6 @@ class StableDiffusion3(Family):
 
     def encode_image(self, pipe, image, generator, *, task="img2img"):
         """The VAE latents of a preprocessed image batch, shifted and scaled as the img2img pipeline does."""
-        from .sd import vae_latents
         vae = pipe.vae
         lat = vae_latents(vae, image, generator)
         return (lat - vae.config.shift_factor) * vae.config.scaling_factor

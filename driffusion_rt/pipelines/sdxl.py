@@ -6,8 +6,8 @@ import inspect
 import torch
 
 from .. import schedulers as named
-from .core import register
-from .sd import StableDiffusion, vae_latents, unet_kwargs
+from .family import register
+from .sd import StableDiffusion, unet_kwargs, vae_latents
 
 AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # the img2img / inpainting pipelines' defaults
 
@@ -22,8 +22,10 @@ class StableDiffusionXL(StableDiffusion):
     default_steps = 50
     default_guidance = 5.0
     options = ("clip_skip", "guidance_rescale", "lora_scale")
+    default_sample_size = 128  # the UNet's sample size when its config has none
 
     def output_class(self):
+        # heavy: diffusers takes seconds to import
         from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
         return StableDiffusionXLPipelineOutput
 

@@ -1,4 +1,4 @@
-"""Text-to-video (and Wan image-to-video) through the runtime: what every video family shares.
+"""Text-to-video (and Wan image-to-video): what every video family shares (api.text_to_video runs it).
 
 A video request is an image request with a time axis: the families (wan.py, hunyuan_video15.py, ltx.py) return
 5-D latents [B, C, F, H, W] (LTX: packed tokens) from prepare, frames from decode and an output class with
@@ -11,22 +11,22 @@ results are unchanged there), with the decode's time and peak memory measured (s
 Video adapters run eagerly: each call of a video transformer takes long enough that CUDA-graph launch savings do
 not matter, a captured graph would pin a large activation pool per row count, and Wan 2.2 picks its expert per row
 from the timestep values (data-dependent control flow, which a graph cannot replay). Adapters say so with
-`cuda_graphs = False`, which every Sampler built here honours.
+`cuda_graphs = False`, which every Sampler honours (layout.parallelize, evaluator.ModelCall).
 """
 import contextlib
-import dataclasses
 import time
 from abc import abstractmethod
 from dataclasses import dataclass, field
 
 import torch
 
-from ..sampler import Sampler, SampleStats
-from . import core
-from .core import (REGISTRY, Family, Request, _batch, _check_output_type, _empty_fields, _is_rank0, _output,
-                   _trajectory, check_size, get_family, make_scheduler, run)
+from ..results import SampleStats
+from .decode import check_output_type, empty_fields, output_of
+from .family import OPTIONS, REGISTRY, Family, get_family
+from .prepare import (PreparedImage, check_size, choose_trajectory, common_args, make_scheduler, pipeline_prompts,
+                      prompt_batch, run_generator)
 
-# Options a video family may take (family.options names core.OPTIONS keys; family.video_options these) with their
+# Options a video family may take (family.options names family.OPTIONS keys; family.video_options these) with their
 # defaults: a value other than the default for a family that does not list it is an error naming what it takes.
 VIDEO_OPTIONS = {"guidance_scale_2": None, "frame_rate": None, "decode_timestep": None, "decode_noise_scale": None,
                  "image": None, "last_image": None}
@@ -70,16 +70,16 @@ class VideoFamily(Family):
         """(frames,) for final latents: [B, F, H, W, 3] for "np", [B, F, 3, H, W] for "pt", lists of PIL frames."""
 
 
-def video_families() -> str:
-    return ", ".join(f"{f.name} ({', '.join(f.pipeline_classes)})" for f in REGISTRY.values()
-                     if getattr(f, "video", False))
+def video_pipelines() -> str:
+    """The video families with their pipeline classes, for messages."""
+    return ", ".join(f"{f.name} ({', '.join(f.pipeline_classes)})" for f in REGISTRY.values() if f.video)
 
 
 def get_video_family(pipe) -> VideoFamily:
     family = get_family(pipe)
-    if not getattr(family, "video", False):
+    if not family.video:
         raise ValueError(f"the {family.name} pipeline ({type(pipe).__name__}) makes images, not videos: use "
-                         f"text_to_image; video pipelines: {video_families()}")
+                         f"text_to_image; video pipelines: {video_pipelines()}")
     return family
 
 
@@ -102,10 +102,10 @@ def default_fps(pipe) -> int:
     return get_video_family(pipe).default_fps(pipe)
 
 
-def _check_options(family: VideoFamily, options: dict) -> dict:
+def family_options(family: VideoFamily, options: dict) -> dict:
     """The family's options, defaults filled in; a value for an option it does not take is an error."""
     allowed = tuple(family.options) + tuple(family.video_options)
-    known = {**core.OPTIONS, **VIDEO_OPTIONS, **IMAGE_ONLY}
+    known = {**OPTIONS, **VIDEO_OPTIONS, **IMAGE_ONLY}
     for name, value in options.items():
         if name not in known:
             raise TypeError(f"unknown option {name!r} for the {family.name} pipeline; it takes: "
@@ -116,49 +116,82 @@ def _check_options(family: VideoFamily, options: dict) -> dict:
     return {name: options.get(name, known[name]) for name in allowed}
 
 
-@dataclass
-class VideoRequest(Request):
-    """A prepared video request: a Request plus its frame count and the family's options."""
+@dataclass(frozen=True, eq=False)
+class VideoArgs:
+    """The checked arguments of one video request (every check done): what `encode_video` prepares."""
+    family: VideoFamily
+    prompt: object
+    negative_prompt: object
+    steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    num_frames: int
+    num_videos: int                # per prompt
+    scheduler: object
+    scheduler_name: str | None
+    generator: object = None
+    options: dict = field(default_factory=dict)  # the family's options, defaults filled in
+    latents: torch.Tensor | None = None
+
+    @property
+    def batch(self) -> int:
+        return prompt_batch(self.prompt) * self.num_videos
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class PreparedVideo(PreparedImage):
+    """A prepared video request: a PreparedImage plus its frame count and the family's options."""
     num_frames: int = 1
     options: dict = field(default_factory=dict)
 
 
-@torch.no_grad()
-def prepare_video(pipe, prompt, *, negative_prompt=None, steps=None, guidance_scale=None, height=None, width=None,
-                  num_frames=None, num_videos=1, generator=None, seed=None, scheduler=None, latents=None,
-                  **options) -> VideoRequest:
-    """Validate, encode the prompt and draw the initial noise the way the video pipeline's __call__ does.
-
-    num_frames: the family's rule (Wan / HunyuanVideo 1.5: 4k+1, LTX 8k+1), no rounding. options: the family's
-    (Wan: max_sequence_length, guidance_scale_2 for Wan 2.2's second expert, image / last_image for
-    WanImageToVideoPipeline; LTX: max_sequence_length, guidance_rescale, frame_rate, decode_timestep,
-    decode_noise_scale); an option of another family, or of image pipelines, is an error. Every check runs before
-    the text encoders. generator / seed as in `core.prepare`."""
+def check_video(pipe, prompt, *, negative_prompt=None, steps=None, guidance_scale=None, height=None, width=None,
+                num_frames=None, num_videos=1, generator=None, seed=None, scheduler=None, latents=None,
+                **options) -> VideoArgs:
+    """Every check of `prepare_video`'s arguments, before the text encoders (see prepare_video)."""
     family = get_video_family(pipe)
-    generator, steps = core.common_args(family, generator, seed, steps, num_videos=num_videos)
-    options = _check_options(family, options)
+    generator, steps = common_args(family, generator, seed, steps, num_videos=num_videos)
+    options = family_options(family, options)
     family.check_options(pipe, options)
     guidance_scale = family.guidance(pipe, guidance_scale)
     height, width = check_size(pipe, height, width)
     num_frames = check_frames(pipe, num_frames)
     sched = make_scheduler(pipe, scheduler)
-    batch = _batch(prompt) * num_videos
-    prompt = list(prompt) if isinstance(prompt, tuple) else prompt
-    if isinstance(negative_prompt, tuple):
-        negative_prompt = list(negative_prompt)
-    if isinstance(prompt, list) and isinstance(negative_prompt, str):
-        negative_prompt = [negative_prompt] * len(prompt)
-    device = pipe._execution_device
+    prompt_batch(prompt)
+    prompt, negative_prompt = pipeline_prompts(prompt, negative_prompt)
+    return VideoArgs(family, prompt, negative_prompt, steps, guidance_scale, height, width, num_frames, num_videos,
+                     sched, scheduler, generator, options, latents)
 
-    kw = family.encode(pipe, prompt, negative_prompt, batch=batch, num_images=num_videos,
-                       guidance_scale=guidance_scale, height=height, width=width, device=device, **options)
-    x, geometry = family.prepare(pipe, kw, batch=batch, height=height, width=width, num_frames=num_frames,
-                                 generator=generator, latents=latents, device=device, options=options)
+
+@torch.no_grad()
+def encode_video(pipe, args: VideoArgs) -> PreparedVideo:
+    """Encode the prompt, draw the initial noise as the video pipeline does and probe the trajectory."""
+    family, device = args.family, pipe._execution_device
+    kw = family.encode(pipe, args.prompt, args.negative_prompt, batch=args.batch, num_images=args.num_videos,
+                       guidance_scale=args.guidance_scale, height=args.height, width=args.width, device=device,
+                       **args.options)
+    x, geometry = family.prepare(pipe, kw, batch=args.batch, height=args.height, width=args.width,
+                                 num_frames=args.num_frames, generator=args.generator, latents=args.latents,
+                                 device=device, options=args.options)
     kw.update(geometry)
-    sched, traj = _trajectory(pipe, family, sched, scheduler, steps, family.timesteps_kwargs(pipe, sched, x, steps),
-                              {})
-    return VideoRequest(family.name, height, width, steps, x, kw, traj, core.run_generator(generator, traj),
-                        generator, {}, num_frames, options)
+    sched, traj = choose_trajectory(family, args.scheduler, args.scheduler_name, args.steps,
+                                    family.timesteps_kwargs(pipe, args.scheduler, x, args.steps), {})
+    return PreparedVideo(traj, x, kw, run_generator(args.generator, traj), family=family.name, height=args.height,
+                         width=args.width, decode_generator=args.generator, num_frames=args.num_frames,
+                         options=args.options)
+
+
+def prepare_video(pipe, prompt, **kwargs) -> PreparedVideo:
+    """Validate, encode the prompt and draw the initial noise the way the video pipeline's __call__ does.
+
+    Keyword arguments: negative_prompt, steps, guidance_scale, height, width, num_frames, num_videos, generator /
+    seed, scheduler, latents and the family's options. num_frames: the family's rule (Wan / HunyuanVideo 1.5: 4k+1,
+    LTX 8k+1), no rounding. options: the family's (Wan: max_sequence_length, guidance_scale_2 for Wan 2.2's second
+    expert, image / last_image for WanImageToVideoPipeline; LTX: max_sequence_length, guidance_rescale,
+    frame_rate, decode_timestep, decode_noise_scale); an option of another family, or of image pipelines, is an
+    error. Every check runs before the text encoders. generator / seed as in `prepare.prepare`."""
+    return encode_video(pipe, check_video(pipe, prompt, **kwargs))
 
 
 # ---------------------------------------------------------------------------------------------- decoding
@@ -236,20 +269,20 @@ def _vae_mode(vae, tiling: bool):
 
 
 @torch.no_grad()
-def decode_video(pipe, request: VideoRequest, latents, *, output_type="np", vae_tiling=True,
+def decode_video(pipe, request: PreparedVideo, latents, *, output_type="np", vae_tiling=True,
                  return_dict=True) -> tuple:
     """Decode a request's final latents as the pipeline does after its loop: (output, DecodeStats).
 
     output: the pipeline's output class (`.frames`) or a tuple with return_dict=False; for output_type "latent" the
     latents the pipeline would return (Wan 2.2 TI2V image-to-video: with the image's frame put back). DecodeStats
     is None for "latent". Call it on one rank."""
-    _check_output_type(output_type)
+    check_output_type(output_type)
     family = get_video_family(pipe)
     cls = family.output_class()
     latents = family.final_latents(pipe, latents, request.model_kwargs)
     stats = None
     if output_type == "latent":
-        fields = (latents,) + _empty_fields(cls)[1:]
+        fields = (latents,) + empty_fields(cls)[1:]
     else:
         t0 = time.perf_counter()
         with _vae_mode(pipe.vae, vae_tiling) as (slicing, tiling), peak_memory(latents.device) as mem:
@@ -258,97 +291,4 @@ def decode_video(pipe, request: VideoRequest, latents, *, output_type="np", vae_
                                    options=request.options)
         stats = DecodeStats(time.perf_counter() - t0, mem["peak_bytes"], mem["measure"], tiling, slicing)
     pipe.maybe_free_model_hooks()
-    return (_output(cls, fields) if return_dict else fields), stats
-
-
-# ---------------------------------------------------------------------------------------------- entry points
-
-
-def video_sampler(model) -> Sampler:
-    """A persistent Sampler for a video adapter (eager unless the adapter allows CUDA graphs)."""
-    from ..distributed import default_evaluator
-    return Sampler(model, default_evaluator(model), cuda_graphs=getattr(model, "cuda_graphs", True))
-
-
-_SPLIT = set(core.OPTIONS) | set(VIDEO_OPTIONS) | set(IMAGE_ONLY)
-
-
-@torch.no_grad()
-def text_to_video(pipe, prompt, *, negative_prompt=None, steps=None, guidance_scale=None, height=None, width=None,
-                  num_frames=None, num_videos=1, seed=None, generator=None, scheduler=None, latents=None,
-                  mode="aggressive", parallel=None, output_type="np", vae_tiling=True, progress=False, sampler=None,
-                  **kwargs) -> tuple:
-    """Generate videos from a prompt (Wan image-to-video: also image=) through the draft-and-refine runtime.
-    Returns (frames, stats).
-
-    frames: as the pipeline returns them for output_type ("np": [N, F, H, W, 3] floats in 0..1, "pt":
-    [N, F, 3, H, W], "pil": a list of lists of PIL frames, "latent": the final latents); None on ranks other than
-    0 under torchrun. stats: VideoStats (the run's SampleStats plus `.decode`: seconds and peak memory of the
-    decode). kwargs: the family's options (see prepare_video), the rest are options of `driffusion_rt.sample`
-    (e.g. drafts=). mode="sequential" equals `pipe(prompt, num_frames=..., generator=...)` with the same
-    scheduler. sampler: a persistent Sampler (see video_sampler); None builds one for this call."""
-    _check_output_type(output_type)
-    options = {k: v for k, v in kwargs.items() if k in _SPLIT}
-    sample_kwargs = {k: v for k, v in kwargs.items() if k not in _SPLIT}
-    req = prepare_video(pipe, prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale,
-                        height=height, width=width, num_frames=num_frames, num_videos=num_videos, generator=generator,
-                        seed=seed, scheduler=scheduler, latents=latents, **options)
-    sampler = sampler if sampler is not None else video_sampler(core.model_adapter(pipe))
-    out = run(pipe, req, mode=mode, parallel=parallel, sampler=sampler, progress=progress, **sample_kwargs)
-    stats = VideoStats(**{f.name: getattr(out.stats, f.name) for f in dataclasses.fields(SampleStats)})
-    frames = None
-    if _is_rank0():
-        result, stats.decode = decode_video(pipe, req, out.sample, output_type=output_type, vae_tiling=vae_tiling)
-        frames = result.frames
-    return frames, stats
-
-
-class DRiffusionVideoPipeline(core.DRiffusionPipeline):
-    """`DRiffusionPipeline` around a video pipeline (DRiffusionPipeline(pipe) returns one for a video family).
-
-        pipe = DRiffusionPipeline(WanPipeline.from_pretrained(...).to("cuda"), mode="aggressive")
-        frames = pipe("a cat surfing", num_frames=81, num_inference_steps=40).frames[0]
-        pipe.last_stats.decode  # seconds and peak memory of the VAE decode
-
-    __call__ takes the video pipeline's common arguments (num_frames, max_sequence_length, Wan 2.2's
-    guidance_scale_2, Wan image-to-video's image / last_image, LTX's frame_rate / decode_timestep /
-    decode_noise_scale / guidance_rescale) and returns its output class (`.frames`), or a tuple with
-    return_dict=False; output_type defaults to the pipeline's ("np"; LTX "pil"). vae_tiling: decode in tiles
-    where frames exceed the VAE's tile size (default on)."""
-
-    def __init__(self, pipe, mode="aggressive", parallel=None, scheduler=None, progress=False, vae_tiling=True,
-                 **sample_kwargs):
-        get_video_family(pipe)
-        super().__init__(pipe, mode=mode, parallel=parallel, scheduler=scheduler, progress=progress, **sample_kwargs)
-        self.vae_tiling = vae_tiling
-
-    @property
-    def sampler(self):
-        if self._sampler is None:
-            self._sampler = video_sampler(self.model)
-        return self._sampler
-
-    @torch.no_grad()
-    def __call__(self, prompt=None, negative_prompt=None, height=None, width=None, num_frames=None,
-                 num_inference_steps=None, guidance_scale=None, num_videos_per_prompt=1, generator=None, latents=None,
-                 output_type=None, return_dict=True, max_sequence_length=None, **options):
-        if prompt is None:
-            raise ValueError("prompt is required (precomputed prompt embeddings are not supported)")
-        output_type = get_video_family(self.pipe).default_output_type if output_type is None else output_type
-        _check_output_type(output_type)
-        if max_sequence_length is not None:
-            options["max_sequence_length"] = max_sequence_length
-        req = prepare_video(self.pipe, prompt, negative_prompt=negative_prompt, steps=num_inference_steps,
-                            guidance_scale=guidance_scale, height=height, width=width, num_frames=num_frames,
-                            num_videos=num_videos_per_prompt, generator=generator, scheduler=self.scheduler,
-                            latents=latents, **options)
-        out = run(self.pipe, req, mode=self.mode, parallel=self.parallel, sampler=self.sampler,
-                  progress=self.progress, **self.sample_kwargs)
-        stats = VideoStats(**{f.name: getattr(out.stats, f.name) for f in dataclasses.fields(SampleStats)})
-        self.last_stats = stats
-        if not _is_rank0():
-            cls = core.output_class(self.pipe)
-            return _output(cls, _empty_fields(cls)) if return_dict else _empty_fields(cls)
-        result, stats.decode = decode_video(self.pipe, req, out.sample, output_type=output_type,
-                                            vae_tiling=self.vae_tiling, return_dict=return_dict)
-        return result
+    return (output_of(cls, fields) if return_dict else fields), stats

@@ -16,7 +16,9 @@ import math
 
 import torch
 
-from .core import draw_noise, register
+from ..evaluator import Shared
+from .family import register
+from .prepare import initial_noise
 from .video import VideoFamily
 
 
@@ -94,6 +96,7 @@ class Wan(VideoFamily):
     video_options = ("guidance_scale_2", "image", "last_image")
 
     def output_class(self):
+        # heavy: diffusers takes seconds to import
         from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
         return WanPipelineOutput
 
@@ -168,10 +171,9 @@ class Wan(VideoFamily):
         shape = (batch, pipe.vae.config.z_dim if self.i2v(pipe) else pipe.transformer.config.in_channels,
                  (num_frames - 1) // vst + 1, height // vsf, width // vsf)
         if not self.i2v(pipe):
-            return draw_noise(shape, generator, device, torch.float32, latents), {}
-        from ..evaluator import Shared
+            return initial_noise(shape, generator, device, torch.float32, latents), {}
         if latents is not None:
-            latents = draw_noise(shape, generator, device, torch.float32, latents)
+            latents = initial_noise(shape, generator, device, torch.float32, latents)
         image = pipe.video_processor.preprocess(options["image"], height=height, width=width).to(device, torch.float32)
         last = options["last_image"]
         if last is not None:
