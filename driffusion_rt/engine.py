@@ -1,8 +1,9 @@
 """A persistent engine under torchrun: replicas, buffers and CUDA graphs live across requests.
 
 Every rank loads its replica and enters the engine. Rank 0 takes requests (the Python API `Engine.generate`, or
-the HTTP front in serve.py through a bounded queue), validates each one, and sends its description to the other
-ranks as JSON bytes in a tensor (no pickle on the request path); every rank then runs the same plan. A request that
+the HTTP front in serve.py through a bounded queue), validates each one once into a frozen Request (requests.parse,
+then the loaded service's admit), and sends it to the other ranks as bytes in a tensor (Request.to_wire: JSON, no
+pickle on the request path); every rank then prepares it and runs the same plan. A request that
 fails validation is answered with an error before anything is sent; a request that fails inside sampling (a
 non-finite model output) fails on every rank at the same point, is answered with an error, and the engine keeps
 serving. A request whose caller cancels it (its client went away) stops on every rank at the next round boundary.
@@ -10,10 +11,9 @@ A failed collective (a rank died or hung) is fatal: the process group cannot be 
 reports it and exits. SIGTERM or SIGINT stop the engine gracefully: no new requests, the one in flight is cancelled
 at its next round, queued ones are answered 503, every rank leaves the group and exits 0 with one line.
 
-    engine = Engine(services.load_service("digits", device))      # on every rank
+    engine = Engine(load_service("digits", device))      # on every rank
     engine.serve(lambda eng: eng.generate({"prompt": "42", "steps": 20}))  # rank 0 runs the function; others follow
 """
-import json
 import queue
 import signal
 import sys
@@ -26,13 +26,13 @@ import torch
 import torch.distributed as dist
 
 from . import distributed
-from .cfg_parallel import Layout, check_world, denoisers, guided, parse
 from .distributed import DEFAULT_TIMEOUT_S, CollectiveTimeout, collective
 from .evaluator import ModelOutputError
-from .sampler import Cancelled, Sampler
-from .services import Limits, RequestError, request_bytes, sampling_options
+from .layout import check_world, guided, parallelize, parse_cfg
+from .requests import Limits, Request, RequestError, parse, request_bytes
+from .results import Cancelled
 
-# Header ops broadcast from rank 0: [op, payload bytes].
+# Header broadcast from rank 0: [op, payload bytes, cancellable].
 REQUEST, PING, SHUTDOWN = 1, 2, 3
 
 
@@ -77,15 +77,13 @@ class Engine:
         # A guidance-parallel layout is fixed for the engine's life ("auto": 2 on an even number of ranks); requests
         # without guidance are then refused (422): a pair would compute them twice.
         world = self.info.world if self.info else 1
-        cfg = parse(cfg_parallel)
+        cfg = parse_cfg(cfg_parallel)
         cfg = (2 if world % 2 == 0 and world > 1 else 1) if cfg == "auto" else int(cfg)
         check_world(cfg, world)
-        self.layout = Layout.make(cfg, self.info)
-        self.layout.apply(*denoisers(service.model, getattr(service, "pipe", None)))
-        self.sampler = Sampler(service.model, distributed.default_evaluator(service.model, self.layout),
-                               cuda_graphs=cuda_graphs and getattr(service.model, "cuda_graphs", True)
-                               and self.layout.cfg == 1)  # (graphs with the pair's exchange: unverified on GPUs)
-        self.header = torch.zeros(2, dtype=torch.long, device=self.device)
+        self.sampler = parallelize(service.model, getattr(service, "pipe", None), cfg=cfg, info=self.info,
+                                   cuda_graphs=cuda_graphs)
+        self.layout = self.sampler.layout
+        self.header = torch.zeros(3, dtype=torch.long, device=self.device)
         self.max_bytes = request_bytes(limits)  # JSON fields and base64 images: every rank builds the same
         self.payload = torch.zeros(self.max_bytes, dtype=torch.uint8, device=self.device)
         self.queue = queue.Queue(maxsize=max_queue)  # requests waiting (0: unbounded); the one in flight is not in it
@@ -102,15 +100,15 @@ class Engine:
         """Serve one request (rank 0, on the thread that runs the engine). Never raises for a bad request.
         Setting `cancel` stops the request on every rank at its next round boundary (status 499)."""
         try:
-            msg = {"spec": self._validate(spec), "cancellable": cancel is not None}
-            body = json.dumps(msg, sort_keys=True).encode()
+            request = self.service.admit(parse(spec, self.service, self.limits))
         except RequestError as e:
             return Result(False, error=str(e), status=422)
+        body = request.to_wire()
         if len(body) > self.max_bytes:
             return Result(False, error=f"request is {len(body)} bytes encoded; the limit is {self.max_bytes}",
                           status=422)
-        self._send(REQUEST, body)
-        return self._run(json.loads(body)["spec"], cancel)
+        self._send(REQUEST, body, cancel is not None)
+        return self._run(request, cancel)
 
     def submit(self, spec: dict, cancel: threading.Event | None = None) -> Future:
         """Queue a request from any thread (e.g. an HTTP handler); the engine thread serves it in order. Raises
@@ -219,17 +217,10 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ all ranks
 
-    def _validate(self, spec) -> dict:
-        if not isinstance(spec, dict):
-            raise RequestError(f"a request must be a JSON object, got {type(spec).__name__}")
-        sampling_options(spec, self.limits)
-        self.service.check(spec, self.limits)
-        return spec
-
-    def _send(self, op: int, body: bytes):
+    def _send(self, op: int, body: bytes, cancellable: bool = False):
         if self.info is None:
             return
-        self.header[0], self.header[1] = op, len(body)
+        self.header[0], self.header[1], self.header[2] = op, len(body), int(cancellable)
         collective("broadcast", dist.broadcast, self.header, 0, info=self.info)
         if body:
             self.payload[: len(body)].copy_(torch.frombuffer(bytearray(body), dtype=torch.uint8))
@@ -238,29 +229,27 @@ class Engine:
     def _follow(self):
         while True:
             collective("broadcast", dist.broadcast, self.header, 0, info=self.info)
-            op, n = (int(v) for v in self.header.tolist())
+            op, n, cancellable = (int(v) for v in self.header.tolist())
             if op == SHUTDOWN:
                 distributed.teardown(self.info)
                 self._say_stopped()
                 return
             if op == REQUEST:
                 collective("broadcast", dist.broadcast, self.payload[:n], 0, info=self.info)
-                msg = json.loads(bytes(self.payload[:n].cpu().numpy()))
-                self._run(msg["spec"], threading.Event() if msg["cancellable"] else None)
+                request = Request.from_wire(bytes(self.payload[:n].cpu().numpy()))
+                self._run(request, threading.Event() if cancellable else None)
 
-    def _run(self, spec: dict, cancel=None) -> Result:
-        """Sample one validated request; every rank runs this with the same spec (and a cancel event or None)."""
+    def _run(self, request: Request, cancel=None) -> Result:
+        """Sample one validated request; every rank runs this with the same request (and a cancel event or None)."""
         t0 = time.perf_counter()
         try:
-            req = self.service.request(spec, self.limits)
-            if self.layout.cfg > 1 and not guided(self.service.model, req.model_kwargs):
+            prepared = self.service.prepare(request)
+            if self.layout.cfg > 1 and not guided(self.service.model, prepared.model_kwargs):
                 raise RequestError(f"this server splits classifier-free guidance across ranks (--cfg-parallel "
                                    f"{self.layout.cfg}); requests must use guidance (guidance_scale > 1, a negative "
                                    f"prompt with true_cfg_scale for Flux)")
             with torch.no_grad():
-                out = self.sampler(req.scheduler, req.latent, steps=req.steps, generator=req.generator,
-                                   model_kwargs=req.model_kwargs, start=req.start, blend=req.blend, cancel=cancel,
-                                   **sampling_options(spec, self.limits))
+                out = self.sampler.apply(prepared, request.options, cancel=cancel)
         except Cancelled as e:  # rank 0 cancelled it: every rank stopped at the same round
             return Result(False, error=f"cancelled ({e})", status=499)
         except ModelOutputError as e:  # a non-finite model output: the same on every rank, left together
@@ -270,13 +259,13 @@ class Engine:
         self.served += 1
         if self.rank != 0:
             return Result(True)
-        images = self.service.images(out, req)
+        images, output_stats = self.service.outputs(out, request, prepared)
         st = out.stats
         stats = dict(mode=st.mode, parallel=st.parallel, cfg_parallel=self.layout.cfg, steps=st.steps,
                      serial_rounds=st.serial_rounds,
                      model_evals=st.model_evals, ideal_speedup=st.ideal_speedup, sample_s=st.wall_time,
                      total_s=time.perf_counter() - t0)
-        if (req.resolved or {}).get("task"):  # image pipelines: text2img, img2img, inpaint or controlnet
-            stats["task"] = req.resolved["task"]
-        stats.update(getattr(req, "output_stats", {}))  # video: frames, fps, the decode's seconds and peak memory
+        if request.resolved.get("task"):  # image pipelines: text2img, img2img, inpaint or controlnet
+            stats["task"] = request.resolved["task"]
+        stats.update(output_stats)  # video: frames, fps, the decode's seconds and peak memory
         return Result(True, images, stats, latent=out.sample)

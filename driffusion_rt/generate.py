@@ -8,9 +8,8 @@ fixed (a model costing --model-cost seconds per call). Image pipelines also take
 inpainting with --mask-image), ControlNets with control images, and LoRA weights.
 Everything is checked before any model loads (on rank 0 under torchrun; bad input exits with status 2 and one
 message). Every rank then loads its model replica once; rank 0 prints progress and the measured-versus-ideal table
-and writes the outputs, all of them or none, only when the run succeeds.
+and writes the outputs, all of them or none, only when the run succeeds. Flags, names and statuses: docs/cli.md.
 """
-import argparse
 import hashlib
 import json
 import os
@@ -20,57 +19,41 @@ import traceback
 
 import torch
 
-from . import cfg_parallel, distributed, services
-from .distributed import DEFAULT_INIT_TIMEOUT_S, DEFAULT_TIMEOUT_S, CollectiveTimeout
+from . import cli, distributed, layout
+from .distributed import CollectiveTimeout
 from .evaluator import ModelOutputError
-from .outputs import check_output_dir, write_all
-from .parasolver import MODES as ITERATIVE_MODES
-from .plan import MODES
-from .sampler import DRAFT_RULES, Sampler
+from .layout import parallelize
+from .model_ref import BUILTIN, inspect_model
+from .options import ALL_MODES
+from .outputs import check_output_dir, mp4_bytes, write_all
+from .pipelines.images import open_image
+from .requests import MODEL_KEYS, SAMPLING_KEYS, Request, RequestError, parse
+from .rounds import DRAFT_RULES
+from .services import load_service
+from .strength import check_strength
 
-DTYPES = ("float32", "float16", "bfloat16", "float64")
 PROG = "python -m driffusion_rt.generate"
 
 
-def _rank() -> int:
-    """This process's rank as torchrun sets it (0 outside torchrun), known before any process group exists."""
-    return int(os.environ.get("RANK", "0"))
-
-
-def bad_input(message: str, info=None):
-    """Bad input: one message (rank 0 prints it; every rank decides the same), leave the job, status 2. The message
-    comes first: once one rank has exited, torchrun stops the others."""
-    if _rank() == 0:
-        print(f"driffusion_rt: error: {message}", file=sys.stderr, flush=True)
-    distributed.teardown(info)
-    sys.exit(2)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line from rank 0, not every rank's usage text
-        bad_input(f"{message} (see {self.prog} --help)")
-
-
-def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="digits",
-                   help="digits (the shipped class-conditional digits model), a diffusers pipeline directory or hub "
-                        "id, gmm (analytic Gaussian mixture) or fixed (a sleeping fixed-cost model)")
+def parser():
+    p = cli.parser(PROG, __doc__)
+    cli.add_model_flags(p)
     p.add_argument("--prompt", default=None,
-                   help="digits: the digits to draw, e.g. 0123456789 (the default); pipelines: the text prompt")
+                   help="digits: the digits to draw (default 0123456789); pipelines: the text prompt")
     p.add_argument("--negative-prompt", default=None, help="pipelines: what to steer away from (guidance on)")
-    p.add_argument("--mode", default="aggressive", choices=MODES + ITERATIVE_MODES,
-                   help="sequential: the scheduler's own loop; aggressive: ~1/n latency; conservative: ~2/(n+1); "
-                        "picard / parasolver: iterate to --tolerance (exact at 0, more model evaluations)")
+    p.add_argument("--mode", default="aggressive", choices=ALL_MODES,
+                   help="sequential: the scheduler's own loop; aggressive (the default): ~1/n latency; conservative: "
+                        "~2/(n+1); picard / parasolver: iterate to --tolerance (exact at 0, more model evaluations)")
     p.add_argument("--parallel", type=int, default=None,
-                   help="n, model evaluations per parallel round (default: the number of ranks, 1 outside torchrun)")
+                   help="n, model evaluations per parallel round (default: the number of draft ranks, 1 outside "
+                        "torchrun)")
     p.add_argument("--drafts", default="jump", choices=DRAFT_RULES,
-                   help="jump: the paper's drafts; extrapolate: drafts from the anchor output extrapolated with the "
-                        "previous output (same model calls; falls back to jump for stochastic steps)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="sampling steps S (default: 50; SD3 and Flux pipelines 28)")
+                   help="jump (the default): the paper's drafts; extrapolate: drafts from the anchor output "
+                        "extrapolated with the previous output (same model calls; falls back to jump for stochastic "
+                        "steps)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps S (default: 50; SD3 and Flux pipelines 28)")
     p.add_argument("--scheduler", default=None,
-                   help="a scheduler short name the model takes (README, Schedulers): ddim, dpm++2m-karras, unipc, "
+                   help="a scheduler short name the model takes (docs/schedulers.md): ddim, dpm++2m-karras, unipc, "
                         "euler-a, ... for digits and SD-family pipelines; flow, flow-unipc, flow-dpm++2m for "
                         "flow-matching ones; ddim, ddpm, euler or flow for gmm and fixed; default: the model's own")
     p.add_argument("--guidance-scale", type=float, default=None,
@@ -83,14 +66,14 @@ def parser() -> argparse.ArgumentParser:
                         "LTX: 8k+1; default: the model's); the output is an MP4")
     p.add_argument("--fps", type=int, default=None,
                    help="video pipelines: frames per second of the MP4 (default: the model's, e.g. Wan 2.1 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and of stochastic steps")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and of stochastic steps (default 0)")
     p.add_argument("--num-images", type=int, default=None,
                    help="images (videos) per request (default 1; digits: one grid of the prompt's digits per image; "
                         "gmm and fixed: 4 latents)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="model and latent dtype")
     p.add_argument("--out", default=".",
-                   help="directory for the images and the run's JSON (created if missing); names in README")
-    im = p.add_argument_group("image inputs and adapters (diffusers pipelines)")
+                   help="directory for the images and the run's JSON (created if missing; default: the current "
+                        "directory); file names in docs/cli.md")
+    im = p.add_argument_group("image inputs (diffusers pipelines)")
     im.add_argument("--image", default=None, metavar="PATH",
                     help="img2img: start from this image (PNG / JPEG), noised to --strength; SD / SDXL keep its size")
     im.add_argument("--strength", type=float, default=None, metavar="S",
@@ -98,82 +81,47 @@ def parser() -> argparse.ArgumentParser:
                          "SDXL 0.3, SD3 / Flux 0.6; inpainting SD 1.0, SDXL 0.9999)")
     im.add_argument("--mask-image", default=None, metavar="PATH",
                     help="inpainting (SD / SDXL): repaint where this mask is white, keep --image where it is black")
-    im.add_argument("--controlnet", action="append", default=[], metavar="DIR",
-                    help="a ControlNetModel directory (SD / SDXL; repeatable: MultiControlNet, one --control-image "
-                         "each)")
     im.add_argument("--control-image", action="append", default=[], metavar="PATH",
                     help="the control image of each --controlnet, in order")
     im.add_argument("--controlnet-scale", dest="controlnet_conditioning_scale", type=float, action="append",
                     default=None, metavar="S",
                     help="conditioning scale of each --controlnet (default 1; one value for all)")
-    im.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                    help="LoRA weights (a .safetensors file or a directory) loaded with their scale, default 1 "
-                         "(repeatable; SD, SDXL, SD3, Flux; needs peft)")
     it = p.add_argument_group("picard / parasolver")
     it.add_argument("--subintervals", type=int, default=None, help="N subintervals (parasolver; default steps // 2)")
     it.add_argument("--preconditioning", type=int, default=None,
                     help="M subintervals solved sequentially first (default 2; picard 0)")
     it.add_argument("--window", type=int, default=None, help="p boundaries solved in parallel (default --parallel)")
     it.add_argument("--tolerance", type=float, default=None, help="delta of the stopping rule (default 0.05)")
-    rt = p.add_argument_group("runtime")
-    rt.add_argument("--device", default="auto",
-                    help="auto (CUDA when available, else the CPU), cpu, cuda or cuda:N; under torchrun every rank "
-                         "uses cuda:LOCAL_RANK (auto, cuda) or the CPU (cpu)")
-    rt.add_argument("--model-cost", type=float, default=0.04, help="seconds per call of --model fixed")
+    cli.add_runtime_flags(p)
+    rt = p.add_argument_group("command line")
     rt.add_argument("--warmup", type=int, default=1,
-                    help="untimed requests before the measured one (compilation, buffers, CUDA-graph capture)")
-    rt.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
-                    help="seconds a collective may wait for the other ranks once the model is loaded before the job "
-                         "fails")
-    rt.add_argument("--load-timeout", type=float, default=DEFAULT_INIT_TIMEOUT_S,
-                    help="seconds the ranks wait for each other while starting and loading the model")
-    rt.add_argument("--no-cuda-graphs", action="store_true",
-                    help="run the model eagerly on GPU (CUDA graphs are on by default there)")
-    rt.add_argument("--cfg-parallel", default="1", choices=cfg_parallel.CHOICES,
-                    help="guidance-parallel ranks: 2 runs the uncond and cond halves of every guided model call on "
-                         "two ranks (world = 2 x draft ranks; --parallel defaults to the draft ranks); auto: 2 when "
-                         "guidance is on and the number of ranks is even")
+                    help="untimed requests before the measured one (compilation, buffers, CUDA-graph capture; "
+                         "default 1)")
     rt.add_argument("--show-plan", action="store_true", help="print every round of the plan")
-    services.add_limit_flags(p)
+    cli.add_limit_flags(p)
     return p
 
 
-def check_args(args) -> services.Limits:
+def check_args(args):
     """Checks of the flags that are not request fields; returns the request limits. Raises ValueError."""
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
-    check_runtime_args(args)
     check_image_args(args)
-    return services.limits_from_args(args)
-
-
-def check_runtime_args(args):
-    """The flags generate and serve share: timeouts, the fixed-cost model's cost, the device. Raises ValueError."""
-    for name in ("timeout", "load_timeout"):
-        if not getattr(args, name) > 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be > 0 seconds, got {getattr(args, name)}")
-    if not args.model_cost >= 0:
-        raise ValueError(f"--model-cost must be >= 0 seconds, got {args.model_cost}")
-    distributed.check_device(args.device)
+    return cli.check_shared_args(args)
 
 
 def check_image_args(args):
-    """The image-input and adapter flags among themselves (no file is read here: preflight does that on rank 0).
-    Raises ValueError."""
+    """The image-input flags among themselves (no file is read here: preflight does that on rank 0)."""
     used = [f for f, v in (("--image", args.image), ("--mask-image", args.mask_image),
                            ("--strength", args.strength is not None), ("--controlnet", args.controlnet),
                            ("--control-image", args.control_image),
                            ("--controlnet-scale", args.controlnet_conditioning_scale), ("--lora", args.lora)) if v]
     if not used:
         return
-    if args.model in services.BUILTIN:
+    if args.model in BUILTIN:
         raise ValueError(f"{', '.join(used)} apply to diffusers pipelines, not --model {args.model}")
-    from .pipelines.lora import parse_lora
-    from .strength import check_strength
     if args.strength is not None:
         check_strength(args.strength)
-    for spec in args.lora:
-        parse_lora(spec)
     if args.mask_image and not args.image:
         raise ValueError("--mask-image needs --image (the picture to inpaint)")
     if args.strength is not None and not args.image:
@@ -188,35 +136,43 @@ def check_image_args(args):
         raise ValueError("--controlnet-scale takes one value, or one per --controlnet")
 
 
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def request_spec(args) -> dict:
-    """The CLI flags as an engine request (services.py): the same request gives the same image through both
-    (image files travel as the base64 an HTTP request carries)."""
-    spec = {k: getattr(args, k, None) for k in services.MODEL_KEYS + services.SAMPLING_KEYS}
-    spec["image"], spec["mask_image"] = (services.encode_image_file(p) if p else None
-                                         for p in (args.image, args.mask_image))
-    control = [services.encode_image_file(p) for p in args.control_image]
+    """The CLI flags as a request (requests.py): the same request gives the same image through the server. Image
+    files are read as bytes."""
+    spec = {k: getattr(args, k, None) for k in MODEL_KEYS + SAMPLING_KEYS}
+    spec["image"], spec["mask_image"] = (_read(p) if p else None for p in (args.image, args.mask_image))
+    control = [_read(p) for p in args.control_image]
     spec["control_image"] = (control[0] if len(control) == 1 else control) or None
     scales = spec["controlnet_conditioning_scale"]
     spec["controlnet_conditioning_scale"] = scales[0] if scales and len(scales) == 1 else scales
     return {k: v for k, v in spec.items() if v is not None}
 
 
-def output_stem(args, ref, resolved: dict, options: dict, world: int) -> str:
+def draft_ranks(args, world: int) -> int:
+    return world // int(args.cfg_parallel) if args.cfg_parallel != "auto" else world
+
+
+def output_stem(args, ref, request: Request, world: int) -> str:
     """<model>-<mode>-n<n>-s<steps>-<scheduler>[-<drafts>]-<dtype>-seed<seed>-<hash>: readable settings, and a hash
     of every setting (prompt, guidance, size, input images' digests, LoRAs, ControlNets, ...), so runs with
     different settings never share a name."""
-    n = options.get("parallel") or (world // int(args.cfg_parallel) if args.cfg_parallel != "auto" else world)
+    options, resolved = request.options, request.resolved
+    n = options.n(draft_ranks(args, world))
     adapters = {k: v for k, v in (("loras", ref.loras), ("controlnets", ref.controlnets)) if v}
-    settings = {"model": args.model, "dtype": args.dtype, **options, "parallel": n, **adapters,
-                "cfg_parallel": args.cfg_parallel,
-                **{k: v for k, v in resolved.items() if k != "labels"}}
+    settings = {"model": args.model, "dtype": args.dtype, **options.fields(), "parallel": n, **adapters,
+                "cfg_parallel": args.cfg_parallel, **{k: v for k, v in resolved.items() if k != "labels"}}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    drafts = f"-{options['drafts']}" if "drafts" in options else ""
-    return (f"{ref.name}-{options['mode']}-n{n}-s{resolved['steps']}-{resolved['scheduler']}{drafts}-{args.dtype}"
+    drafts = "" if options.iterative else f"-{options.drafts}"
+    return (f"{ref.name}-{options.mode}-n{n}-s{resolved['steps']}-{resolved['scheduler']}{drafts}-{args.dtype}"
             f"-seed{resolved['seed']}-{digest}")
 
 
-def output_names(ref, resolved: dict, stem: str) -> list:
+def output_names(ref, resolved, stem: str) -> list:
     """The run's files: <stem>.png (one image; .mp4 for a video), <stem>-<i>.png (several), <stem>.pt (no images),
     and <stem>.json."""
     ext = "mp4" if ref.rules is not None and ref.rules.video else "png"
@@ -232,29 +188,92 @@ def output_names(ref, resolved: dict, stem: str) -> list:
 def preflight(args, limits, world: int) -> dict:
     """Everything that can be checked before a model loads (rank 0): the model reference, the request with every
     resolved value, the plan's parameters, and that the outputs can be written. Raises ValueError."""
-    from .parasolver import IterativeConfig
-    from .plan import make_plan
-    from .pipelines.conditioning import open_image
-    ref = services.inspect_model(args.model, args.lora, args.controlnet)
+    ref = inspect_model(args.model, args.lora, args.controlnet)
     for flag, paths in (("--image", [args.image]), ("--mask-image", [args.mask_image]),
                         ("--control-image", args.control_image)):
         for path in paths:
             if path is not None:
                 open_image(path, flag)  # readable, naming the flag (the request's checks name its fields)
-    spec = request_spec(args)
-    options = services.sampling_options(spec, limits)
-    resolved = services.check_request(ref, spec, limits)
-    cfg_parallel.check_world(args.cfg_parallel, world)
-    n = options["parallel"] or (world // int(args.cfg_parallel) if args.cfg_parallel != "auto" else world)
-    if options["mode"] in ITERATIVE_MODES:
-        IterativeConfig.make(options["mode"], resolved["steps"], n, options.get("subintervals"),
-                             options.get("preconditioning"), options.get("window"), options.get("tolerance"))
-    else:
-        make_plan(options["mode"], resolved["steps"], n)
-    stem = output_stem(args, ref, resolved, options, world)
-    names = output_names(ref, resolved, stem)
+    request = parse(request_spec(args), ref, limits)
+    layout.check_world(args.cfg_parallel, world)
+    request.options.check(request.resolved["steps"], request.options.n(draft_ranks(args, world)))
+    stem = output_stem(args, ref, request, world)
+    names = output_names(ref, request.resolved, stem)
     out = check_output_dir(args.out, names)
-    return dict(ref=ref, resolved=resolved, options=options, stem=stem, files=[os.path.join(out, f) for f in names])
+    return dict(ref=ref, request=request, stem=stem, files=[os.path.join(out, f) for f in names])
+
+
+def _agreed(info, rank: int, check):
+    """check() on rank 0; its ValueError is bad input on every rank (one message, status 2)."""
+    verdict, value = None, None
+    if rank == 0:
+        try:
+            value = check()
+        except ValueError as e:
+            verdict = str(e)
+    if not distributed.rank0_agrees(info, verdict is None):
+        cli.bad_input(verdict or "", info)
+    return value
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        limits = check_args(args)
+        info = distributed.maybe_init_dist(args.timeout, args.device, args.load_timeout)
+    except ValueError as e:  # every rank sees the same flags and devices, so every rank stops here
+        cli.bad_input(str(e))
+    rank, world = (info.rank, info.world) if info else (0, 1)
+    try:
+        plan = _agreed(info, rank, lambda: preflight(args, limits, world))  # one verdict, before any model loads
+        device = info.device if info else distributed.pick_device(args.device)
+        t0 = time.perf_counter()
+        try:  # LoRA weights or a ControlNet that do not load: bad input, the same on every rank
+            service = load_service(args.model, device, getattr(torch, args.dtype), args.model_cost,
+                                   loras=args.lora, controlnets=args.controlnet)
+        except RequestError as e:
+            cli.bad_input(str(e), info)
+        distributed.ready(info)  # every rank loaded: from here a silent rank fails the job after --timeout
+        load_s = time.perf_counter() - t0
+        # what only the loaded model can tell (a video family's frame rule, control images' sizes), on rank 0
+        request = _agreed(info, rank, lambda: service.admit(plan["request"]))
+        request = Request.from_wire(distributed.broadcast_bytes(info, request.to_wire() if rank == 0 else None))
+        try:  # what the request's preparation finds (whether the runtime can run the scheduler, guidance): the same
+            first = service.prepare(request)  # verdict on every rank
+            cfg = layout.resolve(args.cfg_parallel, world, layout.guided(service.model, first.model_kwargs))
+        except ValueError as e:
+            cli.bad_input(str(e), info)
+        sampler = parallelize(service.model, getattr(service, "pipe", None), cfg=cfg, info=info,
+                              cuda_graphs=not args.no_cuda_graphs)
+        for r in range(args.warmup + 1):
+            prepared = first if r == 0 else service.prepare(request)
+            with torch.no_grad():
+                out = sampler.apply(prepared, request.options, progress=rank == 0 and r == args.warmup)
+        status = 0
+        if rank == 0:
+            print_summary(args, info, service, out, load_s, sampler.layout)
+            try:
+                files = write_outputs(args, info, service, out, request, prepared, load_s, plan, sampler.layout)
+                print("wrote " + ", ".join(files))
+            except OSError as e:
+                print(f"driffusion_rt: error: could not write the outputs to {args.out!r} (none were kept): {e}",
+                      file=sys.stderr, flush=True)
+                status = 1
+        distributed.teardown(info)
+        return status
+    except KeyboardInterrupt:
+        if rank == 0:
+            print("driffusion_rt: interrupted; no output written", file=sys.stderr, flush=True)
+        distributed.exit_now(130)
+    except CollectiveTimeout as e:  # another rank is gone: this rank says so once and leaves the broken group
+        print(f"driffusion_rt: rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        distributed.exit_now(1)
+    except Exception as e:
+        if rank == 0 or not isinstance(e, ModelOutputError):  # a model output error is the same on every rank
+            print(f"driffusion_rt: rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        if not isinstance(e, ValueError):  # a bug, not bad data: keep the traceback for the report
+            traceback.print_exc()
+        distributed.exit_now(1)
 
 
 def table(plan, stats) -> dict:
@@ -288,121 +307,44 @@ def report(plan, stats) -> str:
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
 
-def main(argv=None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        limits = check_args(args)
-        info = distributed.maybe_init_dist(args.timeout, args.device, args.load_timeout)
-    except ValueError as e:  # every rank sees the same flags and devices, so every rank stops here
-        bad_input(str(e))
-    rank, world = (info.rank, info.world) if info else (0, 1)
-    try:
-        verdict, plan = None, None
-        if rank == 0:
-            try:
-                plan = preflight(args, limits, world)
-            except ValueError as e:
-                verdict = str(e)
-        if not distributed.rank0_agrees(info, verdict is None):  # one verdict, before any model loads
-            bad_input(verdict or "", info)
-        device = info.device if info else distributed.pick_device(args.device)
-        t0 = time.perf_counter()
-        try:  # LoRA weights or a ControlNet that do not load: bad input, the same on every rank
-            service = services.load_service(args.model, device, getattr(torch, args.dtype), args.model_cost,
-                                            loras=args.lora, controlnets=args.controlnet)
-        except services.RequestError as e:
-            bad_input(str(e), info)
-        distributed.ready(info)  # every rank loaded: from here a silent rank fails the job after --timeout
-        load_s = time.perf_counter() - t0
-        spec = request_spec(args)
-        options = services.sampling_options(spec, limits)
-        try:  # what only the loaded model can tell (a video family's frame rule, whether the runtime can run the
-            first = service.request(spec, limits)  # scheduler, guidance): the same verdict on every rank
-            cfg = cfg_parallel.resolve(args.cfg_parallel, world, cfg_parallel.guided(service.model,
-                                                                                  first.model_kwargs))
-        except ValueError as e:
-            bad_input(str(e), info)
-        layout = cfg_parallel.Layout.make(cfg, info)
-        layout.apply(*cfg_parallel.denoisers(service.model, getattr(service, "pipe", None)))
-        # (CUDA graphs stay off under a cfg layout: the pair's exchange inside a captured call is unverified on GPUs)
-        sampler = Sampler(service.model, distributed.default_evaluator(service.model, layout),
-                          cuda_graphs=not args.no_cuda_graphs and getattr(service.model, "cuda_graphs", True)
-                          and layout.cfg == 1)
-
-        def run(progress, req=None):
-            req = req or service.request(spec, limits)
-            with torch.no_grad():
-                return req, sampler(req.scheduler, req.latent, steps=req.steps, generator=req.generator,
-                                    model_kwargs=req.model_kwargs, progress=progress, start=req.start,
-                                    blend=req.blend, **options)
-        for _ in range(args.warmup):
-            run(False, first)
-            first = None
-        req, out = run(rank == 0, first)
-        status = 0
-        if rank == 0:
-            print_summary(args, info, service, out, load_s, layout)
-            try:
-                files = write_outputs(args, info, service, out, req, load_s, plan, layout)
-                print("wrote " + ", ".join(files))
-            except OSError as e:
-                print(f"driffusion_rt: error: could not write the outputs to {args.out!r} (none were kept): {e}",
-                      file=sys.stderr, flush=True)
-                status = 1
-        distributed.teardown(info)
-        return status
-    except KeyboardInterrupt:
-        if rank == 0:
-            print("driffusion_rt: interrupted; no output written", file=sys.stderr, flush=True)
-        distributed.exit_now(130)
-    except CollectiveTimeout as e:  # another rank is gone: this rank says so once and leaves the broken group
-        print(f"driffusion_rt: rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        distributed.exit_now(1)
-    except Exception as e:
-        if rank == 0 or not isinstance(e, ModelOutputError):  # a model output error is the same on every rank
-            print(f"driffusion_rt: rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        if not isinstance(e, ValueError):  # a bug, not bad data: keep the traceback for the report
-            traceback.print_exc()
-        distributed.exit_now(1)
-
-
-def print_summary(args, info, service, out, load_s, layout):
+def print_summary(args, info, service, out, load_s, lay):
     if out.plan is not None:
         print(out.plan.describe() if args.show_plan else out.plan.describe().splitlines()[0])
     else:
         print(f"{args.mode}: {out.stats.iterations} iterations, window trace (start, width, stride) {out.stats.trace}")
     print(f"model {service.name}, ranks {info.world if info else 1} ({info.backend if info else 'local'}), "
           f"device {out.sample.device}, load {load_s:.2f} s")
-    print(f"layout: cfg {layout.cfg} x draft ranks {layout.draft}, parallel n = {out.stats.parallel}")
+    print(f"layout: cfg {lay.cfg} x draft ranks {lay.draft}, parallel n = {out.stats.parallel}")
     print(report(out.plan, out.stats))
 
 
-def write_outputs(args, info, service, out, req, load_s, plan, layout) -> list:
+def write_outputs(args, info, service, out, request, prepared, load_s, plan, lay) -> list:
     """The images (or latents) and the run's JSON, all or none (rank 0)."""
     *targets, json_path = plan["files"]
-    images = service.images(out, req)  # videos: each a list of frames
+    images, output_stats = service.outputs(out, request, prepared)  # videos: each a list of frames
     if images:
         if len(images) != len(targets):
             raise RuntimeError(f"{len(images)} images for {len(targets)} file names")
-        if getattr(service, "video", False):
-            from .video_service import mp4_bytes
-            items = [(t, lambda f, v=v: f.write(mp4_bytes(v, req.spec["fps"]))) for t, v in zip(targets, images)]
+        if service.video:
+            fps = request.resolved["fps"]
+            items = [(t, lambda f, v=v: f.write(mp4_bytes(v, fps))) for t, v in zip(targets, images)]
         else:
             items = [(t, lambda f, im=im: im.save(f, format="PNG")) for t, im in zip(targets, images)]
     else:
         items = [(targets[0], lambda f: torch.save(out.cpu(), f))]
-    st = out.stats
+    st, options = out.stats, request.options
     run = {"model": service.name, "model_arg": args.model, "dtype": args.dtype,
            "device": str(out.sample.device), "ranks": info.world if info else 1,
-           "backend": info.backend if info else "local", "request": req.resolved, "sampling": plan["options"],
-           "layout": {"cfg": layout.cfg, "draft_ranks": layout.draft, "parallel": out.stats.parallel},
-           "mode": st.mode, "parallel": st.parallel, "steps": st.steps, "seed": req.resolved["seed"],
-           "drafts": plan["options"].get("drafts"), "load_s": load_s, "table": table(out.plan, st),
+           "backend": info.backend if info else "local", "request": dict(request.resolved),
+           "sampling": options.fields(),
+           "layout": {"cfg": lay.cfg, "draft_ranks": lay.draft, "parallel": out.stats.parallel},
+           "mode": st.mode, "parallel": st.parallel, "steps": st.steps, "seed": request.resolved["seed"],
+           "drafts": None if options.iterative else options.drafts, "load_s": load_s, "table": table(out.plan, st),
            "latency_s": st.wall_time, "serial_rounds": st.serial_rounds,
            "serial_rounds_plan": out.plan.serial_rounds if out.plan else None, "model_evals": st.model_evals,
            "ideal_speedup": st.ideal_speedup, "batch_widths": st.batch_widths,
            "files": [os.path.basename(t) for t in targets], "args": vars(args),
-           **(getattr(req, "output_stats", None) or {})}  # video: frames, fps, the decode's seconds and memory
+           **output_stats}  # video: frames, fps, the decode's seconds and memory
     items.append((json_path, lambda f: f.write(json.dumps(run, indent=2, default=str).encode())))
     return write_all(items)
 

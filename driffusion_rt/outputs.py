@@ -1,5 +1,6 @@
 """Output files, written all-or-nothing: a failed or interrupted run never leaves a partial file or a partial set of
-files behind, and the output directory is checked before any work starts."""
+files behind, and the output directory is checked before any work starts; and the bytes of a PNG or an MP4."""
+import io
 import os
 import tempfile
 
@@ -79,3 +80,23 @@ def check_output_dir(out_dir: str, names=()) -> str:
         if os.path.isdir(os.path.join(out, name)):
             raise ValueError(f"--out {out_dir!r}: the output name {name!r} is taken by a directory")
     return out
+
+
+def png_bytes(image) -> bytes:
+    """A PIL image as PNG file bytes."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def mp4_bytes(frames, fps: int) -> bytes:
+    """Frames (PIL images or [H, W, 3] floats in 0..1) as H.264 MP4 file bytes (diffusers' export_to_video,
+    imageio-ffmpeg)."""
+    from diffusers.utils import export_to_video  # heavy: diffusers takes seconds to import
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "video.mp4")
+        # macro_block_size 2: H.264 needs even sides, which every family's size rule gives; the default 16 would let
+        # ffmpeg rescale a frame whose side is not a multiple of 16
+        export_to_video(frames, path, fps=fps, macro_block_size=2)
+        with open(path, "rb") as f:
+            return f.read()

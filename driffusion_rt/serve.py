@@ -15,10 +15,8 @@ next round. SIGTERM / SIGINT drain the server: new requests get 503, the one in 
 exits 0. One JSON access-log line per request goes to rank 0's standard output. The server binds 127.0.0.1 unless
 --host names another address and --allow-remote says so explicitly.
 """
-import argparse
 import asyncio
 import base64
-import io
 import json
 import math
 import re
@@ -31,10 +29,12 @@ from datetime import datetime, timezone
 
 import torch
 
-from . import cfg_parallel, distributed, services
-from .distributed import DEFAULT_INIT_TIMEOUT_S, DEFAULT_TIMEOUT_S
+from . import cli, distributed, layout
 from .engine import Engine, QueueFull, ShuttingDown
-from .generate import _Parser, bad_input, check_runtime_args
+from .model_ref import inspect_model
+from .outputs import mp4_bytes, png_bytes
+from .requests import Limits, RequestError, request_bytes
+from .services import load_service
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 DEFAULT_MAX_QUEUE = 16
@@ -43,17 +43,11 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _REQUEST_ID = re.compile(r"^[\w.\-]{1,64}$")
 
 
-def png_bytes(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 class Metrics:
     """The server's Prometheus metrics, in a registry of their own (prometheus_client)."""
 
     def __init__(self, engine: Engine):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram  # optional: the serve extra
         self.registry = r = CollectorRegistry()
         self.requests = Counter("driffusion_requests", "HTTP requests answered, by path and status", ["path", "status"],
                                 registry=r)
@@ -67,7 +61,7 @@ class Metrics:
         self.rounds = Counter("driffusion_rounds", "serial model rounds of completed requests", registry=r)
 
     def exposition(self) -> tuple:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest  # optional: the serve extra
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
@@ -112,14 +106,14 @@ class AccessLog:
 
 def make_app(engine: Engine, metrics: Metrics | None = None, write=None, poll_s: float = 0.1):
     """The Starlette app: it only queues requests for the engine thread, which does all collectives."""
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response
-    from starlette.routing import Route
+    from starlette.applications import Starlette  # optional: the serve extra
+    from starlette.requests import Request  # optional: the serve extra
+    from starlette.responses import JSONResponse, Response  # optional: the serve extra
+    from starlette.routing import Route  # optional: the serve extra
 
     metrics = metrics or Metrics(engine)
     recent = {"latency_s": 1.0}  # a moving average of request latency, for Retry-After
-    max_body = services.request_bytes(engine.limits)  # the JSON fields and base64 images
+    max_body = request_bytes(engine.limits)  # the JSON fields and base64 images
 
     def error(status: int, message: str, request: Request, headers=None):
         return JSONResponse({"error": message, "request_id": request.state.request_id}, status_code=status,
@@ -138,7 +132,7 @@ def make_app(engine: Engine, metrics: Metrics | None = None, write=None, poll_s:
             return error(400, f"request body is not JSON: {e}", request)
         if not isinstance(spec, dict):
             return error(400, "request body must be a JSON object", request)
-        video = getattr(engine.service, "video", False)
+        video = engine.service.video
         kinds = ("mp4", "base64") if video else ("png", "base64")
         kind = spec.pop("response", kinds[0])
         if kind not in kinds:
@@ -174,7 +168,6 @@ def make_app(engine: Engine, metrics: Metrics | None = None, write=None, poll_s:
         if not result.images:
             return error(422, f"model {engine.service.name} produces no images", request)
         if video:
-            from .video_service import mp4_bytes
             fps = result.stats["fps"]
             if kind == "base64":
                 videos = [base64.b64encode(mp4_bytes(v, fps)).decode() for v in result.images]
@@ -205,44 +198,25 @@ def make_app(engine: Engine, metrics: Metrics | None = None, write=None, poll_s:
 
 
 def parser():
-    p = _Parser(prog="python -m driffusion_rt.serve", description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="digits", help="digits (default), a diffusers pipeline directory or hub id, "
-                                                      "gmm or fixed")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    p.add_argument("--allow-remote", action="store_true",
+    p = cli.parser("python -m driffusion_rt.serve", __doc__)
+    cli.add_model_flags(p)
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: loopback only)")
+    s.add_argument("--allow-remote", action="store_true",
                    help="required to bind an address other than loopback: the server has no authentication")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, see --port-file)")
-    p.add_argument("--port-file", default=None, help="write the bound port to this file once listening")
-    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"), help="model dtype")
-    p.add_argument("--device", default="auto",
-                   help="auto (CUDA when available), cpu, cuda or cuda:N; under torchrun cuda:LOCAL_RANK or cpu")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
-                   help="seconds a collective may wait for the other ranks before the engine fails")
-    p.add_argument("--load-timeout", type=float, default=DEFAULT_INIT_TIMEOUT_S,
-                   help="seconds the ranks wait for each other while starting and loading the model")
-    p.add_argument("--no-cuda-graphs", action="store_true", help="run the model eagerly on GPU")
-    p.add_argument("--model-cost", type=float, default=0.04, help="seconds per call of --model fixed")
-    p.add_argument("--max-requests", type=int, default=0, help="stop after this many requests (0: serve forever)")
-    p.add_argument("--cfg-parallel", default="1", choices=cfg_parallel.CHOICES,
-                   help="guidance-parallel ranks: 2 runs the uncond and cond halves of every guided model call on two "
-                        "ranks (world = 2 x draft ranks; requests without guidance are refused with 422); auto: 2 "
-                        "on an even number of ranks")
-    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+    s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: any free port, see --port-file)")
+    s.add_argument("--port-file", default=None, help="write the bound port to this file once listening")
+    s.add_argument("--max-requests", type=int, default=0,
+                   help="stop after this many requests (default 0: serve forever)")
+    s.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                    help=f"requests that may wait behind the one in flight; more get 503 with Retry-After "
                         f"(default {DEFAULT_MAX_QUEUE})")
-    services.add_limit_flags(p)
-    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                   help="LoRA weights (a .safetensors file or a directory) to load into the pipeline at start, with "
-                        "their scale, default 1 (repeatable; SD, SDXL, SD3, Flux; needs peft); requests may set "
-                        "lora_scale")
-    p.add_argument("--controlnet", action="append", default=[], metavar="DIR",
-                   help="a ControlNetModel directory: serve the SD / SDXL ControlNet pipeline; requests then carry "
-                        "one control_image per --controlnet (repeatable: MultiControlNet)")
+    cli.add_runtime_flags(p)
+    cli.add_limit_flags(p)
     return p
 
 
-def check_args(args) -> services.Limits:
+def check_args(args) -> Limits:
     """Checks of the flags; returns the request limits. Raises ValueError naming the bad value."""
     if args.host not in LOOPBACK and not args.allow_remote:
         raise ValueError(f"--host {args.host} is not a loopback address; the server has no authentication, so "
@@ -252,14 +226,7 @@ def check_args(args) -> services.Limits:
                          f"{args.max_queue}")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
-    check_runtime_args(args)
-    if args.model in services.BUILTIN and (args.lora or args.controlnet):
-        raise ValueError(f"--lora and --controlnet apply to diffusers pipelines, not --model {args.model}")
-    if args.lora:  # the scales (the files are checked with the model, on rank 0)
-        from .pipelines.lora import parse_lora
-        for spec in args.lora:
-            parse_lora(spec)
-    return services.limits_from_args(args)
+    return cli.check_shared_args(args)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -279,32 +246,32 @@ def main(argv=None) -> int:
     try:
         limits = check_args(args)
         info = distributed.maybe_init_dist(args.timeout, args.device, args.load_timeout)
-        cfg_parallel.check_world(args.cfg_parallel, info.world if info else 1)  # before any model loads
+        layout.check_world(args.cfg_parallel, info.world if info else 1)  # before any model loads
     except ValueError as e:
-        bad_input(str(e))
+        cli.bad_input(str(e))
     rank = info.rank if info else 0
     verdict, sock = None, None
     if rank == 0:
         try:
-            services.inspect_model(args.model, args.lora, args.controlnet)
+            inspect_model(args.model, args.lora, args.controlnet)
             sock = bind(args.host, args.port)
         except ValueError as e:
             verdict = str(e)
     if not distributed.rank0_agrees(info, verdict is None):
-        bad_input(verdict or "", info)
+        cli.bad_input(verdict or "", info)
     device = info.device if info else distributed.pick_device(args.device)
     try:  # LoRA weights or a ControlNet that do not load: bad input, the same on every rank
-        service = services.load_service(args.model, device, getattr(torch, args.dtype), args.model_cost,
-                                        loras=args.lora, controlnets=args.controlnet)
-    except services.RequestError as e:
-        bad_input(str(e), info)
+        service = load_service(args.model, device, getattr(torch, args.dtype), args.model_cost,
+                               loras=args.lora, controlnets=args.controlnet)
+    except RequestError as e:
+        cli.bad_input(str(e), info)
     distributed.ready(info)
     engine = Engine(service, limits, args.timeout, cuda_graphs=not args.no_cuda_graphs, max_queue=args.max_queue,
                     cfg_parallel=args.cfg_parallel)
     if engine.rank != 0:
         engine.serve()
         return 0
-    import uvicorn
+    import uvicorn  # optional: the serve extra
     server = uvicorn.Server(uvicorn.Config(make_app(engine), log_level="warning", access_log=False))
     http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     http.start()

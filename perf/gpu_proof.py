@@ -231,8 +231,8 @@ def cuda_time_ms(proof, fn, warmup=2, iters=10) -> float:
 
 
 def ddim():
-    from driffusion_rt.services import builtin_scheduler
-    return builtin_scheduler("ddim")
+    from driffusion_rt.schedulers import toy
+    return toy("ddim")
 
 
 # ---------------------------------------------------------------------------------------------- environment
@@ -510,6 +510,8 @@ class _NoEvent:
 
 def models_section(proof):
     from driffusion_rt import GaussianMixture, GaussianMixtureModel, Sampler, services
+    from driffusion_rt.options import SamplingOptions
+    from driffusion_rt.requests import parse
     from driffusion_rt.fixed_cost import FixedCostModel
     dev, steps = proof.device, 10
     cost = 0.004
@@ -549,9 +551,8 @@ def models_section(proof):
     for sched in ("ddim", "euler", "ddim", "flow"):
         got = []
         for sampler in (on, off):
-            req = service.request({"steps": 8, "scheduler": sched, "seed": 1})
-            got.append(sampler(req.scheduler, req.latent, steps=req.steps, mode="aggressive", parallel=2,
-                               model_kwargs=req.model_kwargs, generator=req.generator).sample)
+            req = service.prepare(parse({"steps": 8, "scheduler": sched, "seed": 1}, service))
+            got.append(sampler.apply(req, SamplingOptions("aggressive", 2)).sample)
         errs.append(rel_err(got[0], got[1]))
         caps.append(on._graphs.captures)
     proof.record("models.gmm_service_across_schedulers", max(errs) <= 1e-5 and caps[-1] == caps[0],
@@ -561,10 +562,9 @@ def models_section(proof):
     service = services.load_service("digits", dev)
     got = []
     for graphs in (True, False):
-        req = service.request({"steps": steps, "seed": 0, "prompt": "07"})
+        req = service.prepare(parse({"steps": steps, "seed": 0, "prompt": "07"}, service))
         s = Sampler(service.model, cuda_graphs=graphs)
-        got.append(s(req.scheduler, req.latent, steps=req.steps, mode="aggressive", parallel=2,
-                     model_kwargs=req.model_kwargs, generator=req.generator).sample)
+        got.append(s.apply(req, SamplingOptions("aggressive", 2)).sample)
         if graphs:
             captures = s._graphs.captures
     err = rel_err(got[0], got[1])

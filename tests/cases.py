@@ -10,6 +10,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPM
                        TCDScheduler, UniPCMultistepScheduler)
 
 from driffusion_rt.noise import draw_noise
+from driffusion_rt.requests import NO_LIMITS, parse
 
 SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 
@@ -128,3 +129,14 @@ def maps_loop(traj, model, x, generator=None):
 def f32_exact_randn(*shape, generator, dtype):
     """Random values representable in float32 (Euler/flow steps round the sample to float32 internally)."""
     return torch.randn(*shape, generator=generator).to(dtype)
+
+
+def check_request(model, spec: dict, limits=NO_LIMITS) -> dict:
+    """The resolved values of a request validated for `model` (a ModelRef or a loaded service) as parse gives
+    them, before the loaded model's own checks."""
+    return dict(parse(spec, model, limits).resolved)
+
+
+def loaded_check(service, spec: dict, limits=NO_LIMITS) -> dict:
+    """The resolved values of a request once the loaded service admitted it (what the engine serves)."""
+    return dict(service.admit(parse(spec, service, limits)).resolved)

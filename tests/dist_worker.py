@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from driffusion_rt import GaussianMixture, GaussianMixtureModel, Sampler
-from driffusion_rt import generate, services
+from driffusion_rt import generate
 from driffusion_rt.distributed import default_evaluator, maybe_init_dist, teardown
 from driffusion_rt.evaluator import LocalEvaluator
 
@@ -111,7 +111,7 @@ def stamp_fault():
 
 def fault(kind, bad_rank, bad_call, argv):
     """generate.main(argv) with a model that raises / hangs / exits on rank `bad_rank` at its call `bad_call`."""
-    load = services.load_service
+    load = generate.load_service
     rank = int(os.environ["RANK"])
 
     def faulty_load(*args, **kwargs):
@@ -138,18 +138,18 @@ def fault(kind, bad_rank, bad_call, argv):
         service.model = wrapped
         return service
 
-    services.load_service = faulty_load
+    generate.load_service = faulty_load
     return generate.main(argv)
 
 
 def cli(marker, argv):
     """generate.main(argv), recording whether any rank got as far as loading a model."""
-    load = services.load_service
+    load = generate.load_service
 
     def recorded(*args, **kwargs):
         open(marker, "a").close()
         return load(*args, **kwargs)
-    services.load_service = recorded
+    generate.load_service = recorded
     return generate.main(argv)
 
 

@@ -116,7 +116,7 @@ def die(when):
             threading.Timer(3.0, exit19).start()
         else:
             run = engine._run
-            engine._run = lambda spec, *rest: exit19() if spec.get("seed") == 99 else run(spec, *rest)
+            engine._run = lambda req, *rest: exit19() if req.resolved["seed"] == 99 else run(req, *rest)
         return engine.serve()
     assert engine.generate({"prompt": "1", "steps": 4, "parallel": 2}).ok
     if when == "idle":

@@ -599,25 +599,26 @@ def test_image_requests_are_checked_before_loading_as_once_loaded(built):
     loaded: the resolved values name the task, the pipeline's default strength, the size an image gives (SD
     img2img, ControlNet) and each image by digest (so output names differ by image); the loaded service resolves
     the same values and refuses the same requests with the same messages."""
-    from driffusion_rt import generate, services
-    ref = services.inspect_model(built["sd15"])
+    from cases import check_request, loaded_check
+    from driffusion_rt import generate, model_ref, requests, services
+    ref = model_ref.inspect_model(built["sd15"])
     loaded = services.load_service(built["sd15"], torch.device("cpu"))
     spec = dict(prompt=PROMPT, steps=10, image=b64(tp.image(0, 40, 48)))
-    r = services.check_request(ref, spec)
+    r = check_request(ref, spec)
     assert r["task"] == "img2img" and r["strength"] == 0.8 and (r["height"], r["width"]) == (40, 48)
     assert r["image"]["format"] == "PNG" and (r["image"]["height"], r["image"]["width"]) == (40, 48)
-    assert loaded.check(spec) == r
-    other = services.check_request(ref, dict(spec, image=b64(tp.image(1, 40, 48))))
+    assert loaded_check(loaded, spec) == r
+    other = check_request(ref, dict(spec, image=b64(tp.image(1, 40, 48))))
     assert other["image"]["sha256"] != r["image"]["sha256"]
     args = generate.parser().parse_args(["--model", built["sd15"]])
-    opts = services.sampling_options(spec)
-    assert generate.output_stem(args, ref, r, opts, 1) != generate.output_stem(args, ref, other, opts, 1)
+    stem = lambda q: generate.output_stem(args, ref, requests.parse(q, ref), 1)  # noqa: E731
+    assert stem(spec) != stem(dict(spec, image=b64(tp.image(1, 40, 48))))
     inpaint_spec = dict(spec, mask_image=b64(tp.mask(40, 48)))
-    r = services.check_request(ref, inpaint_spec)
+    r = check_request(ref, inpaint_spec)
     assert r["task"] == "inpaint" and r["strength"] == 1.0 and (r["height"], r["width"]) == ref.rules.default_size
-    assert loaded.check(inpaint_spec) == r
-    assert services.check_request(ref, dict(prompt=PROMPT))["task"] == "text2img"
-    limits = services.Limits(side=44, image_bytes=4000)
+    assert loaded_check(loaded, inpaint_spec) == r
+    assert check_request(ref, dict(prompt=PROMPT))["task"] == "text2img"
+    limits = requests.Limits(side=44, image_bytes=4000)
     bad = {
         "image is not valid base64": dict(image="not base64!"),
         "image is a GIF image; allowed: PNG, JPEG": dict(image=b64(tp.image(0), "GIF")),
@@ -633,21 +634,22 @@ def test_image_requests_are_checked_before_loading_as_once_loaded(built):
         "lora_scale must be a finite number": dict(lora_scale="high"),
     }
     for message, fields in bad.items():
-        for check in (lambda q: services.check_request(ref, q, limits), lambda q: loaded.check(q, limits)):
-            with pytest.raises(services.RequestError) as e:
+        for check in (lambda q: check_request(ref, q, limits), lambda q: loaded_check(loaded, q, limits)):
+            with pytest.raises(requests.RequestError) as e:
                 check(dict(prompt=PROMPT, steps=10, **fields))
             assert message in str(e.value), (message, str(e.value))
-    with pytest.raises(services.RequestError, match="inpainting is supported for the sd, sdxl families; the sd3 "):
-        services.check_request(services.inspect_model(built["sd3"]),
+    with pytest.raises(requests.RequestError, match="inpainting is supported for the sd, sdxl families; the sd3 "):
+        check_request(model_ref.inspect_model(built["sd3"]),
                                dict(prompt=PROMPT, image=b64(tp.image(0)), mask_image=b64(tp.mask())))
 
 
 def test_controlnet_and_lora_references_are_checked_before_loading(built, tmp_path):
-    from driffusion_rt import services
-    ref = services.inspect_model(built["sd15"], controlnets=[built["cn"], built["cn2"]])
+    from cases import check_request
+    from driffusion_rt import model_ref, requests
+    ref = model_ref.inspect_model(built["sd15"], controlnets=[built["cn"], built["cn2"]])
     assert ref.rules.task == "controlnet" and ref.rules.nets == 2
     controls = [b64(tp.image(0, 32, 48)), b64(tp.image(1, 32, 48))]
-    r = services.check_request(ref, dict(prompt=PROMPT, control_image=controls))
+    r = check_request(ref, dict(prompt=PROMPT, control_image=controls))
     assert r["task"] == "controlnet" and r["controlnet_conditioning_scale"] == [1.0, 1.0]
     assert (r["height"], r["width"]) == (32, 48) and len(r["control_image"]) == 2
     for fields, message in ((dict(control_image=controls[0]), r"control_image has 1 image\(s\) for 2 ControlNet\(s\)"),
@@ -656,8 +658,8 @@ def test_controlnet_and_lora_references_are_checked_before_loading(built, tmp_pa
                             (dict(control_image=controls, image=controls[0]),
                              "this server runs a ControlNet pipeline: requests take control_image"),
                             (dict(), "this server runs a ControlNet pipeline")):
-        with pytest.raises(services.RequestError, match=message):
-            services.check_request(ref, dict(prompt=PROMPT, **fields))
+        with pytest.raises(requests.RequestError, match=message):
+            check_request(ref, dict(prompt=PROMPT, **fields))
     for model, kw, message in (
             (built["sd3"], dict(controlnets=[built["cn"]]), "--controlnet: ControlNet is supported for the sd and "
                                                            "sdxl families; .* is a sd3 pipeline"),
@@ -665,15 +667,15 @@ def test_controlnet_and_lora_references_are_checked_before_loading(built, tmp_pa
             (built["sd15"], dict(loras=["/no/such/lora.safetensors:0.5"]),
              "--lora: LoRA weights '/no/such/lora.safetensors' do not exist"),
             ("digits", dict(loras=["x.safetensors"]), "apply to diffusers pipelines, not --model digits")):
-        with pytest.raises(services.ModelUnavailable, match=message):
-            services.inspect_model(model, **kw)
+        with pytest.raises(model_ref.ModelUnavailable, match=message):
+            model_ref.inspect_model(model, **kw)
 
 
 def test_cli_image_inputs_checked_before_loading_and_after_it_exit_2(built, tmp_path, monkeypatch, capsys):
     """Bad image inputs the configs can refute exit 2 before the model loads; those only the loaded pipeline can
     (a control image of another size than the output, LoRA weights that do not load) exit 2 right after loading,
     with one message and no output either way."""
-    from driffusion_rt import generate, services
+    from driffusion_rt import generate
     tp.image(0, 40, 48).save(tmp_path / "in.png")
     tp.image(0).save(tmp_path / "in.gif")
     tp.image(1, 32, 48).save(tmp_path / "control.png")
@@ -688,8 +690,8 @@ def test_cli_image_inputs_checked_before_loading_and_after_it_exit_2(built, tmp_
         assert e.value.code == 2 and err.count("error") == 1 and "Traceback" not in err, err
         assert not out.exists()
         return err
-    load = services.load_service
-    monkeypatch.setattr(services, "load_service", lambda *a, **k: pytest.fail("the model was loaded"))
+    load = generate.load_service
+    monkeypatch.setattr(generate, "load_service", lambda *a, **k: pytest.fail("the model was loaded"))
     img = str(tmp_path / "in.png")
     for args, message in ((["--image", str(tmp_path / "in.gif")], "image is a GIF image; allowed: PNG, JPEG"),
                           (["--image", img, "--max-side", "44"], "image is 48x40 pixels; the limit is 44 per side"),
@@ -699,7 +701,7 @@ def test_cli_image_inputs_checked_before_loading_and_after_it_exit_2(built, tmp_
                            "--controlnet runs ControlNet text-to-image; it does not combine with --image"),
                           (["--model", "digits", "--image", img], "--image apply to diffusers pipelines")):
         assert message in cli(*args)
-    monkeypatch.setattr(services, "load_service", load)
+    monkeypatch.setattr(generate, "load_service", load)
     assert "the control image is 32x48" in cli("--controlnet", built["cn"], "--control-image",
                                                str(tmp_path / "control.png"), "--height", "32", "--width", "32")
     assert "could not be loaded" in cli("--lora", str(tmp_path / "broken.safetensors"))
@@ -709,10 +711,10 @@ def test_engine_requests_with_images(built, tmp_path):
     """The engine (one process) serves img2img, inpainting and LoRA-scaled requests with base64 images, the
     same images as the functional API, and answers bad images with an error before any work."""
     import base64
-    from driffusion_rt import services
+    from driffusion_rt import requests, services
     from driffusion_rt.engine import Engine
 
-    limits = services.Limits(image_bytes=20000)
+    limits = requests.Limits(image_bytes=20000)
     engine = Engine(services.load_service(built["sd15"], torch.device("cpu")), limits)
     pipe = engine.service.pipe
     quiet(pipe)

@@ -159,12 +159,13 @@ def test_gmm_service_requests_carry_their_trajectory():
     """A replayed graph runs the model object it captured with the new request's inputs: the Gaussian-mixture
     service must put the trajectory in those inputs (earlier, the swapped-in model of a later request was
     ignored by the replay of the first one)."""
+    from driffusion_rt.requests import parse
     service = services.load_service("gmm", torch.device("cpu"))
-    first = service.request({"steps": 10, "scheduler": "ddim"})
+    first = service.prepare(parse({"steps": 10, "scheduler": "ddim"}, service))
     captured = service.model.inner  # what a graph captured on the first request would replay
-    second = service.request({"steps": 10, "scheduler": "euler"})
-    x = torch.randn(2, *second.latent.shape[1:])
-    t = second.scheduler.timesteps[[3, 3]]
+    second = service.prepare(parse({"steps": 10, "scheduler": "euler"}, service))
+    x = torch.randn(2, *second.latents.shape[1:])
+    t = second.trajectory.timesteps[[3, 3]]
     right = service.model.inner(x, t, **{k: v.value for k, v in second.model_kwargs.items()})
     replayed = captured(x, t, **{k: v.value for k, v in second.model_kwargs.items()})
     assert torch.equal(replayed, right)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from driffusion_rt import distributed, generate, outputs, services
+from driffusion_rt import distributed, generate, model_ref, outputs, requests
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "dist_worker.py")
@@ -82,12 +82,11 @@ def test_conservative_plan_and_iterative_modes(tmp_path, capsys):
 
 
 def test_names_differ_whenever_a_setting_differs():
-    ref = services.inspect_model("digits")
+    ref = model_ref.inspect_model("digits")
 
     def stem(**changes):
         a = generate.parser().parse_args(sum(([f"--{k.replace('_', '-')}", str(v)] for k, v in changes.items()), []))
-        spec = generate.request_spec(a)
-        return generate.output_stem(a, ref, services.check_request(ref, spec), services.sampling_options(spec), 1)
+        return generate.output_stem(a, ref, requests.parse(generate.request_spec(a), ref), 1)
     base = stem()
     assert base == stem() and base.startswith("digits-aggressive-n1-s50-ddim-jump-float32-seed0-")
     others = [stem(prompt="12"), stem(guidance_scale=2.0), stem(num_images=2), stem(seed=1), stem(drafts="extrapolate"),
@@ -127,7 +126,7 @@ def test_bad_input_exits_2_before_the_model_loads(args, message, tmp_path, monke
 
     def never(*a, **k):
         raise AssertionError("the model was loaded")
-    monkeypatch.setattr(services, "load_service", never)
+    monkeypatch.setattr(generate, "load_service", never)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the hub-id case: offline, whatever the environment
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
@@ -139,7 +138,7 @@ def test_bad_input_exits_2_before_the_model_loads(args, message, tmp_path, monke
 
 @pytest.mark.parametrize("kind", ["file", "under a file", "unwritable"])
 def test_unwritable_out_exits_2_before_the_model_loads(kind, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(services, "load_service", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(generate, "load_service", lambda *a, **k: pytest.fail("the model was loaded"))
     f = tmp_path / "taken"
     f.write_text("x")
     out, message = {"file": (f, "is a file, not a directory"),
@@ -323,11 +322,11 @@ def test_bad_input_under_torchrun_is_reported_once(args, message, tmp_path):
 def test_a_request_only_the_loaded_model_can_refuse_exits_2_with_one_message(tmp_path, monkeypatch, capsys):
     """A scheduler the runtime cannot run (the trajectory probe fails) is known once the request is built after
     loading: still bad input, status 2, one message, nothing written."""
-    from driffusion_rt.trajectory import UnsupportedScheduler
+    from driffusion_rt.trajectory import Trajectory, UnsupportedScheduler
 
     def unsupported(*a, **k):
         raise UnsupportedScheduler("SomeScheduler could not be probed as an affine sampler")
-    monkeypatch.setattr(services.Trajectory, "from_scheduler", unsupported)
+    monkeypatch.setattr(Trajectory, "from_scheduler", unsupported)
     with pytest.raises(SystemExit) as e:
         generate.main(["--prompt", "1", "--steps", "4", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Round plans: exact critical paths and structure (DESIGN.md section 2)."""
+"""Round plans: exact critical paths and structure (docs/design.md section 2)."""
 import pytest
 
 from driffusion_rt import make_plan

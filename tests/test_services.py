@@ -5,16 +5,17 @@ import sys
 
 import pytest
 
-from driffusion_rt import generate, pipelines, services
+from driffusion_rt import generate, model_ref, pipelines, requests, services
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tiny_pipelines  # noqa: E402
+from cases import check_request, loaded_check  # noqa: E402
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl", "sd3", "flux"])
 def test_rules_from_configs_equal_the_loaded_pipeline(kind, tmp_path):
     path = tiny_pipelines.build(kind, str(tmp_path))
-    ref = services.inspect_model(path)
+    ref = model_ref.inspect_model(path)
     pipe = pipelines.load_pipeline(path)
     assert ref.kind == "pipeline" and ref.source == "local" and ref.rules == services.rules_of_pipe(pipe)
     mult, _ = pipelines.size_multiple(pipe)
@@ -29,20 +30,20 @@ def test_rules_from_configs_equal_the_loaded_pipeline(kind, tmp_path):
             ok = False
         spec = {"prompt": "a red cat", "height": size, "width": mult}
         if ok:
-            assert services.check_request(ref, spec)["height"] == size
+            assert check_request(ref, spec)["height"] == size
         else:
-            with pytest.raises(services.RequestError, match=f"height={size} is not a multiple of {mult}"):
-                services.check_request(ref, spec)
-    r = services.check_request(ref, {"prompt": "a red cat"})
+            with pytest.raises(requests.RequestError, match=f"height={size} is not a multiple of {mult}"):
+                check_request(ref, spec)
+    r = check_request(ref, {"prompt": "a red cat"})
     assert (r["height"], r["width"]) == (h, w) and r["guidance_scale"] == pipelines.DEFAULT_GUIDANCE[ref.rules.family]
     # the scheduler a request without one resolves to is the one the pipeline module builds for it
-    assert r["scheduler"] == services._scheduler_name(pipelines.make_scheduler(pipe, None))
+    assert r["scheduler"] == requests.scheduler_name(pipelines.make_scheduler(pipe, None))
     assert r["steps"] == pipelines.DEFAULT_STEPS[ref.rules.family]
 
 
 def test_pipeline_requests_fail_before_loading(tmp_path, monkeypatch, capsys):
     path = tiny_pipelines.build("sd15", str(tmp_path))
-    monkeypatch.setattr(services, "load_service", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(generate, "load_service", lambda *a, **k: pytest.fail("the model was loaded"))
     for args, message in ((["--height", "30"], "height=30 is not a multiple of 8"),
                           (["--scheduler", "flow"], "scheduler 'flow' is not supported for sd pipelines"),
                           (["--prompt", " "], "prompt must be a non-empty string for the sd pipeline"),
@@ -57,11 +58,11 @@ def test_pipeline_requests_fail_before_loading(tmp_path, monkeypatch, capsys):
 
 def test_unsupported_and_incomplete_directories(tmp_path):
     bad = tiny_pipelines.build_unsupported(str(tmp_path / "ddpm"))
-    with pytest.raises(services.ModelUnavailable, match="unsupported pipeline family"):
-        services.inspect_model(bad)
+    with pytest.raises(model_ref.ModelUnavailable, match="unsupported pipeline family"):
+        model_ref.inspect_model(bad)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(services.ModelUnavailable, match="has no model_index.json"):
-        services.inspect_model(str(tmp_path / "empty"))
+    with pytest.raises(model_ref.ModelUnavailable, match="has no model_index.json"):
+        model_ref.inspect_model(str(tmp_path / "empty"))
 
 
 def test_video_requests_are_checked_in_range_before_loading_and_by_rule_once_loaded(tmp_path):
@@ -69,18 +70,18 @@ def test_video_requests_are_checked_in_range_before_loading_and_by_rule_once_loa
 
     import tiny_video
     path = tiny_video.build("wan21", str(tmp_path))
-    ref = services.inspect_model(path)
+    ref = model_ref.inspect_model(path)
     assert ref.rules.video and ref.rules.multiple is None  # the family's rules come with the loaded pipeline
     spec = {"prompt": "a red cat", "num_frames": 10, "fps": 8}
-    assert services.check_request(ref, spec)["num_frames"] == 10  # in range; the 4k+1 rule needs the pipeline
+    assert check_request(ref, spec)["num_frames"] == 10  # in range; the 4k+1 rule needs the pipeline
     for bad, message in (({"num_frames": 300}, "num_frames=300 is out of range: allowed 1..257"),
                          ({"fps": 0}, "fps=0 is out of range: allowed 1..240"),
                          ({"image": "AAAA"}, "image applies to image pipelines \\(sd, .*\\); this model makes videos"),
                          ({"lora_scale": 0.5}, "lora_scale applies to image pipelines")):
-        with pytest.raises(services.RequestError, match=message):
-            services.check_request(ref, {**spec, **bad}, services.Limits())
+        with pytest.raises(requests.RequestError, match=message):
+            check_request(ref, {**spec, **bad}, requests.Limits())
     service = services.load_service(path, torch.device("cpu"))
-    with pytest.raises(services.RequestError, match="num_frames=10 is not of the form 4k\\+1"):
-        service.check(spec)
-    r = service.check({"prompt": "a red cat"})
+    with pytest.raises(requests.RequestError, match="num_frames=10 is not of the form 4k\\+1"):
+        loaded_check(service, spec)
+    r = loaded_check(service, {"prompt": "a red cat"})
     assert r["num_frames"] >= 1 and r["fps"] >= 1 and r["scheduler"] == ref.rules.scheduler

@@ -102,9 +102,10 @@ def test_http_answers_video_mp4_on_two_ranks(dirs, tmp_path):
 
 def test_video_fields_on_an_image_model_are_refused_by_the_service():
     import torch
-    from driffusion_rt import services
+    from cases import loaded_check
+    from driffusion_rt import requests, services
     digits = services.load_service("digits", torch.device("cpu"))
     for key, value in (("num_frames", 9), ("fps", 12)):
-        with pytest.raises(services.RequestError, match=f"{key} applies to video pipelines \\(wan, "
+        with pytest.raises(requests.RequestError, match=f"{key} applies to video pipelines \\(wan, "
                                                         f"hunyuan-video-1.5, ltx\\); this model makes images"):
-            digits.check({"prompt": "12", key: value})
+            loaded_check(digits, {"prompt": "12", key: value})
