@@ -1,4 +1,4 @@
-"""CUDA-graph replay of a rank's model call (GPU only; DESIGN.md section 3, step 3).
+"""CUDA-graph replay of a rank's model call (GPU only; docs/design.md section 3).
 
 A model call is captured once per (rows, latent shape, dtype, kwargs signature) on static buffers: the input
 x_in, the per-row timesteps (a device tensor, so no host sync) and the tiled model kwargs. Each round copies its

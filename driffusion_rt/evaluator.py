@@ -1,4 +1,4 @@
-"""Evaluators: given k (state, trajectory index) points, produce their k model outputs (DESIGN.md section 3).
+"""Evaluators: given k (state, trajectory index) points, produce their k model outputs (docs/design.md section 3).
 
 `ModelCall` turns a batch of trajectory points into one model call with the conventions of a diffusers
 pipeline loop (scale_model_input, one timestep per batch row, model kwargs tiled to the batch).

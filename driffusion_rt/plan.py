@@ -1,4 +1,4 @@
-"""Round plans: a pure function (mode, S, n) -> the rounds a draft-and-refine run executes (DESIGN.md section 2).
+"""Round plans: a pure function (mode, S, n) -> the rounds a draft-and-refine run executes (docs/design.md section 2).
 
 A round at anchor i advances the trajectory to i + advance. Its model work is, in order:
   1. the anchor evaluation o_i = model(x_i), if `eval_anchor` (one serial model round);

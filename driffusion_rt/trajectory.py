@@ -1,4 +1,4 @@
-"""A diffusers scheduler run as affine maps, read off the scheduler's own arithmetic (DESIGN.md section 1).
+"""A diffusers scheduler run as affine maps, read off the scheduler's own arithmetic (docs/design.md section 1).
 
 Index convention: i = 0..S, x_0 the initial state, x_S the result. The model is called once per index i < S, with
 timestep timesteps[i] on the input x_i / input_divisor[i] (S = len(scheduler.timesteps): PNDM repeats a timestep,

@@ -20,7 +20,7 @@ NCCL knobs (exported as-is to every rank; see the NCCL documentation):
   NCCL_IB_HCA         which InfiniBand adapters to use, e.g. mlx5_0,mlx5_1
   NCCL_DEBUG=INFO     print NCCL's topology and transport choices at start-up (WARN for failures only)
   NCCL_P2P_DISABLE=1  disable direct GPU peer-to-peer (debugging PCIe/NVLink issues)
-Failure handling (see README, "Failure handling"):
+Failure handling (docs/cli.md, "Failure handling"):
   generate's --load-timeout (default 1800 s) covers joining the job and loading the model: a rank that loads
   slowly does not fail the job. After a barrier, every collective waits at most --timeout (default 60 s): the
   rank blocks on it (Work.wait with that timeout, on NCCL too) and a hung or dead peer is reported by the waiting
