@@ -60,9 +60,9 @@ def equal(path):
                 for n in (info.world, 2 * info.world):
                     ev.ptrs.clear()
                     a = dist_sampler(sched, x, steps=12, mode=mode, parallel=n)
-                    first = dist_sampler._arenas[(tuple(x.shape), x.dtype, x.device)]
+                    first = dist_sampler.arenas.idle[(tuple(x.shape), x.dtype, x.device)][-1]
                     b = dist_sampler(sched, x, steps=12, mode=mode, parallel=n)  # a second request: same buffers
-                    same = first is dist_sampler._arenas[(tuple(x.shape), x.dtype, x.device)]
+                    same = first is dist_sampler.arenas.idle[(tuple(x.shape), x.dtype, x.device)][-1]
                     ref = local_sampler(sched, x, steps=12, mode=mode, parallel=n).sample
                     results.append(dict(
                         model=model_name, mode=mode, n=n, rank=info.rank,

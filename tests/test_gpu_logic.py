@@ -11,10 +11,12 @@ import contextlib
 import pytest
 import torch
 
+import driffusion_rt.run as run_module
 import driffusion_rt.sampler as sampler_module
 from driffusion_rt import GaussianMixture, GaussianMixtureModel, Sampler
 from driffusion_rt.noise import PinnedStage
-from driffusion_rt.sampler import Rows, _device_scope
+from driffusion_rt.arena import Rows
+from driffusion_rt.run import device_scope
 
 
 class FakeDevice:
@@ -88,12 +90,12 @@ def test_sampler_draws_never_rewrite_a_staged_row_before_its_copy_ran(monkeypatc
         def stage(self, dtype):
             return stage
 
-    monkeypatch.setattr(sampler_module, "draw_noise", fake_draw)
+    monkeypatch.setattr(run_module, "draw_noise", fake_draw)
     gen = torch.Generator().manual_seed(7)
     arena = Arena()
     for r in range(rounds):  # each round's draws land in a fresh slice of `rows`, so all of them can be checked
         arena.rows = CudaLikeRows(rows[r * lay.rows:])
-        sampler_module.Sampler._draw(arena, lay, Traj(per_round), range(per_round), gen)
+        run_module.draw_round(arena, lay, Traj(per_round), range(per_round), gen)
     device.run_until(len(device.queue))
 
     ref = torch.Generator().manual_seed(7)
@@ -145,20 +147,20 @@ def test_pinned_stage_alternates_sets_and_waits_before_reuse():
 
 
 def test_device_scope_is_the_latent_device():
-    scope = _device_scope(torch.device("cuda", 1))
+    scope = device_scope(torch.device("cuda", 1))
     assert isinstance(scope, torch.cuda.device) and scope.idx == 1
-    assert isinstance(_device_scope(torch.device("cpu")), contextlib.nullcontext)
+    assert isinstance(device_scope(torch.device("cpu")), contextlib.nullcontext)
 
 
 def test_the_sampler_runs_under_the_latent_device_scope(monkeypatch):
     seen = []
-    real = sampler_module._device_scope
+    real = sampler_module.device_scope
 
     def recording(device):
         seen.append(device)
         return real(device)
 
-    monkeypatch.setattr(sampler_module, "_device_scope", recording)
+    monkeypatch.setattr(sampler_module, "device_scope", recording)
     from diffusers import DDIMScheduler
     mix = GaussianMixture.random(2, shape=(1, 2, 2))
     sched = DDIMScheduler(clip_sample=False)
