@@ -98,8 +98,12 @@ class DigitsModel:
     labels: [N] int tensor of classes 0..9 (NULL_CLASS = unconditional), one per row of x_in; pass it in
     `model_kwargs` as a [B] tensor and the runtime tiles it for batched drafts. With guidance scale s > 0 and
     s != 1 the unconditional and conditional rows go through the UNet as one batch of 2N and the output is
-    uncond + s * (cond - uncond); s = 1 is the conditional model alone, s = 0 the unconditional one.
+    uncond + s * (cond - uncond); s = 1 is the conditional model alone, s = 0 the unconditional one. The scale may
+    also be one value per row (a [N] tensor: requests with different scales batched into one call, batch.py); both
+    branches then run for every row and each row takes its own combination.
     """
+
+    row_scalars = True  # guidance_scale may come as one value per row
 
     def __init__(self, unet, guidance_scale: float = DEFAULT_GUIDANCE):
         self.unet = unet
@@ -114,6 +118,8 @@ class DigitsModel:
         return model_kwargs.get("labels") is not None and s not in (0.0, 1.0)
 
     def __call__(self, x_in: torch.Tensor, t: torch.Tensor, labels=None, guidance_scale=None, **_) -> torch.Tensor:
+        if isinstance(guidance_scale, torch.Tensor) and guidance_scale.dim() == 1:
+            return self._per_row(x_in, t, labels, guidance_scale)
         s = self.guidance_scale if guidance_scale is None else float(guidance_scale)
         n = x_in.shape[0]
         if labels is None:
@@ -138,6 +144,20 @@ class DigitsModel:
                                  class_labels=torch.cat([torch.full_like(labels, NULL_CLASS), labels])).sample
                 uncond, cond = both.chunk(2)
                 out = uncond + s * (cond - uncond)
+        return out.to(x_in.dtype)
+
+    def _per_row(self, x_in, t, labels, scales) -> torch.Tensor:
+        """Guidance with one scale per row: both branches for every row; rows with scale 1 (0) take the conditional
+        (unconditional) output itself, the others uncond + s * (cond - uncond) in the data's precision."""
+        x = x_in.to(self.dtype)
+        labels = torch.as_tensor(labels, device=x.device).long().reshape(-1)
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        both = torch.cat([torch.full_like(labels, NULL_CLASS), labels])
+        with torch.no_grad():
+            uncond, cond = self.unet(torch.cat([x, x]), torch.cat([t, t]), class_labels=both).sample.chunk(2)
+        s = scales.to(x.device).view(-1, *[1] * (x.dim() - 1))
+        out = uncond + s.to(x.dtype) * (cond - uncond)
+        out = torch.where(s == 1, cond, torch.where(s == 0, uncond, out))
         return out.to(x_in.dtype)
 
 

@@ -3,7 +3,8 @@
 `ModelCall` turns a batch of trajectory points into one model call with the conventions of a diffusers
 pipeline loop (scale_model_input, one timestep per batch row, model kwargs tiled to the batch).
 `LocalEvaluator` runs every point of a round as one batched call on one device; the distributed evaluator
-(driffusion_rt.distributed) has the same interface and spreads the points over ranks.
+(driffusion_rt.distributed) has the same interface and spreads the points over ranks. `call_parts` makes one model
+call of the points of several requests (step-level batching, batch.py) whose calls `can_share` rows.
 Nothing here knows about drafts, anchors or plans.
 """
 import contextvars
@@ -75,15 +76,15 @@ def attention_kwargs(kwargs: dict | None) -> dict | None:
     return {k: v.value if isinstance(v, Static) else v for k, v in kwargs.items()}
 
 
-def tile(value, batch: int, times: int):
+def tile(value, batch: int, times: int, unwrap: bool = True):
     """Repeat tensors (also inside dicts/lists) whose first dim is the latent batch, for `times` points per call.
-    `Shared` values are unwrapped, never repeated."""
+    `Shared` values are never repeated; they are unwrapped unless `unwrap` is False."""
     if isinstance(value, Shared):
-        return value.value
+        return value.value if unwrap else value
     if isinstance(value, dict):
-        return {k: tile(v, batch, times) for k, v in value.items()}
+        return {k: tile(v, batch, times, unwrap) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(tile(v, batch, times) for v in value)
+        return type(value)(tile(v, batch, times, unwrap) for v in value)
     if times == 1:
         return value
     if isinstance(value, torch.Tensor):
@@ -122,10 +123,10 @@ class ModelCall:
             buf = self._x[len(idx)] = torch.empty_like(x)
         return torch.div(x, self._d[idx], out=buf)
 
-    def _kwargs(self, c: int) -> dict:
-        if c not in self._kw:
-            self._kw[c] = tile(self.kwargs, self.batch, c)
-        return self._kw[c]
+    def _kwargs(self, c: int, unwrap: bool = True) -> dict:
+        if (c, unwrap) not in self._kw:
+            self._kw[c, unwrap] = tile(self.kwargs, self.batch, c, unwrap)
+        return self._kw[c, unwrap]
 
     def _per_step(self, idx: tuple) -> dict:
         """The PerStep kwargs' rows for these points, built once per distinct index tuple."""
@@ -140,14 +141,22 @@ class ModelCall:
         finally:
             _ROWS.reset(token)
 
-    def __call__(self, states: torch.Tensor, idx: tuple, out: torch.Tensor) -> torch.Tensor:
+    def inputs(self, states: torch.Tensor, idx: tuple, unwrap: bool = True) -> tuple:
+        """(x_in [c B, ...], timesteps [c B], kwargs) of the points: the input divided by each row's divisor, one
+        timestep per row, the kwargs tiled to the rows with the PerStep rows of each point (`Shared` values kept
+        wrapped unless `unwrap`)."""
         c = len(idx)
         x = states.reshape(c * self.batch, *self.shape[1:])
         if self.scaled:
             x = self._scaled_input(x, idx)
-        t, kw = self._t_rows(idx), self._kwargs(c)
+        t, kw = self._t_rows(idx), self._kwargs(c, unwrap)
         if self.per_step:
             kw = {**kw, **self._per_step(idx)}
+        return x, t, kw
+
+    def __call__(self, states: torch.Tensor, idx: tuple, out: torch.Tensor) -> torch.Tensor:
+        c = len(idx)
+        x, t, kw = self.inputs(states, idx)
         if self.graphs is not None:
             y = self.graphs(self.forward, x, t, kw, getattr(self.model, "tensor_scalars", False))
         else:
@@ -157,6 +166,93 @@ class ModelCall:
                                    f"(timesteps {self._t_rows(idx).tolist()[:: self.batch]})")
         out.view(c * self.batch, *self.shape[1:]).copy_(y)
         return out
+
+
+def _is_float(v) -> bool:
+    return isinstance(v, float)
+
+
+def _same_layout(a, b, rows_a: int, rows_b: int, row_scalars: bool) -> bool:
+    """Whether model kwargs values a and b (of requests with rows_a and rows_b latent rows) can be one value of a
+    call over both requests' rows."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, Shared):
+        return _same_layout(a.value, b.value, -1, -1, False)
+    if isinstance(a, PerStep):
+        return a.table.shape[1:] == b.table.shape[1:] and a.table.dtype == b.table.dtype
+    if isinstance(a, Static):
+        return a.value == b.value
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_layout(a[k], b[k], rows_a, rows_b, row_scalars) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same_layout(u, v, rows_a, rows_b, row_scalars) for u, v in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        if a.dim() and a.shape[0] == rows_a:  # one row per latent row: concatenated
+            return (b.dim() > 0 and b.shape[0] == rows_b and a.shape[1:] == b.shape[1:] and a.dtype == b.dtype
+                    and a.device == b.device)
+        return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
+    if _is_float(a):
+        return row_scalars or a == b
+    return a == b
+
+
+def can_share(model, latent_a: torch.Tensor, kwargs_a: dict | None, latent_b: torch.Tensor,
+              kwargs_b: dict | None) -> bool:
+    """Whether two requests' points can be rows of one model call: the same per-row latent shape, dtype and device,
+    and model kwargs of one layout: the same keys; tensors with one row per latent row alike in their other
+    dimensions; PerStep tables alike; everything else equal, except floats where the model takes one per row
+    (`row_scalars = True`: such a float reaches the model as a [rows] float64 tensor when the requests differ)."""
+    if latent_a.shape[1:] != latent_b.shape[1:] or latent_a.dtype != latent_b.dtype or \
+            latent_a.device != latent_b.device:
+        return False
+    return _same_layout(kwargs_a or {}, kwargs_b or {}, latent_a.shape[0], latent_b.shape[0],
+                        bool(getattr(model, "row_scalars", False)))
+
+
+def _concat(values: list, rows: list, device):
+    """One kwargs value of a call over several parts' rows: row tensors concatenated, differing floats as one float64
+    value per row, anything else (alike in every part, `can_share`) passed once."""
+    v = values[0]
+    if isinstance(v, Shared):
+        return v.value
+    if isinstance(v, dict):
+        return {k: _concat([u[k] for u in values], rows, device) for k in v}
+    if isinstance(v, (list, tuple)):
+        return type(v)(_concat([u[i] for u in values], rows, device) for i in range(len(v)))
+    if isinstance(v, torch.Tensor) and v.dim() and all(u.shape[0] == n for u, n in zip(values, rows)):
+        return torch.cat(values)
+    if _is_float(v) and any(u != v for u in values):
+        return torch.tensor([u for u, n in zip(values, rows) for _ in range(n)], dtype=torch.float64, device=device)
+    return v
+
+
+def call_parts(parts: list):
+    """One model call over the points of several requests: parts are (ModelCall, states [c, B, ...], idx, out
+    [c, B, ...]) of one model whose requests `can_share` rows. Each row keeps its own input divisor, timestep and
+    kwargs rows; the outputs are written into each part's `out`. A single part is its request's own call (CUDA
+    graphs included); several run eagerly; none (a rank with no points this step) calls nothing."""
+    if not parts:
+        return
+    if len(parts) == 1:
+        call, states, idx, out = parts[0]
+        call(states, idx, out)
+        return
+    xs, ts, kws, rows = [], [], [], []
+    for call, states, idx, _ in parts:
+        x, t, kw = call.inputs(states, idx, unwrap=False)
+        xs.append(x)
+        ts.append(t)
+        kws.append(kw)
+        rows.append(x.shape[0])
+    x = torch.cat(xs)
+    y = parts[0][0].forward(x, torch.cat(ts), **_concat(kws, rows, x.device))
+    if tuple(y.shape) != tuple(x.shape):
+        raise ModelOutputError(f"model output shape {tuple(y.shape)} differs from its input {tuple(x.shape)}")
+    lo = 0
+    for (call, _, _, out), n in zip(parts, rows):
+        out.view(n, *call.shape[1:]).copy_(y[lo: lo + n])
+        lo += n
 
 
 class LocalEvaluator:

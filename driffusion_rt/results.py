@@ -28,6 +28,7 @@ class SampleStats:
     wall_time: float = 0.0
     ideal_speedup: float = 0.0       # the plan's S / serial_rounds
     phases: dict = field(default_factory=dict)  # seconds per phase: draft, model, comm, refine, check
+    batch_requests: int = 1          # the most requests that shared one of its model calls (batch.py)
 
 
 @dataclass
