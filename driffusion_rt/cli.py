@@ -65,7 +65,7 @@ def add_model_flags(p):
 
 
 def add_runtime_flags(p):
-    """Device, timeouts, CUDA graphs, the guidance-parallel layout and the fixed-cost model's cost."""
+    """Device, timeouts, CUDA graphs, the guidance-parallel layout and the fixed-cost model's costs."""
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="auto",
                    help="auto (CUDA when available, else the CPU; the default), cpu, cuda or cuda:N; under torchrun "
@@ -84,6 +84,9 @@ def add_runtime_flags(p):
                         "refuses requests without guidance); auto: 2 when guidance is on and the number of ranks is "
                         "even (default 1)")
     g.add_argument("--model-cost", type=float, default=0.04, help="seconds per call of --model fixed (default 0.04)")
+    g.add_argument("--model-cost-per-row", type=float, default=0.0, metavar="SECONDS",
+                   help="seconds more per latent row of a call of --model fixed: a call costs --model-cost + rows x "
+                        "this, a stand-in for a GPU's batch economics (default 0)")
 
 
 def add_limit_flags(p):
@@ -106,14 +109,15 @@ def limits_from_args(args) -> Limits:
 
 
 def check_shared_args(args) -> Limits:
-    """The checks of the shared flags: timeouts, the fixed-cost model's cost, the device, adapters only for
+    """The checks of the shared flags: timeouts, the fixed-cost model's costs, the device, adapters only for
     pipelines, the LoRA scales (the files are checked with the model, on rank 0); returns the request limits.
     Raises ValueError naming the bad value."""
     for name in ("timeout", "load_timeout"):
         if not getattr(args, name) > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0 seconds, got {getattr(args, name)}")
-    if not args.model_cost >= 0:
-        raise ValueError(f"--model-cost must be >= 0 seconds, got {args.model_cost}")
+    for name in ("model_cost", "model_cost_per_row"):
+        if not getattr(args, name) >= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0 seconds, got {getattr(args, name)}")
     distributed.check_device(args.device)
     if args.model in BUILTIN and (args.lora or args.controlnet):
         raise ValueError(f"--lora and --controlnet apply to diffusers pipelines, not --model {args.model}")

@@ -230,7 +230,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         try:  # LoRA weights or a ControlNet that do not load: bad input, the same on every rank
             service = load_service(args.model, device, getattr(torch, args.dtype), args.model_cost,
-                                   loras=args.lora, controlnets=args.controlnet)
+                                   loras=args.lora, controlnets=args.controlnet, cost_per_row=args.model_cost_per_row)
         except RequestError as e:
             cli.bad_input(str(e), info)
         distributed.ready(info)  # every rank loaded: from here a silent rank fails the job after --timeout

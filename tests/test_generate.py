@@ -115,6 +115,7 @@ BAD = [
     (["--mode", "aggressive", "--window", "2"], "apply to modes picard and parasolver only"),
     (["--device", "tpu"], "device 'tpu' is not one of auto, cpu, cuda or cuda:N"),
     (["--timeout", "0"], "--timeout must be > 0 seconds, got 0.0"),
+    (["--model", "fixed", "--model-cost-per-row", "-0.5"], "--model-cost-per-row must be >= 0 seconds, got -0.5"),
     (["--model", "/nonexistent/model"], "model '/nonexistent/model': no such local directory"),
     (["--model", "org/model"], "as a hub id it is not in the local cache"),  # tests run with HF_HUB_OFFLINE=1
 ]
@@ -134,6 +135,21 @@ def test_bad_input_exits_2_before_the_model_loads(args, message, tmp_path, monke
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("driffusion_rt: error:") == 1 and message in err, err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_model_cost_per_row_reaches_the_fixed_cost_model(tmp_path, monkeypatch):
+    seen = {}
+
+    def load(model, device, dtype, cost, **kw):  # records the costs, then stops as bad input would
+        seen.update(cost=cost, per_row=kw["cost_per_row"])
+        raise requests.RequestError("stop here")
+    monkeypatch.setattr(generate, "load_service", load)
+    with pytest.raises(SystemExit):
+        generate.main(["--model", "fixed", "--model-cost", "0.04", "--model-cost-per-row", "0.005",
+                       "--out", str(tmp_path / "out")])
+    assert seen == {"cost": 0.04, "per_row": 0.005}
+    from driffusion_rt.services import load_service
+    assert load_service("fixed", torch.device("cpu"), cost=0.04, cost_per_row=0.005).model.denoiser.per_row == 0.005
 
 
 @pytest.mark.parametrize("kind", ["file", "under a file", "unwritable"])
