@@ -32,7 +32,7 @@ setup(
         "video": ["accelerate>=0.30", "ftfy>=6.1", "imageio>=2.31", "imageio-ffmpeg>=0.4.9"],
         "test": ["pytest>=8", "scikit-learn>=1.3", "scipy>=1.10", "sentencepiece>=0.2", "protobuf>=4",
                  "starlette>=0.37", "uvicorn>=0.29", "prometheus_client>=0.20", "matplotlib>=3.7", "accelerate>=0.30",
-                 "ftfy>=6.1", "imageio>=2.31", "imageio-ffmpeg>=0.4.9", "peft>=0.17"],
+                 "ftfy>=6.1", "imageio>=2.31", "imageio-ffmpeg>=0.4.9", "peft>=0.17", "openai>=1.0"],
         "lora": ["peft>=0.17"],
         "perf": ["matplotlib>=3.7", "scikit-learn>=1.3", "scipy>=1.10"],
     },

@@ -1,8 +1,11 @@
 """Output files, written all-or-nothing: a failed or interrupted run never leaves a partial file or a partial set of
-files behind, and the output directory is checked before any work starts; and the bytes of a PNG or an MP4."""
+files behind, and the output directory is checked before any work starts; and the bytes of a PNG, an MP4 or an
+NPY."""
 import io
 import os
 import tempfile
+
+import numpy as np
 
 
 def _file_mode() -> int:
@@ -86,6 +89,13 @@ def png_bytes(image) -> bytes:
     """A PIL image as PNG file bytes."""
     buf = io.BytesIO()
     image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def npy_bytes(tensor) -> bytes:
+    """A tensor as NumPy .npy file bytes (numpy.load reads them back: dtype and shape included)."""
+    buf = io.BytesIO()
+    np.save(buf, tensor.detach().cpu().numpy(), allow_pickle=False)
     return buf.getvalue()
 
 

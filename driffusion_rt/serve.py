@@ -18,7 +18,6 @@ exits 0. One JSON access-log line per request goes to rank 0's standard output. 
 import asyncio
 import base64
 import json
-import math
 import re
 import socket
 import sys
@@ -29,16 +28,18 @@ from datetime import datetime, timezone
 
 import torch
 
-from . import cli, distributed, layout
-from .engine import Engine, QueueFull, ShuttingDown
+from . import cli, distributed, layout, openai_api
+from .engine import DEFAULT_MAX_BATCH, POLICIES, Engine, ShuttingDown
 from .model_ref import inspect_model
-from .outputs import mp4_bytes, png_bytes
+from .outputs import mp4_bytes, npy_bytes, png_bytes
 from .requests import Limits, RequestError, request_bytes
 from .services import load_service
+from .waiting import QueueFull
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 DEFAULT_MAX_QUEUE = 16
-PATHS = ("/generate", "/health", "/metrics")
+DEFAULT_DRAIN_S = 2.0
+PATHS = ("/generate", "/health", "/metrics", "/v1/images/generations", "/v1/models")
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _REQUEST_ID = re.compile(r"^[\w.\-]{1,64}$")
 
@@ -51,11 +52,12 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         self.requests = Counter("driffusion_requests", "HTTP requests answered, by path and status", ["path", "status"],
                                 registry=r)
-        self.latency = Histogram("driffusion_request_latency_seconds", "time from arrival to answer of /generate "
+        self.latency = Histogram("driffusion_request_latency_seconds", "time from arrival to answer of the "
                                  "requests the engine handled", buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_wait = Histogram("driffusion_queue_wait_seconds", "time /generate requests waited in the queue",
-                                    buckets=LATENCY_BUCKETS, registry=r)
-        Gauge("driffusion_queue_depth", "requests waiting in the queue", registry=r).set_function(engine.queue.qsize)
+        self.queue_wait = Histogram("driffusion_queue_wait_seconds", "time requests waited before they were "
+                                    "sampled", buckets=LATENCY_BUCKETS, registry=r)
+        Gauge("driffusion_queue_depth", "requests waiting to be sampled", registry=r).set_function(
+            lambda: engine.queued)
         Gauge("driffusion_in_flight", "requests being sampled", registry=r).set_function(lambda: engine.in_flight)
         self.model_evals = Counter("driffusion_model_evals", "model evaluations of completed requests", registry=r)
         self.rounds = Counter("driffusion_rounds", "serial model rounds of completed requests", registry=r)
@@ -112,15 +114,45 @@ def make_app(engine: Engine, metrics: Metrics | None = None, write=None, poll_s:
     from starlette.routing import Route  # optional: the serve extra
 
     metrics = metrics or Metrics(engine)
-    recent = {"latency_s": 1.0}  # a moving average of request latency, for Retry-After
     max_body = request_bytes(engine.limits)  # the JSON fields and base64 images
+    service = engine.service
+    kinds = {"images": ("png", "base64"), "videos": ("mp4", "base64"), "latents": ("base64",)}[service.output]
 
     def error(status: int, message: str, request: Request, headers=None):
         return JSONResponse({"error": message, "request_id": request.state.request_id}, status_code=status,
                             headers=headers)
 
-    async def generate(request: Request):
+    async def answer(spec: dict, request: Request):
+        """Run a request on the engine while watching its client: the engine's Result, or (status, message,
+        headers) when it was refused (the queue is full, the server is stopping)."""
         t0 = time.perf_counter()
+        cancel = threading.Event()
+        try:
+            future = engine.submit(spec, cancel)
+        except QueueFull as e:
+            return 503, f"server busy: {e}; retry later", {"Retry-After": str(engine.retry_after())}
+        except ShuttingDown as e:
+            return 503, str(e), None
+        task = asyncio.ensure_future(asyncio.wrap_future(future))
+        while not task.done():  # watch the client while the request waits or runs
+            await asyncio.wait({task}, timeout=poll_s)
+            if not task.done() and not cancel.is_set() and await request.is_disconnected():
+                cancel.set()  # a waiting request leaves the queue now; a running one stops at its next step
+                engine.withdraw(future)
+        result = task.result()
+        st = result.stats
+        request.state.access.update(queue_s=round(st.get("queue_s", 0.0), 6), rounds=st.get("serial_rounds"),
+                                    model_evals=st.get("model_evals"), mode=st.get("mode"), task=st.get("task"),
+                                    frames=st.get("num_frames"), parallel=st.get("parallel"),
+                                    batch_requests=st.get("batch_requests"))
+        metrics.latency.observe(time.perf_counter() - t0)
+        metrics.queue_wait.observe(st.get("queue_s", 0.0))
+        if result.ok:
+            metrics.model_evals.inc(st["model_evals"])
+            metrics.rounds.inc(st["serial_rounds"])
+        return result
+
+    async def generate(request: Request):
         if int(request.headers.get("content-length") or 0) > max_body:
             return error(413, f"request body over {max_body} bytes", request)
         body = await request.body()
@@ -132,68 +164,49 @@ def make_app(engine: Engine, metrics: Metrics | None = None, write=None, poll_s:
             return error(400, f"request body is not JSON: {e}", request)
         if not isinstance(spec, dict):
             return error(400, "request body must be a JSON object", request)
-        video = engine.service.video
-        kinds = ("mp4", "base64") if video else ("png", "base64")
         kind = spec.pop("response", kinds[0])
         if kind not in kinds:
-            return error(400, f"response must be {' or '.join(map(repr, kinds))} for {'video' if video else 'image'} "
-                              f"model {engine.service.name}, got {kind!r}", request)
-        cancel = threading.Event()
-        try:
-            future = engine.submit(spec, cancel)
-        except QueueFull as e:
-            retry = max(1, math.ceil(recent["latency_s"] * (engine.queue.qsize() + 1)))
-            return error(503, f"server busy: {e}; retry later", request, headers={"Retry-After": str(retry)})
-        except ShuttingDown as e:
-            return error(503, str(e), request)
-        task = asyncio.ensure_future(asyncio.wrap_future(future))
-        while not task.done():  # watch the client while the request waits or runs
-            await asyncio.wait({task}, timeout=poll_s)
-            if not task.done() and not cancel.is_set() and await request.is_disconnected():
-                cancel.set()  # the engine stops it at the next round boundary, on every rank
-        result = task.result()
-        latency = time.perf_counter() - t0
-        access = request.state.access
-        access.update(queue_s=round(result.stats.get("queue_s", 0.0), 6),
-                      rounds=result.stats.get("serial_rounds"), model_evals=result.stats.get("model_evals"),
-                      mode=result.stats.get("mode"), task=result.stats.get("task"),
-                      frames=result.stats.get("num_frames"))
-        metrics.latency.observe(latency)
-        metrics.queue_wait.observe(result.stats.get("queue_s", 0.0))
+            return error(400, f"response must be {' or '.join(map(repr, kinds))} for model {service.name} (it "
+                              f"produces {service.output}), got {kind!r}", request)
+        result = await answer(spec, request)
+        if not hasattr(result, "ok"):  # refused
+            return error(*result[:2], request, headers=result[2])
         if not result.ok:  # 499 when its client left: logged and counted, though nobody reads the answer
             return error(result.status, result.error, request)
-        recent["latency_s"] = 0.8 * recent["latency_s"] + 0.2 * latency
-        metrics.model_evals.inc(result.stats["model_evals"])
-        metrics.rounds.inc(result.stats["serial_rounds"])
-        if not result.images:
-            return error(422, f"model {engine.service.name} produces no images", request)
-        if video:
-            fps = result.stats["fps"]
-            if kind == "base64":
+        rid = request.state.request_id
+        if service.output == "latents":  # gmm, fixed: the final latents as one .npy
+            return JSONResponse({"latents": base64.b64encode(npy_bytes(result.latent)).decode(),
+                                 "shape": list(result.latent.shape), "dtype": str(result.latent.dtype)[6:],
+                                 "stats": result.stats, "request_id": rid})
+        video = service.output == "videos"
+        if kind == "base64":
+            if video:
+                fps = result.stats["fps"]
                 videos = [base64.b64encode(mp4_bytes(v, fps)).decode() for v in result.images]
-                return JSONResponse({"videos": videos, "stats": result.stats, "request_id": request.state.request_id})
-        elif kind == "base64":
+                return JSONResponse({"videos": videos, "stats": result.stats, "request_id": rid})
             images = [base64.b64encode(png_bytes(im)).decode() for im in result.images]
-            return JSONResponse({"images": images, "stats": result.stats, "request_id": request.state.request_id})
+            return JSONResponse({"images": images, "stats": result.stats, "request_id": rid})
         headers = {f"X-Driffusion-{k.replace('_', '-')}": str(v) for k, v in result.stats.items()}
         headers["X-Driffusion-images"] = str(len(result.images))
         if video:
-            return Response(mp4_bytes(result.images[0], fps), media_type="video/mp4", headers=headers)
+            return Response(mp4_bytes(result.images[0], result.stats["fps"]), media_type="video/mp4",
+                            headers=headers)
         return Response(png_bytes(result.images[0]), media_type="image/png", headers=headers)
 
     async def health(request: Request):
         world = engine.info.world if engine.info else 1
         ok = not engine.stopping
-        return JSONResponse({"ok": ok, "model": engine.service.name, "ranks": world, "served": engine.served,
-                             "queued": engine.queue.qsize(), "max_queue": engine.queue.maxsize,
-                             "in_flight": engine.in_flight}, status_code=200 if ok else 503)
+        return JSONResponse({"ok": ok, "model": service.name, "ranks": world, "served": engine.served,
+                             "queued": engine.queued, "max_queue": engine.max_queue,
+                             "in_flight": engine.in_flight, "max_batch": engine.batch.max_rows},
+                            status_code=200 if ok else 503)
 
     async def metrics_endpoint(request: Request):
         body, content_type = metrics.exposition()
         return Response(body, headers={"Content-Type": content_type})
 
     app = Starlette(routes=[Route("/generate", generate, methods=["POST"]), Route("/health", health),
-                            Route("/metrics", metrics_endpoint)])
+                            Route("/metrics", metrics_endpoint)] + openai_api.routes(engine, answer, max_body))
     return AccessLog(app, metrics, write)
 
 
@@ -209,8 +222,19 @@ def parser():
     s.add_argument("--max-requests", type=int, default=0,
                    help="stop after this many requests (default 0: serve forever)")
     s.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
-                   help=f"requests that may wait behind the one in flight; more get 503 with Retry-After "
+                   help=f"requests that may wait behind those in flight; more get 503 with Retry-After "
                         f"(default {DEFAULT_MAX_QUEUE})")
+    s.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, metavar="ROWS",
+                   help=f"latent rows one model call evaluates on a rank, over the requests that share it (a "
+                        f"request's rows: its points on the rank times its images); 1 serves one request at a time "
+                        f"(default {DEFAULT_MAX_BATCH})")
+    s.add_argument("--draft-policy", default="shrink", choices=POLICIES,
+                   help="while the batch has too few rows free for a request: shrink its n until its rows fit "
+                        "(never below 1; the default), or wait until they do")
+    s.add_argument("--drain-seconds", type=float, default=DEFAULT_DRAIN_S,
+                   help=f"after SIGTERM / SIGINT, the seconds the server keeps answering 503 (and /health 503) "
+                        f"before it closes its socket, so clients and load balancers see 503, not refused "
+                        f"connections (default {DEFAULT_DRAIN_S:g})")
     cli.add_runtime_flags(p)
     cli.add_limit_flags(p)
     return p
@@ -224,6 +248,10 @@ def check_args(args) -> Limits:
     if args.max_requests < 0 or args.max_queue < 1:
         raise ValueError(f"--max-requests must be >= 0 and --max-queue >= 1, got {args.max_requests} and "
                          f"{args.max_queue}")
+    if args.max_batch < 1:
+        raise ValueError(f"--max-batch must be >= 1 rows, got {args.max_batch}")
+    if not args.drain_seconds >= 0:
+        raise ValueError(f"--drain-seconds must be >= 0, got {args.drain_seconds}")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     return cli.check_shared_args(args)
@@ -262,12 +290,12 @@ def main(argv=None) -> int:
     device = info.device if info else distributed.pick_device(args.device)
     try:  # LoRA weights or a ControlNet that do not load: bad input, the same on every rank
         service = load_service(args.model, device, getattr(torch, args.dtype), args.model_cost,
-                               loras=args.lora, controlnets=args.controlnet)
+                               loras=args.lora, controlnets=args.controlnet, cost_per_row=args.model_cost_per_row)
     except RequestError as e:
         cli.bad_input(str(e), info)
     distributed.ready(info)
     engine = Engine(service, limits, args.timeout, cuda_graphs=not args.no_cuda_graphs, max_queue=args.max_queue,
-                    cfg_parallel=args.cfg_parallel)
+                    cfg_parallel=args.cfg_parallel, max_batch=args.max_batch, draft_policy=args.draft_policy)
     if engine.rank != 0:
         engine.serve()
         return 0
@@ -280,11 +308,14 @@ def main(argv=None) -> int:
         with open(args.port_file, "w") as f:
             f.write(str(port))
     print(f"driffusion_rt serve: {service.name} on http://{args.host}:{port} "
-          f"({info.world if info else 1} rank(s), {device}); POST /generate, GET /health, GET /metrics", flush=True)
+          f"({info.world if info else 1} rank(s), {device}, --max-batch {args.max_batch}); POST /generate, "
+          f"POST /v1/images/generations, GET /v1/models, GET /health, GET /metrics", flush=True)
     stop = threading.Event()
     engine.on_answer = (lambda n: stop.set() if args.max_requests and n >= args.max_requests else None)
     try:
         engine.serve(stop=stop)
+        if engine.stopped_at is not None:  # a signal: new requests keep getting 503 until the drain time is over
+            time.sleep(max(0.0, engine.stopped_at + args.drain_seconds - time.monotonic()))
     finally:
         server.should_exit = True
         http.join(timeout=10)

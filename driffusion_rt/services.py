@@ -38,6 +38,7 @@ class DigitsService:
     kind = name = "digits"
     rules = None
     video = False
+    output = "images"  # what a request answers with: images, videos or latents
 
     def __init__(self, device, dtype=torch.float32, path=None):
         self.device, self.dtype, self.path = device, dtype, path
@@ -77,6 +78,7 @@ class ToyService:
     `cost_per_row` per row of a call): latents, no images."""
     rules = None
     video = False
+    output = "latents"
 
     def __init__(self, name: str, device, dtype=torch.float32, cost: float = 0.04, cost_per_row: float = 0.0):
         self.kind = self.name = name
@@ -132,6 +134,7 @@ class PipelineService:
     request). Adapters that cannot be loaded raise RequestError (bad input, found only once loading)."""
     kind = "pipeline"
     video = False
+    output = "images"
 
     def __init__(self, pipe, name: str):
         self.pipe, self.name = pipe, name
@@ -192,6 +195,7 @@ class VideoService(PipelineService):
     default the family's); its outputs are videos (lists of PIL frames, decoded on rank 0 only) and the decode's
     seconds and peak memory."""
     video = True
+    output = "videos"
 
     def admit(self, request: Request) -> Request:
         """The family's frame rule and default fps and guidance, and the size rule when the request was checked

@@ -3,6 +3,7 @@
     requests OUT   20 requests, valid and invalid mixed; results and PNGs written to OUT
     memory OUT     resident memory of every rank after 10 and after 50 requests
     die WHEN       rank 1 dies while the engine is idle (WHEN=idle) or inside a request (WHEN=request)
+    batch OUT      the mixed batch of tests/batching.py against each request served alone (a row-wise model)
 """
 import json
 import os
@@ -10,6 +11,8 @@ import sys
 import time
 
 import torch
+
+from batching import CANCELLED, MIXED, batched, rowwise_service, solo
 
 from driffusion_rt import services
 from driffusion_rt.engine import Engine
@@ -90,14 +93,14 @@ def memory(out_dir):
             if k in (10, 50):
                 marks[k] = rss_mb()
     if engine.rank == 1:  # a follower measures itself after the same requests, counted as they come
-        run = engine._run
+        advance = engine._advance
 
-        def counted(spec, *rest):
-            r = run(spec, *rest)
-            if engine.served in (10, 50):
+        def counted(*args):
+            r = advance(*args)
+            if engine.served in (10, 50) and engine.served not in marks:
                 marks[engine.served] = rss_mb()
             return r
-        engine._run = counted
+        engine._advance = counted
     engine.serve(main)
     with open(os.path.join(out_dir, f"rss{engine.rank}.json"), "w") as f:
         json.dump(marks, f)
@@ -115,8 +118,8 @@ def die(when):
         if when == "idle":
             threading.Timer(3.0, exit19).start()
         else:
-            run = engine._run
-            engine._run = lambda req, *rest: exit19() if req.resolved["seed"] == 99 else run(req, *rest)
+            prepare = engine._prepare
+            engine._prepare = lambda req: exit19() if req.resolved["seed"] == 99 else prepare(req)
         return engine.serve()
     assert engine.generate({"prompt": "1", "steps": 4, "parallel": 2}).ok
     if when == "idle":
@@ -125,5 +128,23 @@ def die(when):
         engine.serve(lambda eng: eng.generate({"prompt": "1", "steps": 10, "parallel": 2, "seed": 99}))
 
 
+def batch(out_dir):
+    """Rank 0 serves each request of the mix alone, then all of them as one batch (a join, a leave, a cancel);
+    the ranks write what they served and rank 0 whether each batched latent equals its solo one bit for bit."""
+    engine = Engine(rowwise_service(), timeout_s=float(os.environ.get("ENGINE_TIMEOUT", "30")), max_batch=64)
+    out = {}
+
+    def main(eng):
+        alone = solo(eng, MIXED)
+        together, _ = batched(eng, MIXED)
+        out.update(cancelled_status=together.pop(CANCELLED).status, served=eng.served,
+                   equal={k: bool(r.ok and torch.equal(r.latent, alone[k].latent)) for k, r in together.items()},
+                   batch_requests={k: r.stats.get("batch_requests") for k, r in together.items()})
+    engine.serve(main)
+    name = "batch.json" if engine.rank == 0 else f"rank{engine.rank}.json"
+    with open(os.path.join(out_dir, name), "w") as f:
+        json.dump(out if engine.rank == 0 else {"served": engine.served}, f)
+
+
 if __name__ == "__main__":
-    {"requests": requests, "memory": memory, "die": die}[sys.argv[1]](sys.argv[2])
+    {"requests": requests, "memory": memory, "die": die, "batch": batch}[sys.argv[1]](sys.argv[2])

@@ -157,7 +157,7 @@ def test_a_disconnected_client_cancels_its_request_on_every_rank(tmp_path):
     the next request is answered in a few seconds, not after the cancelled one's remaining 10 s."""
     proc, port = start_server(tmp_path, "--model", "fixed", "--model-cost", "0.05")
     try:
-        assert post(port, {"steps": 2})[0] == 422  # a first request: one-time costs out of the way
+        assert post(port, {"steps": 2})[0] == 200  # a first request: one-time costs out of the way
         body = json.dumps({"steps": 200, "mode": "sequential"}).encode()
         client = socket.create_connection(("127.0.0.1", port))
         client.sendall(b"POST /generate HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
@@ -165,9 +165,9 @@ def test_a_disconnected_client_cancels_its_request_on_every_rank(tmp_path):
         wait_in_flight(port)
         client.close()
         t0 = time.monotonic()
-        status, _, body = post(port, {"steps": 4, "parallel": 2})  # fixed draws no image: 422 after sampling
+        status, _, body = post(port, {"steps": 4, "parallel": 2})  # fixed answers its latents
         took = time.monotonic() - t0
-        assert status == 422 and "produces no images" in json.loads(body)["error"]
+        assert status == 200 and json.loads(body)["shape"] == [4, 4, 16, 16]
         assert took < 7, took  # the cancelled request had >= 9 s of model calls left
         text = get(port, "/metrics")[1].decode()
         assert metric(text, "driffusion_requests_total", path="/generate", status="499") == 1
@@ -180,16 +180,19 @@ def test_a_disconnected_client_cancels_its_request_on_every_rank(tmp_path):
         finally:
             kill_job(proc)
     lines = access_lines(out)
-    assert [r["status"] for r in lines if r["path"] == "/generate"] == [422, 499, 422]
+    assert [r["status"] for r in lines if r["path"] == "/generate"] == [200, 499, 200]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])  # SIGINT: Ctrl-C in the terminal
 def test_sigterm_during_a_request_drains_and_every_rank_exits_cleanly(sig, tmp_path):
-    """The signal to torchrun during a request: the job ends within 30 s; the client gets 503; every rank prints one
-    line and no traceback or failure message (torchrun's own report of the signal is torchrun's)."""
+    """The signal to torchrun during a request: the job ends within 30 s; the client gets 503; a request that comes
+    after the one in flight was answered, while the server drains (--drain-seconds), gets 503 too, not a refused
+    connection; every rank prints one line and no traceback or failure message (torchrun's own report of the
+    signal is torchrun's)."""
     logs = tmp_path / "logs"
-    proc, port = start_server(tmp_path, "--model", "fixed", "--model-cost", "0.05", log_dir=logs)
+    proc, port = start_server(tmp_path, "--model", "fixed", "--model-cost", "0.05", "--drain-seconds", "3",
+                              log_dir=logs)
     answer = {}
     client = threading.Thread(target=lambda: answer.update(r=post(port, {"steps": 200, "mode": "sequential"})))
     client.start()
@@ -197,60 +200,21 @@ def test_sigterm_during_a_request_drains_and_every_rank_exits_cleanly(sig, tmp_p
         wait_in_flight(port)
         t0 = time.monotonic()
         proc.send_signal(sig)  # torchrun forwards it to both ranks
+        client.join(timeout=30)
+        time.sleep(0.5)  # the engine has stopped: without a drain time the socket would be closed by now
+        late = post(port, {"steps": 2}, timeout=10)
+        health = get(port, "/health", timeout=10)
         proc.communicate(timeout=30)
         took = time.monotonic() - t0
     finally:
         kill_job(proc)
-    client.join(timeout=30)
     status, _, body = answer["r"]
     assert status == 503 and "shutting down" in json.loads(body)["error"]
+    assert late[0] == 503 and "shutting down" in json.loads(late[2])["error"] and health[0] == 503
     for rank in (0, 1):
         err = next(logs.glob(f"*/attempt_0/{rank}/stderr.log")).read_text()
         assert err.strip().splitlines() == [f"driffusion_rt engine: rank {rank}: stopped by {sig.name}; exiting"], err
     print(f"\n{sig.name} to exit: {took:.2f} s")
-
-
-def test_a_full_queue_answers_503_and_a_client_that_left_is_never_served(tmp_path):
-    """One process: requests wait while the engine is not running. The second waiting request (max_queue 1) gets
-    503 with Retry-After; a waiting request whose client disconnects is answered 499 without any sampling."""
-    import uvicorn
-
-    from driffusion_rt import serve, services
-    from driffusion_rt.engine import Engine
-    engine = Engine(services.load_service("digits", torch.device("cpu")), max_queue=1)
-    lines = []
-    app = serve.make_app(engine, write=lines.append, poll_s=0.02)
-    sock = serve.bind("127.0.0.1", 0)
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
-    stop, worker = threading.Event(), threading.Thread(target=lambda: None)
-    try:
-        while not server.started:
-            time.sleep(0.01)
-        body = json.dumps({"prompt": "3", "steps": 4}).encode()
-        gone = socket.create_connection(("127.0.0.1", port))
-        gone.sendall(b"POST /generate HTTP/1.1\r\nHost: test\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        while engine.queue.qsize() < 1:
-            time.sleep(0.01)
-        status, headers, body = post(port, {"prompt": "4", "steps": 4})
-        assert status == 503 and int(headers["Retry-After"]) >= 1 and "busy" in json.loads(body)["error"]
-        gone.close()
-        while not engine.queue.queue[0].cancel.is_set():  # the handler saw its client leave
-            time.sleep(0.01)
-        worker = threading.Thread(target=engine.serve, kwargs={"stop": stop})
-        worker.start()
-        while not any(json.loads(x)["status"] == 499 for x in lines):
-            time.sleep(0.01)
-        status, _, body = post(port, {"prompt": "5", "steps": 4})
-        assert status == 200 and body[:4] == b"\x89PNG"
-        assert engine.served == 1  # the cancelled request never reached the sampler
-    finally:
-        stop.set()
-        server.should_exit = True
-    worker.join(timeout=30)
-    records = [json.loads(x) for x in lines]
-    assert sorted(r["status"] for r in records) == [200, 499, 503]
 
 
 def test_non_loopback_bind_needs_an_explicit_flag():

@@ -39,7 +39,7 @@ LAYERS = [
     ["requests"],
     ["model_ref"],
     ["services"],
-    ["cli", "engine"],
+    ["cli", "engine", "openai_api", "waiting"],
     ["generate", "serve", "train_digits"],
 ]
 MAX_LINES = 500
