@@ -67,6 +67,29 @@ def test_bench_latency_one_rank_batches_the_drafts(tmp_path):
     assert "| fixed | aggressive | 4 | 1 |" in r.stdout
 
 
+@pytest.mark.slow
+def test_bench_serving_table(tmp_path):
+    """A tiny sweep: two live 2-rank servers (--max-batch 1 and 4) of the fixed model, each measured alone, at one
+    Poisson load and at saturation; the table, the JSON rows, the targets and the plot are written."""
+    r = run("bench_serving.py", "--models", "fixed", "--max-batch", "1", "4", "--loads", "8", "--requests", "4",
+            "--duration", "5", "--clients", "3", "--alone", "1", "--steps", "3", "--model-cost", "0.002",
+            "--model-cost-per-row", "0.001", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
+    data = json.loads((tmp_path / "serving.json").read_text())
+    rows = data["rows"]
+    assert [(row["max_batch"], row["scenario"]) for row in rows] == [(mb, s) for mb in (1, 4)
+                                                                     for s in ("alone", "poisson", "saturation")]
+    for row in rows:
+        assert row["answered"] == row["sent"] >= 1 and row["refused"] == 0, row
+        assert 0 < row["p50_s"] <= row["p95_s"] <= row["p99_s"] and row["throughput"] > 0, row
+    assert data["machine"]["ranks"] == 2 and data["args"]["model_cost_per_row"] == 0.001
+    assert [t[0].split(",")[0] for t in data["targets"]] == ["a lone request's median latency",
+                                                             "saturation throughput"]
+    md = (tmp_path / "serving.md").read_text()
+    assert "| fixed | 4 | shrink | saturation |" in md and "| target | measured | met |" in md
+    assert "Measured on" in md and (tmp_path / "serving.png").stat().st_size > 0
+
+
 def test_bench_kernels_on_cpu_times_the_fallback_only(tmp_path):
     r = run("bench_kernels.py", "--sizes", "1x4x8x8", "--k", "2", "--m", "2", "--repeats", "2", "--warmup", "1",
             "--out", str(tmp_path))
