@@ -12,6 +12,8 @@ import time
 import urllib.error
 import urllib.request
 
+import psutil
+
 
 def torchrun(*args, timeout=600, env=None, background=False):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
@@ -26,9 +28,19 @@ def torchrun(*args, timeout=600, env=None, background=False):
 
 
 def kill_job(proc):
-    """Kill a background torchrun job and its ranks (its process group) if it is still running."""
+    """Kill a background torchrun job and its ranks if it is still running. torchrun starts every rank in a session
+    of its own, so killing torchrun's process group alone would leave the ranks running (and holding the pipes)."""
     if proc.poll() is None:
+        try:
+            ranks = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            ranks = []
         os.killpg(proc.pid, signal.SIGKILL)
+        for p in ranks:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
         proc.communicate()
 
 
