@@ -13,11 +13,11 @@ measured three ways, every loop bounded in count (--requests) and time (--durati
               latency of the answered ones, throughput (answered / (last answer - first arrival)), 503s;
   saturation  --clients clients sending back to back: the most requests per second the server answers.
 
-Requests are text-to-image: one image, --steps steps, aggressive with n = --parallel (default 2, the ranks), seeds
-varying. Writes NAME.json (every row, the arguments, the machine), NAME.md (the table and the targets) and NAME.png
-(p95 latency and throughput against offered load) to --out (NAME: --name, default serving). Targets (issue 25;
-reported, not asserted): with the fixed model, saturation throughput batched >= 3x --max-batch 1, and a lone
-request's latency batched within 5%.
+Requests are text-to-image: --images images (default one), --steps steps, aggressive with n = --parallel (default
+2, the ranks), seeds varying. Writes NAME.json (every row, the arguments, the machine), NAME.md (the table and the
+targets) and NAME.png (p95 latency and throughput against offered load) to --out (NAME: --name, default serving).
+Targets (issue 25; reported, not asserted): with the fixed model, saturation throughput batched >= 3x --max-batch 1,
+and a lone request's latency batched within 5%.
 """
 import argparse
 import json
@@ -47,6 +47,8 @@ def parser():
     p.add_argument("--policies", nargs="+", default=["shrink"], choices=("shrink", "wait"),
                    help="--draft-policy of the batched servers (max-batch > 1)")
     p.add_argument("--parallel", type=int, default=2, help="n of every request (default 2: the ranks)")
+    p.add_argument("--images", nargs="+", type=int, default=[1],
+                   help="images per request, cycled over the requests (default 1; several sizes fragment the rows)")
     p.add_argument("--loads", nargs="+", type=float, default=[1, 2, 4, 8, 16], help="offered loads, requests/s")
     p.add_argument("--requests", type=int, default=48, help="most requests per load (and per saturation run)")
     p.add_argument("--duration", type=float, default=20.0, help="most seconds of arrivals per load")
@@ -127,7 +129,8 @@ def request(port: int, body: dict, timeout: float) -> tuple:
 
 
 def spec(model: str, args, k: int) -> dict:
-    body = {"steps": args.steps, "mode": "aggressive", "parallel": args.parallel, "seed": k, "num_images": 1}
+    body = {"steps": args.steps, "mode": "aggressive", "parallel": args.parallel, "seed": k,
+            "num_images": args.images[k % len(args.images)]}
     if model == "digits":
         body["prompt"] = str(k % 10)
     return body
@@ -235,10 +238,11 @@ def fmt(v) -> str:
 
 def markdown(rows, meta) -> str:
     m = meta["machine"]
+    a = meta["args"]
     lines = [f"Measured on {m['cpu']}, {m['cores']} cores, {m['gpus']} GPUs, torch {m['torch']}, 2 gloo ranks on "
-             f"loopback; {meta['args']['steps']} steps, aggressive n = {meta['args']['parallel']}, one image per "
-             f"request; fixed model {meta['args']['model_cost'] * 1e3:g} ms + "
-             f"{meta['args']['model_cost_per_row'] * 1e3:g} ms per row and call.", "",
+             f"loopback; {a['steps']} steps, aggressive n = {a['parallel']}, images per request "
+             f"{' / '.join(map(str, a['images']))}; fixed model {a['model_cost'] * 1e3:g} ms + "
+             f"{a['model_cost_per_row'] * 1e3:g} ms per row and call.", "",
              "| " + " | ".join(FIELDS) + " |", "|" + "---|" * len(FIELDS)]
     lines += ["| " + " | ".join(fmt(r[k]) for k in FIELDS) + " |" for r in rows]
     if meta["targets"]:
