@@ -3,17 +3,19 @@
     torchrun --nproc_per_node=N -m driffusion_rt.serve --model digits --port 8000
     curl -s localhost:8000/generate -d '{"prompt": "2026", "steps": 30, "mode": "aggressive"}' -o digits.png
 
-POST /generate takes a JSON request (the fields of driffusion_rt.services: prompt, negative_prompt, steps,
+POST /generate takes a JSON request (the fields of driffusion_rt.requests: prompt, negative_prompt, steps,
 guidance_scale, height, width, seed, num_images, scheduler, mode, parallel, drafts, ...; video pipelines also
 num_frames and fps; image pipelines image, mask_image and control_image as base64 PNG / JPEG, strength,
 controlnet_conditioning_scale, lora_scale) plus "response": "png" (the default for image models: the first image as
 image/png, stats in X-Driffusion-* headers), "mp4" (the default for video models: the first video as video/mp4,
-stats in headers) or "base64" (JSON with every image as base64 PNG, or every video as base64 MP4, and the stats).
-GET /health reports readiness, GET /metrics Prometheus metrics. Requests are served one at a time in arrival order;
-at most --max-queue wait (more get 503 with Retry-After). A request whose client disconnects is cancelled at its
-next round. SIGTERM / SIGINT drain the server: new requests get 503, the one in flight is cancelled, every rank
-exits 0. One JSON access-log line per request goes to rank 0's standard output. The server binds 127.0.0.1 unless
---host names another address and --allow-remote says so explicitly.
+stats in headers) or "base64" (JSON with every image as base64 PNG, every video as base64 MP4, or for gmm and fixed
+the latents as a base64 .npy, and the stats). POST /v1/images/generations and GET /v1/models are OpenAI's images API
+(openai_api.py). GET /health reports readiness, GET /metrics Prometheus metrics. The requests in flight share model
+calls (--max-batch rows per call, engine.py); at most --max-queue wait (more get 503 with Retry-After). A request
+whose client disconnects leaves the queue at once, or the batch at its next step. SIGTERM / SIGINT drain the server:
+new requests get 503, those in flight are cancelled, every rank exits 0, and rank 0 answers 503 until
+--drain-seconds have passed before it closes its socket. One JSON access-log line per request goes to rank 0's
+standard output. The server binds 127.0.0.1 unless --host names another address and --allow-remote says so.
 """
 import asyncio
 import base64
