@@ -168,8 +168,9 @@ def make_app(engine: Engine, metrics: Metrics | None = None, write=None, poll_s:
             return error(400, "request body must be a JSON object", request)
         kind = spec.pop("response", kinds[0])
         if kind not in kinds:
-            return error(400, f"response must be {' or '.join(map(repr, kinds))} for model {service.name} (it "
-                              f"produces {service.output}), got {kind!r}", request)
+            what = {"images": "image", "videos": "video", "latents": "latent"}[service.output]
+            return error(400, f"response must be {' or '.join(map(repr, kinds))} for {what} model {service.name}, "
+                              f"got {kind!r}", request)
         result = await answer(spec, request)
         if not hasattr(result, "ok"):  # refused
             return error(*result[:2], request, headers=result[2])

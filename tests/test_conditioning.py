@@ -728,9 +728,11 @@ def test_engine_requests_with_images(built, tmp_path):
     assert r.ok and r.images[0].size == (32, 32), r.error
     import threading
     cancel = threading.Event()
-    cancel.set()  # an inpainting request (start and blend) cancelled by its caller stops at its first round
+    cancel.set()  # an inpainting request cancelled by its caller before it started does no work at all
+    served = engine.served
     r = engine.generate(dict(base, image=b64(tp.image(51)), mask_image=b64(tp.mask()), height=32, width=32), cancel)
-    assert not r.ok and r.status == 499 and "cancelled before round 0" in r.error, r.error
+    assert not r.ok and r.status == 499 and "cancelled before it started" in r.error, r.error
+    assert engine.served == served
     bad = {
         "image is not valid base64": dict(image="not base64!"),
         "image cannot be read as an image": dict(image=base64.b64encode(b"GIF89a....").decode()),
