@@ -470,7 +470,7 @@ def staging_section(proof):
     # DDPM (a draw per step), aggressive n = 4, CPU generator: equal to the same run with synchronised draws
     from diffusers import DDPMScheduler
 
-    import driffusion_rt.sampler as sampler_module
+    import driffusion_rt.run as run_module
     from driffusion_rt import Sampler
     from driffusion_rt.fixed_cost import FixedCostModel
     sched = DDPMScheduler(clip_sample=False, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
@@ -482,17 +482,17 @@ def staging_section(proof):
                               generator=torch.Generator().manual_seed(3)).sample
 
     fast = sample()
-    real = sampler_module.draw_noise
+    real = run_module.draw_noise
 
     def synchronised(out, gen, dtype=None, host=None):
         y = real(out, gen, dtype, None)  # no staging row: a blocking draw
         sync(proof)
         return y
-    sampler_module.draw_noise = synchronised
+    run_module.draw_noise = synchronised
     try:
         slow = sample()
     finally:
-        sampler_module.draw_noise = real
+        run_module.draw_noise = real
     proof.record("staging.ddpm_aggressive_n4_cpu_generator", torch.equal(fast, slow), bitwise=torch.equal(fast, slow),
                  rel_err=rel_err(fast, slow))
 
