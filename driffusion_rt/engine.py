@@ -266,8 +266,16 @@ class Engine:
                                                 for key in admit]}
             body = json.dumps(head).encode() + b"\n" + b"".join(self.jobs[key].wire for key in admit)
         self._send(STEP, body)
-        for key, outcome in self._advance(cancel, [(key, self.jobs[key].cancel is not None, self.jobs[key].request)
-                                                for key in admit]):
+        try:
+            finished = self._advance(cancel, [(key, self.jobs[key].cancel is not None, self.jobs[key].request)
+                                              for key in admit])
+        except BaseException as e:  # fatal for the engine (the ranks may be out of step), but answer first
+            for job in self.jobs.values():
+                if not job.future.done():
+                    job.future.set_result(Result(False, error=f"internal error: {type(e).__name__}: {e}", status=500))
+            self.jobs.clear()
+            raise
+        for key, outcome in finished:
             self._answer(key, outcome)
 
     def _decide(self) -> tuple:

@@ -22,18 +22,22 @@ MIXED = [
 ]
 JOINER, CANCELLED, JOIN_AFTER, CANCEL_AFTER = 4, 5, 3, 4
 MAX_STEPS = 500  # engine steps: far more than the mix needs
+NAN_GUIDANCE = -7.0  # rows of a request with this guidance scale come out NaN
 
 
 class RowwiseDigits:
     """Conditioned like the digits model (labels, a guidance scale per request or per row) but elementwise: each
     output row is a function of its own input row, timestep, label and scale through exactly rounded operations
-    (products and sums), so it has the same bits whatever rows share its call."""
+    (products and sums), so it has the same bits whatever rows share its call. Rows with guidance NAN_GUIDANCE are
+    NaN (a model failing on one request)."""
     row_scalars = True
 
     def __call__(self, x, t, labels=None, guidance_scale=None, **_):
         def per_row(v):
             return torch.as_tensor(v).to(x.dtype).reshape(-1, *[1] * (x.dim() - 1))
-        return x * (0.1 + per_row(t) / 1e4) + 0.01 * per_row(labels) * per_row(guidance_scale) + 0.001 * x * x
+        s = per_row(guidance_scale)
+        out = x * (0.1 + per_row(t) / 1e4) + 0.01 * per_row(labels) * s + 0.001 * x * x
+        return torch.where(s == NAN_GUIDANCE, torch.nan, out)
 
 
 def rowwise_service(device=torch.device("cpu")):
@@ -48,8 +52,8 @@ def solo(engine, specs) -> dict:
 
 
 def batched(engine, specs=MIXED, joiner=JOINER, cancelled=CANCELLED) -> tuple:
-    """Every request but `joiner` submitted at once; `joiner` submitted after JOIN_AFTER engine steps; `cancelled`
-    cancelled (its client left) after CANCEL_AFTER. Returns ({index: Result}, engine steps taken)."""
+    """Every request but `joiner` submitted at once; `joiner` (if any) submitted after JOIN_AFTER engine steps;
+    `cancelled` (if any) cancelled (its client left) after CANCEL_AFTER. Returns ({index: Result}, engine steps)."""
     cancels = {k: threading.Event() for k in range(len(specs))}
     futures = {k: engine.submit(spec, cancels[k]) for k, spec in enumerate(specs) if k != joiner}
     steps = 0
@@ -57,7 +61,7 @@ def batched(engine, specs=MIXED, joiner=JOINER, cancelled=CANCELLED) -> tuple:
         assert steps < MAX_STEPS, "the batch did not finish"
         engine.step()
         steps += 1
-        if steps == JOIN_AFTER:
+        if steps == JOIN_AFTER and joiner is not None:
             futures[joiner] = engine.submit(specs[joiner], cancels[joiner])
         if steps == CANCEL_AFTER and cancelled is not None:
             cancels[cancelled].set()

@@ -10,7 +10,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from batching import CANCELLED, JOINER, MIXED, batched, rowwise_service, solo  # noqa: E402
+from batching import CANCELLED, JOINER, MIXED, NAN_GUIDANCE, batched, rowwise_service, solo  # noqa: E402
 from serving import torchrun  # noqa: E402
 
 from driffusion_rt import services  # noqa: E402
@@ -45,6 +45,19 @@ def test_a_mixed_batch_gives_every_request_its_solo_result_bit_for_bit():
     # which then shared calls with the three still running (the fourth was cancelled at the joiner's first step)
     assert together[2].stats["batch_requests"] == 5 and together[0].stats["batch_requests"] == 5
     assert together[JOINER].stats["batch_requests"] >= 3 and steps > 10
+
+
+def test_a_request_whose_outputs_turn_non_finite_fails_alone():
+    """In a batch of three, the model's outputs are NaN on one request's rows: that request fails (500, the round
+    and timestep named) and the other two get their solo results bit for bit."""
+    engine = Engine(rowwise_service(), max_batch=64)
+    specs = [MIXED[0], {**MIXED[1], "guidance_scale": NAN_GUIDANCE}, MIXED[3]]
+    alone = solo(engine, [specs[0], specs[2]])
+    together, _ = batched(engine, specs, joiner=None, cancelled=None)
+    assert together[1].status == 500 and "non-finite model output in round 0" in together[1].error
+    for k, ref in ((0, alone[0]), (2, alone[1])):
+        assert together[k].ok and together[k].stats["batch_requests"] == 3
+        assert torch.equal(together[k].latent, ref.latent)
 
 
 def test_the_digits_unet_batched_differs_from_solo_by_rounding_only():
