@@ -1,28 +1,18 @@
 """A persistent engine under torchrun: replicas, buffers and CUDA graphs live across requests, and the requests in
-flight share model calls (step-level batching, batch.py).
+flight share model calls (step-level batching, batch.py; docs/design.md section 5).
 
-Every rank loads its replica and enters the engine. Rank 0 takes requests (the Python API `Engine.generate`, or
-the HTTP front in serve.py through a bounded queue) and validates each one once into a frozen Request
-(requests.parse, then the loaded service's admit); a request that fails is answered at once and no rank works on
-it. Then the engine loops in steps, on every rank:
-
-  decide    rank 0 picks the waiting requests to admit and the admitted ones to cancel (their client left, or the
-            engine is stopping) and sends that decision: a broadcast of a header (operation, length) and one of
-            the payload (JSON, then each admitted request's Request.to_wire bytes; no pickle on the request path);
-  prepare   every rank prepares the admitted requests in order (prompt encoded, noise drawn, trajectory probed);
-  schedule  every rank moves prepared requests into the batch, in order, while they can share its model calls and
-            their rows fit in max_batch, with the n `batch.degree` gives (the same state on every rank, so the
-            same decision, without a message);
-  execute   one step of the batch: one model call per rank over the rows of every request in it, one all-gather;
-  update    every request refines; finished ones are answered (rank 0 decodes).
-
-Requests in modes without a plan (picard, parasolver) cannot share model calls: such a request runs alone, in
-order, once the batch is empty (Sampler.apply; a cancel stops it at its next round). A request whose model output
-turns non-finite fails alone (500) and the others go on; a cancelled request leaves at the next step on every rank
-(499); a failed collective (a rank died or hung) is fatal: the process group cannot be trusted any more, so the
-rank reports it and exits. An idle engine broadcasts a heartbeat every 2 s, so a dead rank is noticed. SIGTERM or
-SIGINT stop the engine gracefully: no new requests, the ones in flight cancelled at their next step and answered
-503 with the waiting ones, every rank leaves the group and exits 0 with one line.
+Every rank loads its replica and enters the engine. Rank 0 takes requests (the Python API `Engine.generate` /
+`submit`, or the HTTP front in serve.py) and validates each one once (requests.parse, then the service's admit); a
+bad request is answered at once and no rank works on it. Then, step by step: rank 0 decides which waiting requests
+are admitted and which admitted ones are cancelled and broadcasts that (a header, then JSON and each request's
+Request.to_wire bytes; no pickle); every rank prepares the admitted ones, moves them into the batch in order while
+they can share its calls and their rows fit in max_batch (`batch.degree` shrinks n to fit under the "shrink"
+policy; the same state on every rank gives the same decision without a message), and runs one batch step: one
+model call per rank, one all-gather; finished requests are answered (rank 0 decodes). picard / parasolver requests
+run alone, in order, once the batch is empty. A non-finite output fails its own request (500); a cancelled request
+leaves at the next step (499); a failed collective is fatal (the rank reports it and exits); an idle engine
+broadcasts a heartbeat every 2 s. SIGTERM / SIGINT: no new requests, those in flight cancelled at their next step
+and answered 503 with the waiting ones, every rank leaves the group and exits 0 with one line.
 
     engine = Engine(load_service("digits", device))      # on every rank
     engine.serve(lambda eng: eng.generate({"prompt": "42", "steps": 20}))  # rank 0 runs the function; others follow

@@ -133,3 +133,15 @@ def test_retry_after_is_the_service_time_of_the_requests_ahead():
         retry = int(headers["Retry-After"])
         print(f"\nRetry-After {retry} s; the queue drained in {drained:.2f} s")
         assert 1 <= retry <= max(1, math.ceil(drained))
+
+
+@pytest.mark.parametrize("args,message", [(["--max-batch", "0"], "--max-batch must be >= 1 rows, got 0"),
+                                          (["--drain-seconds", "-1"], "--drain-seconds must be >= 0, got -1.0"),
+                                          (["--draft-policy", "greedy"], "argument --draft-policy: invalid choice")])
+def test_bad_serving_flags_exit_2_before_the_model_loads(args, message, monkeypatch, capsys):
+    from driffusion_rt import serve
+    monkeypatch.setattr(serve, "load_service", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as e:
+        serve.main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
