@@ -10,7 +10,7 @@ import huggingface_hub as hub
 from huggingface_hub import constants, errors
 
 from .pipelines import HUB_ID, REGISTRY, check_model_dir, family_of_class
-from .pipelines.conditioning import families_with, task_class
+from .pipelines.tasks import families_with, task_class
 from .pipelines.family import pipeline_classes
 from .pipelines.lora import check_lora_path, parse_lora
 from .requests import PipelineRules, RequestError, scheduler_name

@@ -29,7 +29,8 @@ import PIL.Image
 from . import digits, schedulers
 from .options import ITERATIVE_KEYS, SamplingOptions
 from .pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, REGISTRY, SCHEDULERS, family_names
-from .pipelines.conditioning import families_with, family_default_strength, per_net, require
+from .pipelines.conditioning import per_net
+from .pipelines.tasks import families_with, family_default_strength, require
 from .strength import check_strength, kept_steps
 
 MODEL_KEYS = ("prompt", "negative_prompt", "steps", "guidance_scale", "height", "width", "seed", "num_images",

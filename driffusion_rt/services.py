@@ -17,7 +17,7 @@ from .fixed_cost import FixedCostModel
 from .gmm import GaussianMixture, GaussianMixtureModel
 from .model_ref import BUILTIN, check_adapters
 from .pipelines import conditioning as cond
-from .pipelines import lora
+from .pipelines import lora, tasks
 from .requests import PipelineRules, Request, RequestError, scheduler_name
 from .sampler import Prepared
 from .trajectory import Trajectory
@@ -107,9 +107,9 @@ def rules_of_pipe(pipe) -> PipelineRules:
     """PipelineRules of a loaded pipeline (its family's own size rule, default size and scheduler)."""
     family = pipelines.get_family(pipe)
     mult, why = pipelines.size_multiple(pipe)
-    task = "text2img" if family.video else cond.task_of(pipe)
+    task = "text2img" if family.video else tasks.task_of(pipe)
     return PipelineRules(family.name, int(mult), why, tuple(int(v) for v in pipelines.default_size(pipe)),
-                         scheduler_name(pipe.scheduler), family.video, task, len(cond.nets_of(pipe)),
+                         scheduler_name(pipe.scheduler), family.video, task, len(tasks.nets_of(pipe)),
                          None if family.video else int(pipe.vae_scale_factor))
 
 
@@ -145,7 +145,7 @@ class PipelineService:
         r, images = request.resolved, request.images
         if r["task"] == "controlnet":
             controls = images["control_image"]
-            nets = len(cond.nets_of(self.pipe))
+            nets = len(tasks.nets_of(self.pipe))
             return cond.Control(controls, list(r["controlnet_conditioning_scale"]), False, [0.0] * nets, [1.0] * nets)
         if r["task"] == "inpaint":
             return cond.Inpaint(images["image"], images["mask_image"], r["strength"])
@@ -160,7 +160,7 @@ class PipelineService:
         if inputs is None:
             return request
         r = request.resolved
-        _request_error(cond.require, self.family, inputs.task, self.pipe)
+        _request_error(tasks.require, self.family, inputs.task, self.pipe)
         h, w = _request_error(inputs.fit, self.pipe, self.family, height=r["height"], width=r["width"],
                               batch=r["num_images"], num_images=r["num_images"])
         return request.resolve(height=h, width=w)
@@ -231,7 +231,7 @@ def load_pipeline_service(model: str, device, dtype=torch.float32, loras=(), con
     pipe = pipelines.load_pipeline(model, dtype=dtype, device=device)
     try:
         if controlnets:
-            pipe = cond.for_task(pipe, "controlnet", controlnet=_controlnets(controlnets, dtype, device))
+            pipe = tasks.for_task(pipe, "controlnet", controlnet=_controlnets(controlnets, dtype, device))
         lora.load_loras(pipe, loras)
     except ValueError as e:
         raise RequestError(str(e)) from None

@@ -23,7 +23,7 @@ keeps its own scheduler (PNDM, DPM-Solver, UniPC, ...: every affine one runs); o
 replaced by the family's default with a warning, see `make_scheduler`.
 
 Files: family.py (the Family contract and registry), loading.py, prepare.py (check / encode / run), decode.py,
-guidance.py, images.py, conditioning.py (image tasks), video.py, api.py (the functional forms), wrapper.py
+guidance.py, images.py, tasks.py and conditioning.py (image tasks), video.py, api.py (the functional forms), wrapper.py
 (DRiffusionPipeline), lora.py, and one module per family, each registering itself when imported below (the order
 here is the order of error messages).
 """
@@ -45,7 +45,8 @@ from .sd3 import SD3Adapter
 from .video import (DecodeStats, PreparedVideo, VideoArgs, VideoFamily, VideoStats, check_frames, check_video,
                     decode_video, default_fps, encode_video, family_options, prepare_video)
 from .wan import WanAdapter
-from .conditioning import (TASKS, control, for_task, from_call, img2img, inpainting, lora_scale_of, task_of)
+from .tasks import TASKS, for_task, task_of
+from .conditioning import control, from_call, img2img, inpainting, lora_scale_of
 from .images import read_image
 from .lora import load_loras
 from .api import control_to_image, image_to_image, inpaint, text_to_image, text_to_video, video_sampler
