@@ -110,7 +110,7 @@ def rules_of_pipe(pipe) -> PipelineRules:
     task = "text2img" if family.video else tasks.task_of(pipe)
     return PipelineRules(family.name, int(mult), why, tuple(int(v) for v in pipelines.default_size(pipe)),
                          scheduler_name(pipe.scheduler), family.video, task, len(tasks.nets_of(pipe)),
-                         None if family.video else int(pipe.vae_scale_factor))
+                         None if family.video else int(pipe.image_processor.config.vae_scale_factor))
 
 
 def _controlnets(paths, dtype, device):
@@ -126,8 +126,8 @@ def _controlnets(paths, dtype, device):
 
 
 class PipelineService:
-    """A diffusers image pipeline (SD 1.5 / 2.1, SDXL, SD3, Flux) loaded once: text-to-image, img2img and
-    inpainting requests (image / mask_image), with LoRA weights loaded at start (loras: "PATH[:SCALE]" or (path,
+    """A diffusers image pipeline (SD 1.5 / 2.1, SDXL, SD3, Flux.1 / .2, Qwen-Image, Z-Image) loaded once:
+    text-to-image, img2img and inpainting requests (image / mask_image), edits (image, Qwen-Image-Edit), with LoRA weights loaded at start (loras: "PATH[:SCALE]" or (path,
     scale)), or a ControlNet pipeline (controlnets: ControlNetModel directories, one per control image of a
     request). Adapters that cannot be loaded raise RequestError (bad input, found only once loading)."""
     kind = "pipeline"
@@ -151,6 +151,8 @@ class PipelineService:
             return cond.Inpaint(images["image"], images["mask_image"], r["strength"])
         if r["task"] == "img2img":
             return cond.Img2Img(images["image"], r["strength"])
+        if r["task"] == "edit":
+            return cond.Edit(images["image"])
         return None
 
     def admit(self, request: Request) -> Request:

@@ -22,10 +22,10 @@ scale, SDXL's denoising_start / denoising_end, SD3's skip-layer guidance, precom
 keeps its own scheduler (PNDM, DPM-Solver, UniPC, ...: every affine one runs); one the runtime cannot run is
 replaced by the family's default with a warning, see `make_scheduler`.
 
-Files: family.py (the Family contract and registry), loading.py, prepare.py (check / encode / run), decode.py,
-guidance.py, images.py, tasks.py and conditioning.py (image tasks), video.py, api.py (the functional forms), wrapper.py
-(DRiffusionPipeline), lora.py, and one module per family, each registering itself when imported below (the order
-here is the order of error messages).
+Files: family.py (the Family contract and registry; docs/adding_a_family.md walks through it), loading.py,
+prepare.py (check / encode / run), decode.py, guidance.py, images.py, tasks.py and conditioning.py (image tasks),
+video.py, api.py (the functional forms), wrapper.py (DRiffusionPipeline), lora.py, and one module per family, each
+registering itself when imported below (the order here is the order of error messages).
 """
 from .family import (DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, FAMILIES, OPTIONS, REGISTRY, SCHEDULERS,
                      Family, default_size, family_names, family_of, family_of_class, get_family, model_adapter,
@@ -46,10 +46,11 @@ from .video import (DecodeStats, PreparedVideo, VideoArgs, VideoFamily, VideoSta
                     decode_video, default_fps, encode_video, family_options, prepare_video)
 from .wan import WanAdapter
 from .tasks import TASKS, for_task, task_of
-from .conditioning import control, from_call, img2img, inpainting, lora_scale_of
+from .conditioning import control, edit, from_call, img2img, inpainting, lora_scale_of
 from .images import read_image
 from .lora import load_loras
-from .api import control_to_image, image_to_image, inpaint, text_to_image, text_to_video, video_sampler
+from .api import (control_to_image, edit_image, image_to_image, inpaint, text_to_image, text_to_video,
+                  video_sampler)
 from .wrapper import DRiffusionPipeline, DRiffusionVideoPipeline
 
 __all__ = ["DRiffusionPipeline", "text_to_image", "prepare", "check", "encode", "run", "decode", "PreparedImage",
@@ -61,5 +62,5 @@ __all__ = ["DRiffusionPipeline", "text_to_image", "prepare", "check", "encode", 
            "DRiffusionVideoPipeline", "VideoFamily", "PreparedVideo", "VideoArgs", "VideoStats", "DecodeStats",
            "WanAdapter", "HunyuanVideo15Adapter", "LTXAdapter", "DEFAULT_SCHEDULER", "DEFAULT_GUIDANCE",
            "DEFAULT_STEPS", "OPTIONS", "OUTPUT_TYPES", "DTYPE_ALIASES", "HUB_ID", "TASKS", "task_of", "for_task",
-           "image_to_image", "inpaint", "control_to_image", "img2img", "inpainting", "control", "from_call",
-           "lora_scale_of", "read_image", "load_loras", "step_options", "family_options"]
+           "image_to_image", "inpaint", "control_to_image", "edit_image", "img2img", "inpainting", "control", "edit",
+           "from_call", "lora_scale_of", "read_image", "load_loras", "step_options", "family_options"]

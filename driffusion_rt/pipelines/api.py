@@ -6,6 +6,7 @@ draft-and-refine runtime. Each returns (outputs, stats); under torchrun every ra
     images, stats = image_to_image(pipe, "a red cat", image, strength=0.6)
     images, stats = inpaint(pipe, "a red cat", image, mask_image)
     images, stats = control_to_image(cn_pipe, "a red cat", control_image)
+    images, stats = edit_image(edit_pipe, "make the cat red", image)
     frames, stats = text_to_video(video_pipe, "a cat surfing", num_frames=81)
 """
 import dataclasses
@@ -15,7 +16,7 @@ import torch
 from ..distributed import is_root
 from ..layout import parallelize
 from ..results import SampleStats
-from .conditioning import control, img2img, inpainting
+from .conditioning import control, edit, img2img, inpainting
 from .decode import check_output_type, decode
 from .family import OPTIONS, model_adapter
 from .prepare import prepare, run
@@ -69,6 +70,12 @@ def control_to_image(pipe, prompt, control_image, *, controlnet_conditioning_sca
     inputs = control(pipe, control_image, controlnet_conditioning_scale, guess_mode, control_guidance_start,
                      control_guidance_end)
     return text_to_image(pipe, prompt, conditioning=inputs, **kwargs)
+
+
+def edit_image(pipe, prompt, image, **kwargs) -> tuple:
+    """Editing through the runtime on an editing pipeline (qwen-image-edit: the image is read with the prompt and
+    conditions every call; the output size defaults to the image's, resized as the pipeline resizes it)."""
+    return text_to_image(pipe, prompt, conditioning=edit(pipe, image), **kwargs)
 
 
 def video_sampler(model):

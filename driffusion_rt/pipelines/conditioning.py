@@ -1,10 +1,12 @@
-"""Image tasks through the runtime: img2img, inpainting and ControlNet, with the semantics of diffusers' pipelines.
+"""Image tasks through the runtime: img2img, inpainting, ControlNet and editing, with the semantics of diffusers'
+pipelines.
 
-A pipeline's task comes from its class (tasks.py: `task_of`, `require`, `for_task`). A task's inputs are read and checked into one object before any work (`img2img`, `inpainting`, `control`, or
+A pipeline's task comes from its class (tasks.py: `task_of`, `require`, `for_task`). A task's inputs are read and checked into one object before any work (`img2img`, `inpainting`, `control`, `edit`, or
 `from_call` with a wrapped pipeline's own argument names). prepare.check calls its `begin` (the checks that need the
 step count and batch, then `fit`: the output size and what only the loaded pipeline can tell; a service whose
-request was checked already calls `fit` alone) and prepare.encode, once the prompt is encoded, its `prepare` (start
-state, trajectory, extra model kwargs, and the mask blend of inpainting with a 4-channel UNet).
+request was checked already calls `fit` alone), prepare.encode its `encode_inputs` (what the prompt encoder reads
+besides the prompt: an edit's image) and, once the prompt is encoded, its `prepare` (start state, trajectory, extra
+model kwargs, and the mask blend of inpainting with a 4-channel UNet).
 
 Under torchrun the image is VAE-encoded on rank 0 only (it draws from the request's generator, as the pipelines
 do); the states built from it are broadcast, so every rank starts from rank 0's tensors.
@@ -12,7 +14,8 @@ do); the states built from it are broadcast, so every rank starts from rank 0's 
     img2img(pipe, image, strength=0.6)              # any sd / sdxl / sd3 / flux pipeline
     inpainting(pipe, image, mask_image)             # sd / sdxl (4- or 9-channel UNet)
     control(cn_pipe, control_image)                 # a (Multi)ControlNet sd / sdxl pipeline
-(api.py's image_to_image, inpaint and control_to_image run them through the runtime.)
+    edit(edit_pipe, image)                          # a qwen-image-edit pipeline
+(api.py's image_to_image, inpaint, control_to_image and edit_image run them through the runtime.)
 """
 import dataclasses
 import numbers
@@ -75,13 +78,18 @@ def _share(tensors: list) -> list:
     return out
 
 
+def latent_channels(vae) -> int:
+    """Channels of a VAE's latents (video VAEs such as Qwen-Image's name them z_dim)."""
+    return vae.config.get("latent_channels") or vae.config["z_dim"]
+
+
 def _encode(pipe, family, image, generator, batch, dtype, task):
     """VAE latents of a preprocessed image batch, expanded to the request's batch as the pipelines expand them
     (the whole batch repeated; img2img with one generator per image expands the images first, inpainting
     encodes them as given). Only rank 0 runs the VAE (its samples draw from the generator); the others get
     zeros of the same shape, which the caller's broadcast overwrites."""
     n, vae = image.shape[0], pipe.vae
-    if image.shape[1] == vae.config.latent_channels:  # already latents, as the pipelines accept them
+    if image.shape[1] == latent_channels(vae):  # already latents, as the pipelines accept them
         lat = image.to(dtype)
     else:
         if isinstance(generator, list) and n < batch and task == "img2img":
@@ -90,7 +98,7 @@ def _encode(pipe, family, image, generator, batch, dtype, task):
         if is_root():
             lat = family.encode_image(pipe, image, generator, task=task).to(dtype)
         else:
-            lat = torch.zeros(n, vae.config.latent_channels, image.shape[2] // vsf, image.shape[3] // vsf,
+            lat = torch.zeros(n, latent_channels(vae), image.shape[2] // vsf, image.shape[3] // vsf,
                               dtype=dtype, device=image.device)
     return torch.cat([lat] * (batch // lat.shape[0])) if lat.shape[0] < batch else lat
 
@@ -124,11 +132,19 @@ def _given_state(traj):
     return traj if traj.start or traj.init_noise_sigma == 1.0 else dataclasses.replace(traj, init_noise_sigma=1.0)
 
 
+class Task:
+    """What every task's inputs share: by default the prompt encoder reads the prompt alone."""
+
+    def encode_inputs(self, pipe, family) -> dict:
+        """Keyword arguments for family.encode besides the prompt (an edit's image)."""
+        return {}
+
+
 # ---------------------------------------------------------------------------------------------- img2img
 
 
 @dataclass
-class Img2Img:
+class Img2Img(Task):
     """img2img inputs: the init image and the strength (the fraction of the schedule run on it)."""
     image: object
     strength: float
@@ -171,7 +187,7 @@ class Img2Img:
 
 
 @dataclass
-class Inpaint:
+class Inpaint(Task):
     """Inpainting inputs: the image, its mask (white / 1: repaint) and the strength."""
     image: object
     mask: object
@@ -242,7 +258,7 @@ def per_net(value, nets: int, name: str, kind=numbers.Real) -> list:
 
 
 @dataclass
-class Control:
+class Control(Task):
     """ControlNet inputs: one control image per net, and how strongly and over which part of the schedule each
     net steers (diffusers' controlnet_conditioning_scale, guess_mode, control_guidance_start / end)."""
     images: list
@@ -292,6 +308,45 @@ class Control:
                              dtype=torch.float32)
         guess = bool(self.guess_mode or nets[0].config.global_pool_conditions)
         kw.update(control_image=images, control_scale=PerStep(table), guess_mode=guess)
+        return x, sched, traj, None
+
+
+# ---------------------------------------------------------------------------------------------- editing
+
+
+@dataclass
+class Edit(Task):
+    """Editing inputs: the image to edit, which the family's prompt encoder reads with the prompt and whose
+    latents condition every call (qwen_image_edit.py)."""
+    image: object
+    task = "edit"
+
+    def begin(self, pipe, family, *, height, width, steps, batch, num_images, latents):
+        return self.fit(pipe, family, height=height, width=width, batch=batch, num_images=num_images)
+
+    def fit(self, pipe, family, *, height, width, batch, num_images) -> tuple:
+        """One image and one prompt; the output size defaults to the size the image is resized to."""
+        if image_count(self.image) != 1 or batch != num_images:
+            raise ValueError(f"an edit takes one image and one prompt per request (num_images for several results); "
+                             f"got {image_count(self.image)} image(s) for {batch // num_images} prompt(s)")
+        im = first_image(self.image)
+        h, w = family.edit_size(im.height, im.width)
+        return (h if height is None else height), (w if width is None else width)
+
+    def encode_inputs(self, pipe, family) -> dict:
+        return {"image": family.prompt_image(pipe, first_image(self.image))}
+
+    def prepare(self, pipe, family, kw, *, sched, named_scheduler, steps, step_kwargs, batch, height, width,
+                generator, latents, device):
+        x, geometry = family.prepare(pipe, kw, batch=batch, height=height, width=width, generator=generator,
+                                     latents=latents, device=device)
+        kw.update(geometry)
+        sched, traj = choose_trajectory(family, sched, named_scheduler, steps,
+                                        family.timesteps_kwargs(pipe, sched, x, steps), step_kwargs)
+        dtype = kw["prompt_embeds"].dtype
+        image = family.edit_pixels(pipe, first_image(self.image)).to(device=device, dtype=dtype)
+        lat, = _share([_encode(pipe, family, image, generator, batch, dtype, "edit")])
+        family.condition(pipe, kw, lat)
         return x, sched, traj, None
 
 
@@ -349,6 +404,14 @@ def control(pipe, control_image, controlnet_conditioning_scale=1.0, guess_mode=F
     return Control(images, scales, guess_mode, starts, ends)
 
 
+def edit(pipe, image) -> Edit:
+    """Checked editing inputs for an editing pipeline (qwen-image-edit)."""
+    require(get_family(pipe), "edit", pipe)
+    if image is None:
+        raise ValueError(f"{type(pipe).__name__} edits an image: pass image= (the picture to edit)")
+    return Edit(read_image(image, "image"))
+
+
 def from_call(pipe, *, image=None, strength=None, mask_image=None, controlnet_conditioning_scale=1.0,
               guess_mode=False, control_guidance_start=0.0, control_guidance_end=1.0):
     """The inputs of a call with the wrapped pipeline's own argument names (what its __call__ takes by task;
@@ -358,7 +421,7 @@ def from_call(pipe, *, image=None, strength=None, mask_image=None, controlnet_co
                     control_guidance_start=(control_guidance_start, 0.0),
                     control_guidance_end=(control_guidance_end, 1.0))
     takes = {"text2img": (), "img2img": ("image", "strength"), "inpaint": ("image", "mask_image", "strength"),
-             "controlnet": ("image",) + tuple(controls)}[task]
+             "controlnet": ("image",) + tuple(controls), "edit": ("image",)}[task]
     given = dict(image=(image, None), strength=(strength, None), mask_image=(mask_image, None), **controls)
     extra = [k for k, (v, default) in given.items() if k not in takes and v != default]
     if extra:
@@ -373,15 +436,19 @@ def from_call(pipe, *, image=None, strength=None, mask_image=None, controlnet_co
     if task == "controlnet":
         return control(pipe, image, controlnet_conditioning_scale, guess_mode, control_guidance_start,
                        control_guidance_end)
+    if task == "edit":
+        return edit(pipe, image)
     return None
 
 
-def lora_scale_of(pipe, cross_attention_kwargs=None, joint_attention_kwargs=None):
+def lora_scale_of(pipe, cross_attention_kwargs=None, joint_attention_kwargs=None, attention_kwargs=None):
     """The per-call LoRA scale from diffusers' cross_attention_kwargs (SD, SDXL) / joint_attention_kwargs (SD3,
-    Flux) {"scale": s}; other keys are not supported through the runtime."""
+    Flux, Z-Image) / attention_kwargs (Qwen-Image, Flux.2) {"scale": s}; other keys are not supported through the
+    runtime."""
     family = get_family(pipe)
     own = family.lora_kwargs
-    given = {"cross_attention_kwargs": cross_attention_kwargs, "joint_attention_kwargs": joint_attention_kwargs}
+    given = {"cross_attention_kwargs": cross_attention_kwargs, "joint_attention_kwargs": joint_attention_kwargs,
+             "attention_kwargs": attention_kwargs}
     other = [k for k, v in given.items() if k != own and v is not None]
     if other:
         raise TypeError(f"{type(pipe).__name__} does not take {other[0]} (it takes {own})")

@@ -5,6 +5,7 @@ shared code (prepare.py, decode.py, conditioning.py, video.py) drives a request 
 encode (prompt -> model kwargs) -> prepare (initial noise drawn as the pipeline draws it, plus the latent-geometry
 kwargs) -> timesteps_kwargs (set_timesteps options) -> the runtime with `adapter(pipe)` -> decode. What a request
 is checked against before any weights load comes from `rules_from_configs` (the pipeline's JSON configs).
+docs/adding_a_family.md is the contract in prose, with Z-Image (z_image.py) as the worked example.
 """
 import math
 from abc import ABC, abstractmethod
@@ -21,18 +22,20 @@ class Family(ABC):
     """One model family: everything about its pipelines that the shared code does not know.
 
     Attributes: name ("sd"); pipeline_classes (diffusers class names it serves, subclasses count; a dict maps each
-    to its task: "text2img", "img2img", "inpaint" or "controlnet"); schedulers (the short names of
-    driffusion_rt.schedulers that fit it) and default_scheduler (replaces a shipped scheduler the runtime cannot
-    run, with a warning); default_steps and default_guidance (the pipelines' own defaults); options (the OPTIONS
-    keys it takes). A family that takes images (conditioning.py) also defines encode_image(pipe, image, generator,
-    task=...), strength_rule, img2img_size_from_image and lora_kwargs (Flux also pack(pipe, latents)). Video
-    families subclass video.VideoFamily."""
+    to its task: one of tasks.TASKS); schedulers (the short names of driffusion_rt.schedulers that fit it) and
+    default_scheduler (replaces a shipped scheduler the runtime cannot run, with a warning); default_steps and
+    default_guidance (the pipelines' own defaults); guidance_argument (the pipelines' __call__ argument a request's
+    guidance_scale stands for: Qwen-Image's true_cfg_scale); options (the OPTIONS keys it takes). A family that
+    takes images (conditioning.py) also defines encode_image(pipe, image, generator, task=...), strength_rule,
+    img2img_size_from_image and lora_kwargs (Flux also pack(pipe, latents)); an editing family edit_size,
+    prompt_image, edit_pixels and condition (qwen_image_edit.py). Video families subclass video.VideoFamily."""
     name: str
     pipeline_classes: tuple
     schedulers: tuple
     default_scheduler: str
     default_steps: int
     default_guidance: float
+    guidance_argument = "guidance_scale"
     options: tuple = ()
     video = False
 
@@ -54,9 +57,10 @@ class Family(ABC):
         return s, s
 
     def rules_from_configs(self, configs: dict) -> tuple | None:
-        """(multiple, why, (height, width) default, VAE scale factor) from the pipeline's configs (model_index.json
+        """(multiple, why, (height, width) default, image factor) from the pipeline's configs (model_index.json
         and the vae / unet / transformer configs, as `configs[name]`), equal to what size_multiple and
-        default_size give once loaded; None when only the loaded pipeline can tell (checked then)."""
+        default_size give once loaded; the image factor is the pipeline's image processor's (sizes taken from an
+        input image round down to it). None when only the loaded pipeline can tell (checked then)."""
         return None
 
     @abstractmethod

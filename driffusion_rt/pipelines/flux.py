@@ -86,7 +86,7 @@ class Flux(Family):
 
     def rules_from_configs(self, configs):
         vsf = vae_scale_of(configs)
-        return (*self._rule(vsf), square(128, vsf), vsf)  # FluxPipeline's default_sample_size is 128
+        return (*self._rule(vsf), square(128, vsf), vsf * 2)  # FluxPipeline's default_sample_size is 128
 
     def encode(self, pipe, prompt, negative_prompt, *, batch, num_images, guidance_scale, height, width, device,
                true_cfg_scale, max_sequence_length, lora_scale):

@@ -215,9 +215,10 @@ def encode(pipe, args: ImageArgs) -> PreparedImage:
     """Encode the prompt, draw the initial noise the way the pipeline's __call__ does and probe the trajectory
     (the scheduler the runtime cannot run is the only thing found here)."""
     family, device = args.family, pipe._execution_device
+    task_inputs = {} if args.conditioning is None else args.conditioning.encode_inputs(pipe, family)
     kw = family.encode(pipe, args.prompt, args.negative_prompt, batch=args.batch, num_images=args.num_images,
                        guidance_scale=args.guidance_scale, height=args.height, width=args.width, device=device,
-                       **args.options)
+                       **args.options, **task_inputs)
     blend = None
     if args.conditioning is not None:
         x, sched, traj, blend = args.conditioning.prepare(
@@ -241,10 +242,12 @@ def prepare(pipe, prompt, **kwargs) -> PreparedImage:
 
     Keyword arguments (check's): negative_prompt, steps, guidance_scale, height, width, num_images, generator /
     seed, scheduler, latents, eta, guidance_rescale, true_cfg_scale, max_sequence_length, clip_skip, lora_scale,
-    conditioning. guidance_scale: classifier-free guidance for sd / sdxl / sd3 (on when > 1), the guidance
-    *embedding* for flux (guidance-distilled checkpoints); flux's classifier-free guidance is true_cfg_scale > 1
-    with a negative_prompt, as in FluxPipeline. guidance_rescale: sd / sdxl only. max_sequence_length: the T5
-    families (sd3, flux). clip_skip: not flux. eta: DDIM only. lora_scale: the scale of the pipeline's loaded LoRA
+    conditioning. guidance_scale: classifier-free guidance for sd / sdxl / sd3 (on when > 1) and z-image (on when
+    > 0, pos + scale (pos - neg) as ZImagePipeline computes it), the guidance *embedding* for flux and flux2
+    (guidance-distilled checkpoints); flux's classifier-free guidance is true_cfg_scale > 1 with a negative_prompt,
+    as in FluxPipeline; for qwen-image and qwen-image-edit guidance_scale is the pipelines' true_cfg_scale (on when
+    > 1 with a negative_prompt). guidance_rescale: sd / sdxl only. max_sequence_length: the T5 and LLM-encoder
+    families (sd3, flux, flux2, qwen-image, qwen-image-edit, z-image). clip_skip: sd / sdxl / sd3. eta: DDIM only. lora_scale: the scale of the pipeline's loaded LoRA
     weights for this request (diffusers' cross_attention_kwargs / joint_attention_kwargs {"scale": s}).
     conditioning: an image task's inputs (driffusion_rt.pipelines.conditioning: img2img, inpainting,
     ControlNet), validated when it was made; it starts the run from the image (strength) or adds its inputs.

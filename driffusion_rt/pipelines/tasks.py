@@ -1,7 +1,7 @@
 """Which pipeline class serves which image task, and what a task needs of a family and a pipeline.
 
-Each family maps the diffusers classes it serves to a task: "text2img", "img2img", "inpaint" or "controlnet"
-(Family.pipeline_classes). `task_of` reads a loaded pipeline's, `require` checks that a family (and a loaded
+Each family maps the diffusers classes it serves to a task: "text2img", "img2img", "inpaint", "controlnet" or
+"edit" (Family.pipeline_classes). `task_of` reads a loaded pipeline's, `require` checks that a family (and a loaded
 pipeline) can run a task, `for_task` builds another task's pipeline from the same components, `default_strength`
 reads the strength a pipeline's __call__ defaults to. The tasks' inputs are in conditioning.py.
 """
@@ -9,8 +9,8 @@ import inspect
 
 from .family import FAMILIES, REGISTRY, family_of, get_family, pipeline_classes
 
-TASKS = ("text2img", "img2img", "inpaint", "controlnet")
-TASK_NAMES = {"img2img": "img2img", "inpaint": "inpainting", "controlnet": "ControlNet"}
+TASKS = ("text2img", "img2img", "inpaint", "controlnet", "edit")
+TASK_NAMES = {"img2img": "img2img", "inpaint": "inpainting", "controlnet": "ControlNet", "edit": "editing"}
 
 
 def nets_of(pipe) -> list:

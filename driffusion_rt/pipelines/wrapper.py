@@ -8,7 +8,7 @@ from ..results import SampleStats
 from .api import video_stats
 from .conditioning import from_call, lora_scale_of
 from .decode import check_output_type, decode, empty_fields, output_of
-from .family import family_of, get_family, model_adapter, output_class
+from .family import OPTIONS, family_of, get_family, model_adapter, output_class
 from .prepare import prepare
 from .video import decode_video, get_video_family, prepare_video
 
@@ -29,8 +29,12 @@ class DRiffusionPipeline:
 
     Image pipelines take their own image arguments too: Img2Img pipelines `image` and `strength`, inpainting
     pipelines `image`, `mask_image` and `strength`, ControlNet pipelines `image` (the control image(s)),
-    controlnet_conditioning_scale, guess_mode, control_guidance_start / end; the per-call LoRA scale is
-    `cross_attention_kwargs={"scale": s}` (SD, SDXL) or `joint_attention_kwargs={"scale": s}` (SD3, Flux).
+    controlnet_conditioning_scale, guess_mode, control_guidance_start / end, QwenImageEditPipeline `image` (the
+    picture to edit); the per-call LoRA scale is `cross_attention_kwargs={"scale": s}` (SD, SDXL),
+    `joint_attention_kwargs={"scale": s}` (SD3, Flux, Z-Image) or `attention_kwargs={"scale": s}` (Qwen-Image,
+    Flux.2). Guidance takes the pipeline's own names: Qwen-Image's is `true_cfg_scale` (default 4.0, on with a
+    negative_prompt), its `guidance_scale` (a guidance embedding no checkpoint has) is ignored as the pipeline
+    ignores it.
     cfg_parallel=2 (under torchrun, an even number of ranks): the uncond and cond halves of every guided call run
     on two ranks; parallel then defaults to the draft ranks (world / 2)."""
 
@@ -71,17 +75,20 @@ class DRiffusionPipeline:
     @torch.no_grad()
     def __call__(self, prompt=None, negative_prompt=None, num_inference_steps=None, guidance_scale=None, height=None,
                  width=None, num_images_per_prompt=1, generator=None, output_type="pil", return_dict=True, eta=0.0,
-                 guidance_rescale=0.0, true_cfg_scale=1.0, max_sequence_length=None, clip_skip=None, latents=None,
+                 guidance_rescale=0.0, true_cfg_scale=None, max_sequence_length=None, clip_skip=None, latents=None,
                  image=None, strength=None, mask_image=None, controlnet_conditioning_scale=1.0, guess_mode=False,
                  control_guidance_start=0.0, control_guidance_end=1.0, cross_attention_kwargs=None,
-                 joint_attention_kwargs=None):
+                 joint_attention_kwargs=None, attention_kwargs=None):
         if prompt is None:
             raise ValueError("prompt is required (precomputed prompt embeddings are not supported)")
         check_output_type(output_type)
         inputs = from_call(self.pipe, image=image, strength=strength, mask_image=mask_image,
                            controlnet_conditioning_scale=controlnet_conditioning_scale, guess_mode=guess_mode,
                            control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end)
-        lora_scale = lora_scale_of(self.pipe, cross_attention_kwargs, joint_attention_kwargs)
+        lora_scale = lora_scale_of(self.pipe, cross_attention_kwargs, joint_attention_kwargs, attention_kwargs)
+        if get_family(self.pipe).guidance_argument == "true_cfg_scale":  # the runtime's guidance_scale carries it
+            guidance_scale, true_cfg_scale = true_cfg_scale, None
+        true_cfg_scale = OPTIONS["true_cfg_scale"] if true_cfg_scale is None else true_cfg_scale
         req = prepare(self.pipe, prompt, negative_prompt=negative_prompt, steps=num_inference_steps,
                       guidance_scale=guidance_scale, height=height, width=width, num_images=num_images_per_prompt,
                       generator=generator, scheduler=self.scheduler, latents=latents, eta=eta,
