@@ -72,8 +72,8 @@ def resolve(value, world: int, is_guided: bool) -> int:
     check_world(v, world)
     if int(v) > 1 and not is_guided:
         raise ValueError(f"--cfg-parallel {v} splits classifier-free guidance across ranks, but this request's model "
-                         f"calls are not guided (guidance_scale <= 1, a model without guidance, or Flux without "
-                         f"true CFG); use --cfg-parallel 1 or auto")
+                         f"calls are not guided (guidance_scale <= 1, a model without guidance, Flux without "
+                         f"true CFG, or Qwen-Image without a negative prompt); use --cfg-parallel 1 or auto")
     return int(v)
 
 
