@@ -1,4 +1,4 @@
-"""Diffusers pipelines through the runtime: SD 1.5 / 2.1, SDXL, SD3, Flux.1 and Qwen-Image, text-to-image and the
+"""Diffusers pipelines through the runtime: SD 1.5 / 2.1, SDXL, SD3, Flux.1, Flux.2 and Qwen-Image, text-to-image and the
 image tasks (img2img, inpainting, ControlNet, Qwen-Image-Edit's editing: conditioning.py) with LoRA weights
 (lora.py); and text-to-video: Wan 2.1 / 2.2 (and Wan image-to-video), HunyuanVideo 1.5 and LTX-Video (video.py,
 `text_to_video`).
@@ -37,9 +37,10 @@ from .prepare import (ImageArgs, PreparedImage, check, check_size, encode, initi
                       run, step_options)
 from .decode import OUTPUT_TYPES, decode
 # the family registry's import list: each module registers itself
-from . import sd, sdxl, sd3, flux, qwen_image, qwen_image_edit  # noqa: E402,F401
+from . import sd, sdxl, sd3, flux, flux2, qwen_image, qwen_image_edit  # noqa: E402,F401
 from . import wan, hunyuan_video15, ltx  # noqa: E402,F401  video families (video.py: what they share)
 from .flux import FluxAdapter
+from .flux2 import Flux2Adapter
 from .hunyuan_video15 import HunyuanVideo15Adapter
 from .ltx import LTXAdapter
 from .qwen_image import QwenImageAdapter
@@ -60,7 +61,7 @@ __all__ = ["DRiffusionPipeline", "text_to_image", "prepare", "check", "encode", 
            "ImageArgs", "load_pipeline", "check_model_dir", "parse_dtype", "make_scheduler", "check_size",
            "size_multiple", "default_size", "family_of", "family_of_class", "family_names", "get_family",
            "model_adapter", "output_class", "Family", "register", "guide", "initial_noise", "UNetAdapter",
-           "SD3Adapter", "FluxAdapter", "QwenImageAdapter", "REGISTRY", "FAMILIES", "SCHEDULERS", "text_to_video",
+           "SD3Adapter", "FluxAdapter", "Flux2Adapter", "QwenImageAdapter", "REGISTRY", "FAMILIES", "SCHEDULERS", "text_to_video",
            "prepare_video",
            "check_video", "encode_video", "decode_video", "check_frames", "default_fps", "video_sampler",
            "DRiffusionVideoPipeline", "VideoFamily", "PreparedVideo", "VideoArgs", "VideoStats", "DecodeStats",
