@@ -51,14 +51,15 @@ def parser():
                    help="jump (the default): the paper's drafts; extrapolate: drafts from the anchor output "
                         "extrapolated with the previous output (same model calls; falls back to jump for stochastic "
                         "steps)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps S (default: 50; SD3 and Flux pipelines 28)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps S (default: the pipeline's own: 50; SD3 and Flux.1 pipelines 28)")
     p.add_argument("--scheduler", default=None,
                    help="a scheduler short name the model takes (docs/schedulers.md): ddim, dpm++2m-karras, unipc, "
                         "euler-a, ... for digits and SD-family pipelines; flow, flow-unipc, flow-dpm++2m for "
                         "flow-matching ones; ddim, ddpm, euler or flow for gmm and fixed; default: the model's own")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance scale (default: the model's: digits 1.25, SD 7.5, SDXL 5, SD3 7, "
-                        "Flux 3.5 as its guidance embedding)")
+                        "Z-Image 5 (on above 0), Qwen-Image 4 (its true_cfg_scale, on with --negative-prompt); "
+                        "Flux.1 3.5 and Flux.2 4 as their guidance embedding)")
     p.add_argument("--height", type=int, default=None, help="pipelines: image height in pixels (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="pipelines: image width in pixels (default: the model's)")
     p.add_argument("--num-frames", type=int, default=None,
@@ -75,10 +76,11 @@ def parser():
                         "directory); file names in docs/cli.md")
     im = p.add_argument_group("image inputs (diffusers pipelines)")
     im.add_argument("--image", default=None, metavar="PATH",
-                    help="img2img: start from this image (PNG / JPEG), noised to --strength; SD / SDXL keep its size")
+                    help="img2img: start from this image (PNG / JPEG), noised to --strength; SD / SDXL / Z-Image keep "
+                         "its size. Qwen-Image-Edit: the image to edit (required)")
     im.add_argument("--strength", type=float, default=None, metavar="S",
                     help="fraction of the schedule run on --image, in (0, 1] (default: the pipeline's: SD 0.8, "
-                         "SDXL 0.3, SD3 / Flux 0.6; inpainting SD 1.0, SDXL 0.9999)")
+                         "SDXL 0.3, SD3 / Flux / Qwen-Image / Z-Image 0.6; inpainting SD 1.0, SDXL 0.9999)")
     im.add_argument("--mask-image", default=None, metavar="PATH",
                     help="inpainting (SD / SDXL): repaint where this mask is white, keep --image where it is black")
     im.add_argument("--control-image", action="append", default=[], metavar="PATH",

@@ -1,7 +1,7 @@
-"""Diffusers pipelines through the runtime: SD 1.5 / 2.1, SDXL, SD3, Flux.1, Flux.2 and Qwen-Image, text-to-image and the
-image tasks (img2img, inpainting, ControlNet, Qwen-Image-Edit's editing: conditioning.py) with LoRA weights
-(lora.py); and text-to-video: Wan 2.1 / 2.2 (and Wan image-to-video), HunyuanVideo 1.5 and LTX-Video (video.py,
-`text_to_video`).
+"""Diffusers pipelines through the runtime: SD 1.5 / 2.1, SDXL, SD3, Flux.1, Flux.2, Qwen-Image and Z-Image,
+text-to-image and the image tasks (img2img, inpainting, ControlNet, Qwen-Image-Edit's editing: conditioning.py) with
+LoRA weights (lora.py); and text-to-video: Wan 2.1 / 2.2 (and Wan image-to-video), HunyuanVideo 1.5 and LTX-Video
+(video.py, `text_to_video`).
 
 A request goes: check every argument (prepare.check) -> encode the prompt once (the pipeline's own encode_prompt)
 -> draw the initial noise exactly as the pipeline's prepare_latents draws it (same generator calls, shape and
@@ -37,7 +37,7 @@ from .prepare import (ImageArgs, PreparedImage, check, check_size, encode, initi
                       run, step_options)
 from .decode import OUTPUT_TYPES, decode
 # the family registry's import list: each module registers itself
-from . import sd, sdxl, sd3, flux, flux2, qwen_image, qwen_image_edit  # noqa: E402,F401
+from . import sd, sdxl, sd3, flux, flux2, qwen_image, qwen_image_edit, z_image  # noqa: E402,F401
 from . import wan, hunyuan_video15, ltx  # noqa: E402,F401  video families (video.py: what they share)
 from .flux import FluxAdapter
 from .flux2 import Flux2Adapter
@@ -49,6 +49,7 @@ from .sd3 import SD3Adapter
 from .video import (DecodeStats, PreparedVideo, VideoArgs, VideoFamily, VideoStats, check_frames, check_video,
                     decode_video, default_fps, encode_video, family_options, prepare_video)
 from .wan import WanAdapter
+from .z_image import ZImageAdapter
 from .tasks import TASKS, for_task, task_of
 from .conditioning import control, edit, from_call, img2img, inpainting, lora_scale_of
 from .images import read_image
@@ -61,8 +62,8 @@ __all__ = ["DRiffusionPipeline", "text_to_image", "prepare", "check", "encode", 
            "ImageArgs", "load_pipeline", "check_model_dir", "parse_dtype", "make_scheduler", "check_size",
            "size_multiple", "default_size", "family_of", "family_of_class", "family_names", "get_family",
            "model_adapter", "output_class", "Family", "register", "guide", "initial_noise", "UNetAdapter",
-           "SD3Adapter", "FluxAdapter", "Flux2Adapter", "QwenImageAdapter", "REGISTRY", "FAMILIES", "SCHEDULERS", "text_to_video",
-           "prepare_video",
+           "SD3Adapter", "FluxAdapter", "Flux2Adapter", "QwenImageAdapter", "ZImageAdapter", "REGISTRY", "FAMILIES",
+           "SCHEDULERS", "text_to_video", "prepare_video",
            "check_video", "encode_video", "decode_video", "check_frames", "default_fps", "video_sampler",
            "DRiffusionVideoPipeline", "VideoFamily", "PreparedVideo", "VideoArgs", "VideoStats", "DecodeStats",
            "WanAdapter", "HunyuanVideo15Adapter", "LTXAdapter", "DEFAULT_SCHEDULER", "DEFAULT_GUIDANCE",
