@@ -274,6 +274,10 @@ def test_python_api_bad_input_fails_before_any_model_call(pipes, monkeypatch):
             DRiffusionPipeline(pipes[kind])(PROMPT, num_inference_steps=2, height=h, width=w, **extra)
     with pytest.raises(ValueError, match="max_sequence_length=2000 is more than the 1024 tokens"):
         text_to_image(pipes["qwen"], PROMPT, steps=2, height=32, width=32, max_sequence_length=2000)
+    from types import SimpleNamespace
+    distilled = SimpleNamespace(transformer=SimpleNamespace(config=SimpleNamespace(guidance_embeds=True)))
+    with pytest.raises(ValueError, match="has a guidance embedding .*which no published checkpoint has"):
+        get_family(pipes["qwen"]).adapter(distilled)
 
 
 # ---------------------------------------------------------------------------------------------- command line

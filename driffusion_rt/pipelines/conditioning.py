@@ -116,6 +116,18 @@ def _geometry(pipe, family, kw, batch, height, width, device):
     return like, geometry
 
 
+def _from_noise(pipe, family, kw, sched, named_scheduler, steps, step_kwargs, *, batch, height, width, generator,
+                latents, device):
+    """(x, scheduler, trajectory) of a task that starts from noise as text-to-image does (ControlNet, editing): the
+    family's noise and geometry kwargs (added to kw), the trajectory over the whole schedule."""
+    x, geometry = family.prepare(pipe, kw, batch=batch, height=height, width=width, generator=generator,
+                                 latents=latents, device=device)
+    kw.update(geometry)
+    sched, traj = choose_trajectory(family, sched, named_scheduler, steps,
+                                    family.timesteps_kwargs(pipe, sched, x, steps), step_kwargs)
+    return x, sched, traj
+
+
 def _from_start(pipe, family, sched, named_scheduler, steps, tkw, step_kwargs, t_start):
     """The trajectory over timesteps[t_start * order:], the start index the pipelines' get_timesteps computes
     (re-probed if the scheduler had to be replaced by one of another order)."""
@@ -289,13 +301,9 @@ class Control(Task):
                                  f"prompt")
         return height, width
 
-    def prepare(self, pipe, family, kw, *, sched, named_scheduler, steps, step_kwargs, batch, height, width,
-                generator, latents, device):
-        x, geometry = family.prepare(pipe, kw, batch=batch, height=height, width=width, generator=generator,
-                                     latents=latents, device=device)
-        kw.update(geometry)
-        sched, traj = choose_trajectory(family, sched, named_scheduler, steps,
-                                        family.timesteps_kwargs(pipe, sched, x, steps), step_kwargs)
+    def prepare(self, pipe, family, kw, *, sched, named_scheduler, steps, step_kwargs, **start):
+        x, sched, traj = _from_noise(pipe, family, kw, sched, named_scheduler, steps, step_kwargs, **start)
+        batch, height, width, device = start["batch"], start["height"], start["width"], start["device"]
         nets, proc = nets_of(pipe), _control_processor(pipe)
         images = []
         for im in self.images:
@@ -336,16 +344,11 @@ class Edit(Task):
     def encode_inputs(self, pipe, family) -> dict:
         return {"image": family.prompt_image(pipe, first_image(self.image))}
 
-    def prepare(self, pipe, family, kw, *, sched, named_scheduler, steps, step_kwargs, batch, height, width,
-                generator, latents, device):
-        x, geometry = family.prepare(pipe, kw, batch=batch, height=height, width=width, generator=generator,
-                                     latents=latents, device=device)
-        kw.update(geometry)
-        sched, traj = choose_trajectory(family, sched, named_scheduler, steps,
-                                        family.timesteps_kwargs(pipe, sched, x, steps), step_kwargs)
+    def prepare(self, pipe, family, kw, *, sched, named_scheduler, steps, step_kwargs, **start):
+        x, sched, traj = _from_noise(pipe, family, kw, sched, named_scheduler, steps, step_kwargs, **start)
         dtype = kw["prompt_embeds"].dtype
-        image = family.edit_pixels(pipe, first_image(self.image)).to(device=device, dtype=dtype)
-        lat, = _share([_encode(pipe, family, image, generator, batch, dtype, "edit")])
+        image = family.edit_pixels(pipe, first_image(self.image)).to(device=start["device"], dtype=dtype)
+        lat, = _share([_encode(pipe, family, image, start["generator"], start["batch"], dtype, "edit")])
         family.condition(pipe, kw, lat)
         return x, sched, traj, None
 
