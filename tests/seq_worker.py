@@ -1,8 +1,11 @@
 """torchrun worker for tests/test_sequence_parallel.py: sequence-parallel layouts against the unsplit model.
 
-    pairs OUT.json FLUX WAN21 WAN22 LTX   2 ranks, 1 draft x ulysses 2: Flux (true CFG, img2img also through
+    pairs OUT.json FLUX WAN21 WAN22 LTX WAN22_5B WAN21_I2V
+                                          2 ranks, 1 draft x ulysses 2: Flux (true CFG, img2img also through
                                           image_to_image, LoRA), Wan 2.1, Wan 2.2 (two experts) and LTX (guided: the
-                                          text masks differ per row), sequential and aggressive n = 2; then the Flux
+                                          text masks differ per row), sequential and aggressive n = 2; Wan 2.2
+                                          TI2V-5B (a timestep per token, split too) and Wan 2.1 image-to-video,
+                                          aggressive; then the Flux
                                           engine with --ulysses 2 (OUT.json.engine): two requests and, between
                                           them, one whose image tokens 2 ranks cannot split (422)
     grid OUT.json FLUX                    4 ranks: 2 drafts x ulysses 2 against the local evaluator (aggressive,
@@ -102,10 +105,9 @@ def functional_img2img(info, path):
                  layout={"cfg": 1, "draft_ranks": 1, "ulysses": 2, "ring": 1})]
 
 
-def video_case(info, path, name, **extra):
+def video_case(info, path, name, runs=(("sequential", 1), ("aggressive", 2)), **extra):
     pipe = tv.load(path)
     kw = dict(VIDEO, **extra)
-    runs = (("sequential", 1), ("aggressive", 2))
     tokens = Tokens(pipe)
     refs = {r: pipelines.run(pipe, pipelines.prepare_video(pipe, PROMPT, steps=6, seed=4, **kw), mode=r[0],
                              parallel=r[1], sampler=local(pipe)).sample for r in runs}
@@ -145,7 +147,7 @@ def main(kind, path, *dirs):
     rows = []
     with torch.no_grad():
         if kind == "pairs":
-            flux, wan21, wan22, ltx = dirs
+            flux, wan21, wan22, ltx, wan22_5b, wan21_i2v = dirs
             rows += image_case(info, flux, "flux true CFG")
             rows += image_case(info, flux, "flux LoRA", runs=(("aggressive", 2),), lora=True)
             rows += image_case(info, flux, "flux img2img", runs=(("aggressive", 2),), img2img=True)
@@ -153,6 +155,9 @@ def main(kind, path, *dirs):
             rows += video_case(info, wan21, "wan 2.1")
             rows += video_case(info, wan22, "wan 2.2", guidance_scale_2=2.0)
             rows += video_case(info, ltx, "ltx", width=64)
+            rows += video_case(info, wan22_5b, "wan 2.2 TI2V-5B", runs=(("aggressive", 2),), height=64)
+            rows += video_case(info, wan21_i2v, "wan 2.1 I2V", runs=(("aggressive", 2),),
+                               image=PIL.Image.new("RGB", (32, 32), (200, 30, 30)))
         else:
             rows += image_case(info, dirs[0], "2 drafts x ulysses 2", runs=(("aggressive", 2), ("conservative", 2)))
             rows += image_case(info, dirs[0], "cfg pair x ulysses 2", cfg=2, runs=(("aggressive", 2),))

@@ -31,7 +31,8 @@ TOL = 1e-5  # float32, relative to the largest value of the unsplit result
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("seq_pipelines")
     built = {kind: tp.build(kind, str(root / kind)) for kind in ("flux", "sd15")}
-    built.update({kind: tv.build(kind, str(root / kind)) for kind in ("wan21", "wan22", "ltx")})
+    built.update({kind: tv.build(kind, str(root / kind)) for kind in ("wan21", "wan22", "ltx", "wan22-5b",
+                                                                       "wan21-i2v")})
     return built
 
 
@@ -174,11 +175,11 @@ def _rows(r, path):
 def test_two_ranks_ulysses_2_equal_ulysses_1_for_flux_wan_and_ltx(tiny, tmp_path):
     out = str(tmp_path / "pairs.json")
     r, took = torchrun(os.path.join(HERE, "seq_worker.py"), "pairs", out, tiny["flux"], tiny["wan21"],
-                       tiny["wan22"], tiny["ltx"])
+                       tiny["wan22"], tiny["ltx"], tiny["wan22-5b"], tiny["wan21-i2v"])
     rows = _rows(r, out)
     cases = {row["case"] for row in rows}
     assert cases == {"flux true CFG", "flux LoRA", "flux img2img", "flux img2img (image_to_image)", "wan 2.1",
-                     "wan 2.2", "ltx"}, cases
+                     "wan 2.2", "ltx", "wan 2.2 TI2V-5B", "wan 2.1 I2V"}, cases
     modes = {(row["case"], row["mode"]) for row in rows}
     for case in ("flux true CFG", "wan 2.1", "wan 2.2", "ltx"):
         assert {(case, "sequential"), (case, "aggressive")} <= modes
