@@ -68,8 +68,9 @@ def parser():
                    help="fixed-cost model: seconds per call of a split call's exchanges (added when ulysses > 1)")
     p.add_argument("--layouts", type=int, default=None, metavar="GPUS",
                    help="print the modeled latency of every (draft, cfg, ulysses) layout of GPUS devices for aggressive "
-                        "sampling of --steps steps, in units of one unsplit call of one row (--model-cost-per-row "
-                        "1 unless given; --guidance > 0: a guided model), and exit; no job runs")
+                        "sampling of --steps steps, a call costing --model-cost-per-row per row (1 unless given) over "
+                        "the sequence degree plus --sequence-comm when split (--guidance > 0: a guided model), and "
+                        "exit; no job runs")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank on CPU")
     p.add_argument("--drafts", default="jump", choices=("jump", "extrapolate"), help="draft rule")
     p.add_argument("--timeout", type=float, default=600, help="seconds before one torchrun job is abandoned")
@@ -245,17 +246,17 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
-def modeled_layouts(gpus: int, steps: int, guided: bool, seconds: float, per_row: float, comm: float) -> list:
+def modeled_layouts(gpus: int, steps: int, guided: bool, per_row: float, comm: float) -> list:
     """Every layout of `gpus` devices as draft ranks x cfg x ulysses (powers of two), modeled: aggressive sampling
     with n = draft ranks (one draft per rank, batch 1) takes the plan's serial rounds, each one call costing
-    seconds + per_row x rows / ulysses (+ comm when split); rows = 2 for a guided model without a guidance pair.
+    per_row x rows / ulysses (+ comm when split); rows = 2 for a guided model without a guidance pair.
     The round's all-gather and a pair's exchange (a latent each) are left out. Speedup: over sequential sampling
     on one device."""
     from driffusion_rt.plan import make_plan
 
     def call(cfg, seq):
         rows = 2 if guided and cfg == 1 else 1
-        return seconds + per_row * rows / seq + (comm if seq > 1 else 0.0)
+        return per_row * rows / seq + (comm if seq > 1 else 0.0)
 
     base = steps * call(1, 1)
     rows = []
@@ -288,9 +289,8 @@ def main(argv=None):
     if args.layouts is not None:
         if args.layouts < 1:
             parser().error(f"--layouts must be >= 1, got {args.layouts}")
-        per_row = args.model_cost_per_row or 1.0
-        seconds = args.model_cost if "--model-cost" in (argv or sys.argv) else 0.0
-        rows = modeled_layouts(args.layouts, args.steps, args.guidance > 0, seconds, per_row, args.sequence_comm)
+        rows = modeled_layouts(args.layouts, args.steps, args.guidance > 0, args.model_cost_per_row or 1.0,
+                               args.sequence_comm)
         print(layouts_table(rows))
         return 0
     for name, v in (("steps", args.steps), ("repeats", args.repeats), ("threads", args.threads),

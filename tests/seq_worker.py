@@ -105,9 +105,14 @@ def functional_img2img(info, path):
                  layout={"cfg": 1, "draft_ranks": 1, "ulysses": 2, "ring": 1})]
 
 
-def video_case(info, path, name, runs=(("sequential", 1), ("aggressive", 2)), **extra):
+def video_case(info, path, name, runs=(("sequential", 1), ("aggressive", 2)), wrapper=False, **extra):
+    """A video request through 1 draft x ulysses 2 (video_sampler) against the unsplit replica; with `wrapper`, also
+    DRiffusionPipeline(pipe, ulysses=2) against text_to_video on the unsplit replica (rank 0 decodes)."""
     pipe = tv.load(path)
     kw = dict(VIDEO, **extra)
+    call = dict(kw, mode="aggressive", parallel=2, output_type="latent")
+    unsplit = pipelines.text_to_video(pipe, PROMPT, steps=6, seed=4, sampler=local(pipe), **call)[0] if wrapper \
+        else None
     tokens = Tokens(pipe)
     refs = {r: pipelines.run(pipe, pipelines.prepare_video(pipe, PROMPT, steps=6, seed=4, **kw), mode=r[0],
                              parallel=r[1], sampler=local(pipe)).sample for r in runs}
@@ -119,6 +124,13 @@ def video_case(info, path, name, runs=(("sequential", 1), ("aggressive", 2)), **
                             parallel=n, sampler=sampler)
         rows.append(compare(info, name, out.sample, ref, sampler.layout, mode=mode, parallel=out.stats.parallel,
                             tokens=whole, tokens_split=tokens.take()))
+    if wrapper:
+        wrapped = pipelines.DRiffusionPipeline(pipe, mode=call.pop("mode"), parallel=call.pop("parallel"), ulysses=2)
+        got = wrapped(PROMPT, num_inference_steps=6, generator=torch.Generator().manual_seed(4), **call).frames
+        if info.rank == 0:  # only rank 0 decodes ("latent": the final latents)
+            rows.append(dict(case=f"{name} (DRiffusionPipeline)", rank=0, mode="aggressive",
+                             parallel=wrapped.last_stats.parallel, layout=wrapped.sampler.layout.describe(),
+                             rel_err=((got - unsplit).abs().max() / unsplit.abs().max()).item(), ranks_agree=True))
     return rows
 
 
@@ -154,7 +166,7 @@ def main(kind, path, *dirs):
             rows += functional_img2img(info, flux)
             rows += video_case(info, wan21, "wan 2.1")
             rows += video_case(info, wan22, "wan 2.2", guidance_scale_2=2.0)
-            rows += video_case(info, ltx, "ltx", width=64)
+            rows += video_case(info, ltx, "ltx", width=64, wrapper=True)
             rows += video_case(info, wan22_5b, "wan 2.2 TI2V-5B", runs=(("aggressive", 2),), height=64)
             rows += video_case(info, wan21_i2v, "wan 2.1 I2V", runs=(("aggressive", 2),),
                                image=PIL.Image.new("RGB", (32, 32), (200, 30, 30)))

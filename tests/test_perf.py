@@ -219,13 +219,13 @@ def test_bench_latency_models_layouts_with_a_sequence_axis():
     spec = importlib.util.spec_from_file_location("bench_latency", os.path.join(ROOT, "perf", "bench_latency.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    rows = bench.modeled_layouts(8, 28, guided=False, seconds=0.0, per_row=1.0, comm=0.1)
+    rows = bench.modeled_layouts(8, 28, guided=False, per_row=1.0, comm=0.1)
     assert {(r["draft"], r["cfg"], r["ulysses"]) for r in rows} == {(8, 1, 1), (4, 1, 2), (2, 1, 4), (1, 1, 8)}
     best = rows[0]
     assert (best["draft"], best["ulysses"]) == (4, 2)
     assert best["latency"] == pytest.approx(make_plan("aggressive", 28, 4).serial_rounds * (1 / 2 + 0.1))
     assert best["speedup"] == pytest.approx(28 / best["latency"])
-    guided = bench.modeled_layouts(2, 50, guided=True, seconds=0.0, per_row=1.0, comm=0.1)
+    guided = bench.modeled_layouts(2, 50, guided=True, per_row=1.0, comm=0.1)
     pair = next(r for r in guided if r["cfg"] == 2)
     assert pair["call"] == 1.0 and pair["speedup"] == pytest.approx(2.0)  # a pair halves a guided call's rows
     assert "| 8 | 4 | 1 | 2 | 8 | 0.600 | 4.80 | 5.83x |" in bench.layouts_table(rows)

@@ -179,7 +179,7 @@ def test_two_ranks_ulysses_2_equal_ulysses_1_for_flux_wan_and_ltx(tiny, tmp_path
     rows = _rows(r, out)
     cases = {row["case"] for row in rows}
     assert cases == {"flux true CFG", "flux LoRA", "flux img2img", "flux img2img (image_to_image)", "wan 2.1",
-                     "wan 2.2", "ltx", "wan 2.2 TI2V-5B", "wan 2.1 I2V"}, cases
+                     "wan 2.2", "ltx", "ltx (DRiffusionPipeline)", "wan 2.2 TI2V-5B", "wan 2.1 I2V"}, cases
     modes = {(row["case"], row["mode"]) for row in rows}
     for case in ("flux true CFG", "wan 2.1", "wan 2.2", "ltx"):
         assert {(case, "sequential"), (case, "aggressive")} <= modes
