@@ -268,16 +268,17 @@ class DistributedEvaluator(LocalEvaluator):
     """Rank r evaluates slots [r*c, (r+1)*c) of a round of k points (c = ceil(k / world)) and all-gathers them.
 
     Ranks with no slot in a round still join the collectives. The send buffer is allocated once per
-    (latent shape, dtype, chunk) and reused by every round and request. With a guidance-parallel `layout`
-    (cfg_parallel.Layout) rank and world are the draft coordinates: the drafts are spread and gathered over the
-    layout's draft dim, both ranks of a cfg pair evaluate the same points (each one half of the guided call), and
-    what every rank of the job must share (the generator state, decisions) still goes to every rank."""
+    (latent shape, dtype, chunk) and reused by every round and request. With a `layout` (layout.Layout) that splits
+    calls, rank and world are the draft coordinates: the drafts are spread and gathered over the layout's draft
+    dim, the ranks of a cfg pair and of a sequence group evaluate the same points together (each its half of the
+    guided call, its share of the tokens), and what every rank of the job must share (the generator state,
+    decisions) still goes to every rank."""
 
     def __init__(self, model, info: DistInfo, layout=None):
         super().__init__(model)
         self.info, self.rank, self.world = info, info.rank, info.world
         self.replicas, self.is_root = info.world, info.rank == 0
-        self.layout = layout if layout is not None and layout.cfg > 1 else None
+        self.layout = layout if layout is not None and layout.splits else None
         if self.layout is not None:
             self.rank, self.world = layout.draft_rank, layout.draft
         self._send = {}
@@ -300,7 +301,7 @@ class DistributedEvaluator(LocalEvaluator):
         saves a collective on the critical path (fixed-cost model, 2 gloo ranks, conservative S=20 n=2: 603 ms
         against 611 ms with a broadcast). CPU ranks share cores, where the redundant call slows both: there rank 0
         evaluates and broadcasts (measured in perf/results/latency.md)."""
-        if self.info.device.type == "cuda" or self.layout is not None:  # (a cfg pair evaluates it together)
+        if self.info.device.type == "cuda" or self.layout is not None:  # (split calls evaluate it together)
             return call(states, idx, out)
         if self.rank == 0:
             call(states, idx, out)

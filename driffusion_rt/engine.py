@@ -28,9 +28,10 @@ import torch.distributed as dist
 from . import distributed
 from .distributed import DEFAULT_TIMEOUT_S, CollectiveTimeout, collective
 from .evaluator import ModelOutputError
-from .layout import check_world, guided, parallelize, parse_cfg
+from .layout import guided, parallelize, resolve
 from .requests import Limits, Request, RequestError, parse, request_bytes
 from .results import Cancelled
+from .services import check_sequence
 
 # Header broadcast from rank 0: [op, payload bytes, cancellable].
 REQUEST, PING, SHUTDOWN = 1, 2, 3
@@ -69,19 +70,19 @@ class Engine:
     """Rank 0 serves requests; the other ranks follow. One request at a time, in submission order."""
 
     def __init__(self, service, limits: Limits = Limits(), timeout_s: float = DEFAULT_TIMEOUT_S,
-                 cuda_graphs: bool = True, heartbeat_s: float = 2.0, max_queue: int = 0, cfg_parallel="1"):
+                 cuda_graphs: bool = True, heartbeat_s: float = 2.0, max_queue: int = 0, cfg_parallel="1",
+                 ulysses: int = 1, ring: int = 1):
         self.info = distributed.maybe_init_dist(timeout_s)  # the group serve.py (or the caller) joined already
         self.rank = self.info.rank if self.info else 0
         self.device = self.info.device if self.info else getattr(service, "device", torch.device("cpu"))
         self.service, self.limits, self.heartbeat_s = service, limits, heartbeat_s
-        # A guidance-parallel layout is fixed for the engine's life ("auto": 2 on an even number of ranks); requests
-        # without guidance are then refused (422): a pair would compute them twice.
+        # The layout is fixed for the engine's life ("auto": a guidance pair when the ranks hold whole pairs);
+        # requests without guidance are then refused (422): a pair would compute them twice. Under sequence groups
+        # (ulysses x ring) a request whose token counts they cannot split is refused (422) too.
         world = self.info.world if self.info else 1
-        cfg = parse_cfg(cfg_parallel)
-        cfg = (2 if world % 2 == 0 and world > 1 else 1) if cfg == "auto" else int(cfg)
-        check_world(cfg, world)
+        cfg = resolve(cfg_parallel, world, True, ulysses, ring)
         self.sampler = parallelize(service.model, getattr(service, "pipe", None), cfg=cfg, info=self.info,
-                                   cuda_graphs=cuda_graphs)
+                                   cuda_graphs=cuda_graphs, ulysses=ulysses, ring=ring)
         self.layout = self.sampler.layout
         self.header = torch.zeros(3, dtype=torch.long, device=self.device)
         self.max_bytes = request_bytes(limits)  # JSON fields and base64 images: every rank builds the same
@@ -101,6 +102,7 @@ class Engine:
         Setting `cancel` stops the request on every rank at its next round boundary (status 499)."""
         try:
             request = self.service.admit(parse(spec, self.service, self.limits))
+            check_sequence(self.service, request, self.layout.ulysses, self.layout.ring)
         except RequestError as e:
             return Result(False, error=str(e), status=422)
         body = request.to_wire()
@@ -261,7 +263,8 @@ class Engine:
             return Result(True)
         images, output_stats = self.service.outputs(out, request, prepared)
         st = out.stats
-        stats = dict(mode=st.mode, parallel=st.parallel, cfg_parallel=self.layout.cfg, steps=st.steps,
+        stats = dict(mode=st.mode, parallel=st.parallel, cfg_parallel=self.layout.cfg, ulysses=self.layout.ulysses,
+                     ring=self.layout.ring, steps=st.steps,
                      serial_rounds=st.serial_rounds,
                      model_evals=st.model_evals, ideal_speedup=st.ideal_speedup, sample_s=st.wall_time,
                      total_s=time.perf_counter() - t0)

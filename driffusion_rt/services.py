@@ -2,6 +2,7 @@
 
     service = load_service("digits", device)         # digits, gmm, fixed, or a diffusers pipeline
     request = service.admit(parse(spec, service))    # the checks only the loaded model can make (rank 0)
+    check_sequence(service, request, ulysses, ring)  # ... and the sequence split of the job's layout
     prepared = service.prepare(request)              # every rank: the sampler's inputs
     out = sampler.apply(prepared, request.options)   # layout.parallelize built the sampler
     images, stats = service.outputs(out, request, prepared)   # rank 0: PIL images (videos: lists of frames)
@@ -226,6 +227,19 @@ class VideoService(PipelineService):
                                    vae_slicing=d.slicing)
 
 
+def check_sequence(service, request: Request, ulysses: int, ring: int):
+    """Whether the job's sequence groups (ulysses x ring ranks) can split an admitted request's calls on the loaded
+    model: the family's rule (pipelines.family.check_sequence) on the loaded components' configs. Raises
+    RequestError naming the rule."""
+    if ulysses * ring == 1:
+        return
+    if not isinstance(service, PipelineService):
+        raise RequestError(f"--ulysses / --ring split a diffusers transformer's tokens; the {service.name} model has "
+                           f"none")
+    _request_error(pipelines.check_sequence, service.family, pipelines.component_configs(service.pipe),
+                   request.resolved, ulysses, ring)
+
+
 def load_pipeline_service(model: str, device, dtype=torch.float32, loras=(), controlnets=()) -> PipelineService:
     """A diffusers pipeline directory or hub id, with LoRA weights and ControlNets; the video service for a video
     family."""
@@ -254,4 +268,5 @@ def load_service(model: str, device, dtype=torch.float32, cost: float = 0.04, lo
     return load_pipeline_service(model, device, dtype, loras, controlnets)
 
 
-__all__ = ["DigitsService", "ToyService", "PipelineService", "VideoService", "load_service", "rules_of_pipe"]
+__all__ = ["DigitsService", "ToyService", "PipelineService", "VideoService", "load_service", "rules_of_pipe",
+           "check_sequence"]

@@ -26,6 +26,7 @@ LAYERS = [
     ["distributed"],
     ["parasolver"],
     ["sampler"],
+    ["sequence"],
     ["layout"],
     ["gmm", "fixed_cost", "digits"],
     ["pipelines.family", "pipelines.loading", "pipelines.guidance", "pipelines.images", "pipelines.lora"],

@@ -209,3 +209,23 @@ def test_gpu_selfcheck_without_a_gpu_fails_before_installing_anything():
                        timeout=300, env=dict(os.environ, PYTHON=sys.executable))
     assert r.returncode == 1 and "torch.cuda.is_available() is False" in r.stdout
     assert "install" not in r.stdout
+
+
+def test_bench_latency_models_layouts_with_a_sequence_axis():
+    """--layouts: every (draft, cfg, ulysses) layout of a GPU count, modeled exactly as documented: the plan's serial
+    rounds times one call, a call costing its per-row share over the sequence degree plus the exchange."""
+    import importlib.util
+    from driffusion_rt.plan import make_plan
+    spec = importlib.util.spec_from_file_location("bench_latency", os.path.join(ROOT, "perf", "bench_latency.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.modeled_layouts(8, 28, guided=False, per_row=1.0, comm=0.1)
+    assert {(r["draft"], r["cfg"], r["ulysses"]) for r in rows} == {(8, 1, 1), (4, 1, 2), (2, 1, 4), (1, 1, 8)}
+    best = rows[0]
+    assert (best["draft"], best["ulysses"]) == (4, 2)
+    assert best["latency"] == pytest.approx(make_plan("aggressive", 28, 4).serial_rounds * (1 / 2 + 0.1))
+    assert best["speedup"] == pytest.approx(28 / best["latency"])
+    guided = bench.modeled_layouts(2, 50, guided=True, per_row=1.0, comm=0.1)
+    pair = next(r for r in guided if r["cfg"] == 2)
+    assert pair["call"] == 1.0 and pair["speedup"] == pytest.approx(2.0)  # a pair halves a guided call's rows
+    assert "| 8 | 4 | 1 | 2 | 8 | 0.600 | 4.80 | 5.83x |" in bench.layouts_table(rows)

@@ -29,8 +29,8 @@ video.py, api.py (the functional forms), wrapper.py (DRiffusionPipeline), lora.p
 registering itself when imported below (the order here is the order of error messages).
 """
 from .family import (DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, FAMILIES, OPTIONS, REGISTRY, SCHEDULERS,
-                     Family, default_size, family_names, family_of, family_of_class, get_family, model_adapter,
-                     output_class, register, size_multiple)
+                     Family, check_sequence, component_configs, default_size, family_names, family_of, family_of_class,
+                     get_family, model_adapter, output_class, register, size_multiple)
 from .loading import DTYPE_ALIASES, HUB_ID, check_model_dir, load_pipeline, parse_dtype
 from .guidance import guide
 from .prepare import (ImageArgs, PreparedImage, check, check_size, encode, initial_noise, make_scheduler, prepare,
@@ -69,4 +69,5 @@ __all__ = ["DRiffusionPipeline", "text_to_image", "prepare", "check", "encode", 
            "WanAdapter", "HunyuanVideo15Adapter", "LTXAdapter", "DEFAULT_SCHEDULER", "DEFAULT_GUIDANCE",
            "DEFAULT_STEPS", "OPTIONS", "OUTPUT_TYPES", "DTYPE_ALIASES", "HUB_ID", "TASKS", "task_of", "for_task",
            "image_to_image", "inpaint", "control_to_image", "edit_image", "img2img", "inpainting", "control", "edit",
-           "from_call", "lora_scale_of", "read_image", "load_loras", "step_options", "family_options"]
+           "from_call", "lora_scale_of", "read_image", "load_loras", "step_options", "family_options", "check_sequence",
+           "component_configs"]

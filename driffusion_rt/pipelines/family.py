@@ -4,8 +4,9 @@ A family is one module (sd.py, flux.py, wan.py, ...) defining a `Family` subclas
 shared code (prepare.py, decode.py, conditioning.py, video.py) drives a request through the family's hooks:
 encode (prompt -> model kwargs) -> prepare (initial noise drawn as the pipeline draws it, plus the latent-geometry
 kwargs) -> timesteps_kwargs (set_timesteps options) -> the runtime with `adapter(pipe)` -> decode. What a request
-is checked against before any weights load comes from `rules_from_configs` (the pipeline's JSON configs).
-docs/adding_a_family.md is the contract in prose, with Z-Image (z_image.py) as the worked example.
+is checked against before any weights load comes from `rules_from_configs` (the pipeline's JSON configs), and for a
+sequence-parallel layout from `sequence_tokens` (see `check_sequence`). docs/adding_a_family.md is the contract in
+prose, with Z-Image (z_image.py) as the worked example.
 """
 import math
 from abc import ABC, abstractmethod
@@ -38,6 +39,7 @@ class Family(ABC):
     guidance_argument = "guidance_scale"
     options: tuple = ()
     video = False
+    sequence_parallel = False  # its denoiser carries diffusers' context-parallel plan: see sequence_tokens
 
     @abstractmethod
     def output_class(self) -> type:
@@ -62,6 +64,15 @@ class Family(ABC):
         default_size give once loaded; the image factor is the pipeline's image processor's (sizes taken from an
         input image round down to it). None when only the loaded pipeline can tell (checked then)."""
         return None
+
+    def sequence_tokens(self, configs: dict, resolved: dict) -> dict:
+        """For a family with `sequence_parallel`: the token counts of a request that diffusers' context parallelism
+        splits across a sequence group, by a name that says how they are counted, from the pipeline's configs (as
+        `configs[name]`: model_ref's before loading, `component_configs` once loaded) and the request's resolved
+        values (height, width, num_frames, max_sequence_length); a count whose values are not resolved yet is left
+        out (it is checked again once they are). Saying `sequence_parallel = True` and this rule is all a family
+        needs: the layout turns diffusers' context parallelism on for the adapter's denoisers (sequence.py)."""
+        return {}
 
     @abstractmethod
     def encode(self, pipe, prompt, negative_prompt, *, batch, num_images, guidance_scale, height, width, device,
@@ -91,6 +102,36 @@ def vae_scale_of(configs: dict) -> int:
 
 def denoiser_config(configs: dict) -> dict:
     return configs.get("unet") or configs.get("transformer") or {}
+
+
+def component_configs(pipe) -> dict:
+    """The configs of a loaded pipeline's VAE and denoiser, as model_ref reads them from its files."""
+    return {name: dict(getattr(pipe, name).config) for name in ("vae", "unet", "transformer")
+            if getattr(getattr(pipe, name, None), "config", None) is not None}
+
+
+def check_sequence(family: "Family", configs: dict, resolved: dict | None, ulysses: int, ring: int):
+    """Whether a sequence group of ulysses x ring ranks can split this family's calls for a request (resolved
+    values; None: the model alone): the family has sequence parallelism, Ulysses' degree divides the transformer's
+    attention heads (each rank attends with 1/ulysses of them), and every token count the split cuts is divisible
+    by ulysses x ring (each rank takes an equal share). Raises ValueError naming the rule."""
+    degree = ulysses * ring
+    if degree == 1:
+        return
+    if not family.sequence_parallel:
+        able = ", ".join(f.name for f in REGISTRY.values() if f.sequence_parallel)
+        raise ValueError(f"--ulysses {ulysses} / --ring {ring} split a transformer's tokens with diffusers' context "
+                         f"parallelism, which the {family.name} family's denoiser does not have (no context-parallel "
+                         f"plan); families with it: {able}")
+    heads = denoiser_config(configs).get("num_attention_heads")
+    if heads and heads % ulysses:
+        raise ValueError(f"--ulysses {ulysses} gives each rank of a sequence group 1/{ulysses} of the transformer's "
+                         f"attention heads, but it has {heads}: use a --ulysses that divides {heads} (or --ring)")
+    for name, n in family.sequence_tokens(configs, resolved or {}).items():
+        if n % degree:
+            raise ValueError(f"this request has {n} {name}, not divisible by the sequence degree ulysses x ring = "
+                             f"{degree}: each rank of a sequence group takes an equal share; choose a size (or "
+                             f"frame count) whose token count it divides")
 
 
 def square(sample, scale: int) -> tuple:

@@ -19,7 +19,8 @@ from ..layout import parallelize
 from ..options import SamplingOptions
 from ..sampler import Prepared
 from ..trajectory import Trajectory, UnsupportedScheduler
-from .family import OPTIONS, REGISTRY, Family, default_size, family_of, get_family, model_adapter, size_multiple
+from .family import (OPTIONS, REGISTRY, Family, check_sequence, component_configs, default_size, family_of,
+                     get_family, model_adapter, size_multiple)
 
 
 def check_size(pipe, height, width) -> tuple:
@@ -181,6 +182,7 @@ class PreparedImage(Prepared):
     width: int
     decode_generator: object = None  # the request's generator as given (a list of them, too)
     step_kwargs: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)  # the family's options (max_sequence_length, ...)
 
 
 def check(pipe, prompt, *, negative_prompt=None, steps=None, guidance_scale=None, height=None, width=None,
@@ -234,7 +236,7 @@ def encode(pipe, args: ImageArgs) -> PreparedImage:
                                         args.step_kwargs)
     return PreparedImage(traj, x, kw, run_generator(args.generator, traj), blend, family=family.name,
                          height=args.height, width=args.width, decode_generator=args.generator,
-                         step_kwargs=args.step_kwargs)
+                         step_kwargs=args.step_kwargs, options=args.options)
 
 
 def prepare(pipe, prompt, **kwargs) -> PreparedImage:
@@ -256,16 +258,27 @@ def prepare(pipe, prompt, **kwargs) -> PreparedImage:
     return encode(pipe, check(pipe, prompt, **kwargs))
 
 
+def check_split(pipe, request: PreparedImage, layout):
+    """Whether `layout`'s sequence groups (layout.Layout; None: none) can split a prepared request's calls: the
+    family's rule (family.check_sequence) on the pipeline's configs. Raises ValueError naming the rule."""
+    if layout is None or layout.seq == 1:
+        return
+    resolved = {"height": request.height, "width": request.width, "num_frames": getattr(request, "num_frames", None),
+                **request.options}
+    check_sequence(get_family(pipe), component_configs(pipe), resolved, layout.ulysses, layout.ring)
+
+
 @torch.no_grad()
-def run(pipe, request: Prepared, *, mode="aggressive", parallel=None, sampler=None, progress=False,
-        **sample_kwargs):
+def run(pipe, request: Prepared, *, mode="aggressive", parallel=None, sampler=None, progress=False, ulysses=1,
+        ring=1, **sample_kwargs):
     """Sample a prepared request through the runtime; returns the SampleOutput (final latents in `.sample`).
 
     sampler: a persistent `driffusion_rt.Sampler` built on `model_adapter(pipe)` (its buffers and CUDA graphs
-    then live across requests); None builds one for this call (layout.parallelize). sample_kwargs: further
-    sampling options (drafts=, and the iterative modes' subintervals, preconditioning, window, tolerance). A
-    request drawing per-step noise (DDPM, DDIM eta > 0) consumes its generator: prepare a new request to repeat
-    it."""
+    then live across requests); None builds one for this call (layout.parallelize, with sequence groups of
+    ulysses x ring ranks under torchrun: see docs/layouts.md). sample_kwargs: further sampling options (drafts=,
+    and the iterative modes' subintervals, preconditioning, window, tolerance). A request drawing per-step noise
+    (DDPM, DDIM eta > 0) consumes its generator: prepare a new request to repeat it."""
     options = SamplingOptions(mode=mode, parallel=parallel, **sample_kwargs)
-    sampler = sampler if sampler is not None else parallelize(model_adapter(pipe))
+    sampler = sampler if sampler is not None else parallelize(model_adapter(pipe), ulysses=ulysses, ring=ring)
+    check_split(pipe, request, sampler.layout)
     return sampler.apply(request, options, progress=progress)

@@ -9,7 +9,7 @@ from .api import video_stats
 from .conditioning import from_call, lora_scale_of
 from .decode import check_output_type, decode, empty_fields, output_of
 from .family import OPTIONS, family_of, get_family, model_adapter, output_class
-from .prepare import prepare
+from .prepare import check_split, prepare
 from .video import decode_video, get_video_family, prepare_video
 
 
@@ -36,7 +36,9 @@ class DRiffusionPipeline:
     negative_prompt), its `guidance_scale` (a guidance embedding no checkpoint has) is ignored as the pipeline
     ignores it.
     cfg_parallel=2 (under torchrun, an even number of ranks): the uncond and cond halves of every guided call run
-    on two ranks; parallel then defaults to the draft ranks (world / 2)."""
+    on two ranks; ulysses=N / ring=M (Flux, Wan, LTX under torchrun): groups of N x M ranks split the tokens of
+    every transformer call with diffusers' context parallelism; parallel then defaults to the draft ranks
+    (world / (cfg x N x M)). See docs/layouts.md."""
 
     def __new__(cls, pipe, *args, **kwargs):
         if cls is DRiffusionPipeline and get_family(pipe).video:
@@ -44,11 +46,12 @@ class DRiffusionPipeline:
         return super().__new__(cls)
 
     def __init__(self, pipe, mode="aggressive", parallel=None, scheduler=None, progress=False, cfg_parallel=1,
-                 **sample_kwargs):
+                 ulysses=1, ring=1, **sample_kwargs):
         family_of(pipe)
         self.pipe, self.scheduler, self.progress = pipe, scheduler, progress
         self.options = SamplingOptions(mode=mode, parallel=parallel, **sample_kwargs)
         self.cfg_parallel = int(parse_cfg(cfg_parallel))
+        self.ulysses, self.ring = ulysses, ring
         self.last_stats: SampleStats | None = None
         self.model = model_adapter(pipe)
         self._sampler = None
@@ -60,11 +63,13 @@ class DRiffusionPipeline:
 
     @property
     def sampler(self):
-        """Built on first use, so a process group initialised after wrapping is picked up. With cfg_parallel=2 the
-        job's ranks form a (draft, cfg) layout and each guided denoiser call is split across a pair
-        (driffusion_rt.layout); every rank must wrap the pipeline the same way."""
+        """Built on first use, so a process group initialised after wrapping is picked up. With cfg_parallel=2 or
+        ulysses / ring the job's ranks form a (draft, cfg, ring, ulysses) layout: each guided denoiser call is
+        split across a pair, each transformer call's tokens across a sequence group (driffusion_rt.layout); every
+        rank must wrap the pipeline the same way."""
         if self._sampler is None:
-            self._sampler = parallelize(self.model, self.pipe, cfg=self.cfg_parallel)
+            self._sampler = parallelize(self.model, self.pipe, cfg=self.cfg_parallel, ulysses=self.ulysses,
+                                        ring=self.ring)
         return self._sampler
 
     def _empty(self, return_dict: bool):
@@ -95,6 +100,7 @@ class DRiffusionPipeline:
                       guidance_rescale=guidance_rescale, true_cfg_scale=true_cfg_scale,
                       max_sequence_length=max_sequence_length, clip_skip=clip_skip, lora_scale=lora_scale,
                       conditioning=inputs)
+        check_split(self.pipe, req, self.sampler.layout)
         out = self.sampler.apply(req, self.options, progress=self.progress)
         self.last_stats = out.stats
         if not is_root():
@@ -136,6 +142,7 @@ class DRiffusionVideoPipeline(DRiffusionPipeline):
                             guidance_scale=guidance_scale, height=height, width=width, num_frames=num_frames,
                             num_videos=num_videos_per_prompt, generator=generator, scheduler=self.scheduler,
                             latents=latents, **options)
+        check_split(self.pipe, req, self.sampler.layout)
         out = self.sampler.apply(req, self.options, progress=self.progress)
         stats = self.last_stats = video_stats(out.stats)
         if not is_root():
