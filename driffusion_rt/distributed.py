@@ -90,8 +90,13 @@ def pick_device(spec: str = "auto") -> torch.device:
     return torch.device("cuda", index)
 
 
-def rank_device(spec: str, local_rank: int) -> tuple:
-    """(device, backend) of a torchrun rank: cuda:LOCAL_RANK with NCCL when CUDA is used, else the CPU with gloo."""
+def rank_device(spec: str, local_rank: int, local_world: int | None = None) -> tuple:
+    """(device, backend) of a torchrun rank: cuda:LOCAL_RANK with NCCL when CUDA is used, else the CPU with gloo.
+
+    More ranks on this node (`local_world`, default torchrun's LOCAL_WORLD_SIZE) than visible CUDA devices is refused
+    on EVERY rank, not only on the ranks whose LOCAL_RANK is past the device count: each rank then reports bad input
+    (rank 0 prints it) and leaves at once, instead of the ranks that have a device waiting in NCCL's start-up for
+    peers that already left."""
     check_device(spec)
     if spec.startswith("cuda:"):
         raise ValueError(f"device {spec!r}: under torchrun every rank uses cuda:LOCAL_RANK; choose the GPUs with "
@@ -100,9 +105,13 @@ def rank_device(spec: str, local_rank: int) -> tuple:
         return torch.device("cpu"), "gloo"
     if not torch.cuda.is_available():
         raise ValueError(f"device {spec!r} asked for, but CUDA is not available on this rank")
-    if local_rank >= torch.cuda.device_count():
-        raise ValueError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices are visible: "
-                         f"start at most one rank per GPU (NCCL cannot share a device between ranks)")
+    if local_world is None:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    ranks_here, count = max(local_world, local_rank + 1), torch.cuda.device_count()
+    if ranks_here > count:
+        raise ValueError(f"{ranks_here} ranks on this node but only {count} CUDA device(s) visible: start at most "
+                         f"one rank per GPU (NCCL cannot share a device between ranks; --nproc_per_node={count}, or "
+                         f"make more GPUs visible with CUDA_VISIBLE_DEVICES)")
     return torch.device("cuda", local_rank), "nccl"
 
 

@@ -184,3 +184,47 @@ def test_all_gather_rejects_a_stacked_output_shape():
         assert torch.equal(out, inp)
     finally:
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------- more ranks than GPUs
+
+
+@pytest.mark.parametrize("gpus,local_rank,local_world,refused", [
+    (1, 0, 2, True), (1, 1, 2, True), (2, 0, 2, False), (2, 1, 2, False), (4, 0, 8, True), (1, 0, None, False),
+])
+def test_more_ranks_than_gpus_is_refused_on_every_rank(gpus, local_rank, local_world, refused, monkeypatch):
+    """LOCAL_WORLD_SIZE above the device count is refused on rank 0 too (its LOCAL_RANK 0 has a device): every rank
+    must leave, or the ranks with a device wait in NCCL's start-up for the ones that left."""
+    import torch
+
+    from driffusion_rt import distributed
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    if local_world is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+    if refused:
+        with pytest.raises(ValueError, match=rf"{local_world} ranks on this node but only {gpus} CUDA device\(s\) "
+                                             r"visible: .*NCCL cannot share a device"):
+            distributed.rank_device("auto", local_rank)
+    else:
+        assert distributed.rank_device("auto", local_rank) == (torch.device("cuda", local_rank), "nccl")
+
+
+def test_two_ranks_faking_one_gpu_exit_2_with_one_message(tmp_path):
+    """Two torchrun ranks in processes that see one CUDA device (tests/one_gpu_worker.py): both leave before any
+    CUDA or NCCL call, status 2, and the message is printed once (by rank 0)."""
+    out = tmp_path / "out"
+    r, took = torchrun(2, os.path.join(HERE, "one_gpu_worker.py"), "--model", "gmm", "--steps", "4", "--out", str(out),
+                       timeout=120)
+    text = r.stdout + r.stderr
+    message = "2 ranks on this node but only 1 CUDA device(s) visible"
+    assert r.returncode != 0 and text.count(message) == 1 and text.count("driffusion_rt: error:") == 1, text[-3000:]
+    codes = re.findall(r"exitcode\s+: (-?\d+) ", text)  # the first rank out exited 2; the other 2 or torchrun's TERM
+    assert codes and codes[-1] == "2" and set(codes) <= {"2", "-15"}, text[-3000:]
+    assert "a CUDA device was used" not in text, text[-3000:]
+    assert text.count("Traceback (most recent call last)") <= 1, text[-3000:]  # torchrun's own ChildFailedError
+    assert took < 60, took  # prompt: nobody waits for a peer (the CPU start of two interpreters is most of it)
+    assert not out.exists()
+
