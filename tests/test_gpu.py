@@ -144,6 +144,8 @@ def test_proof_section_reports_no_failure(proof, section):
         p.section(section, gpu_proof.RUN[section])
     assert p.checks, section
     assert not p.failed, p.failed
+    if section == "nccl":  # two ranks on this one GPU: refused on every rank, status 2, one message
+        assert any(c["name"] == "nccl.two_ranks_one_gpu_refused" and c["status"] == "PASS" for c in p.checks)
 
 
 def test_staging_copies_queued_behind_a_device_sleep(proof):

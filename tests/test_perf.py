@@ -201,6 +201,100 @@ def test_gpu_proof_without_a_gpu_says_how_to_dry_run(tmp_path):
     assert r.returncode == 2 and "--cpu-dry-run" in r.stderr and not list(tmp_path.iterdir())
 
 
+@pytest.fixture
+def gpu_proof(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "perf"))
+    import gpu_proof
+    return gpu_proof
+
+
+def _fake_section(checks):
+    def section(proof):
+        for name in checks:
+            proof.record(name, True, fake=1)
+    return section
+
+
+def test_proof_report_survives_a_sticky_cuda_error(gpu_proof, tmp_path, monkeypatch):
+    """A section hits a sticky CUDA error: the section raises it, and so does the synchronize after it (every CUDA
+    call fails from then on). The report keeps every check so far, records the section as failed and the proof as
+    stopped (with the sections left to rerun), and the run exits 1 instead of losing everything."""
+    import torch
+    error = "CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be asynchronously reported"
+    later = []
+
+    def crashing(proof):
+        proof.record("pipelines.before_the_error", True)
+        proof.cuda = True  # from here the proof settles the device after each section, as on a GPU
+
+        def synchronize(*args, **kwargs):
+            raise RuntimeError(error)
+        monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+        monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+        raise RuntimeError(error)
+    monkeypatch.setitem(gpu_proof.RUN, "kernels", _fake_section(["kernels.fake"]))
+    monkeypatch.setitem(gpu_proof.RUN, "pipelines", crashing)
+    monkeypatch.setitem(gpu_proof.RUN, "staging", lambda proof: later.append("ran"))
+    code = gpu_proof.main(["--cpu-dry-run", "--only", "environment", "kernels", "pipelines", "staging",
+                           "--out", str(tmp_path)])
+    assert code == 1 and later == []
+    checks = {c["name"]: c for c in json.loads((tmp_path / "gpu_cpu_dry_run.json").read_text())}
+    assert [checks[n]["status"] for n in ("environment", "kernels.fake", "pipelines.before_the_error")] == \
+        ["INFO", "PASS", "PASS"]
+    assert checks["pipelines.error"]["status"] == "FAIL" and "illegal memory access" in checks["pipelines.error"]["error"]
+    assert checks["pipelines.device_after_section"]["status"] == "FAIL"
+    assert checks["proof.stopped"]["not_run"] == ["staging"] and "--only staging --merge" in checks["proof.stopped"]["note"]
+    md = (tmp_path / "gpu_cpu_dry_run.md").read_text()
+    assert "| kernels.fake | PASS |" in md and "| pipelines.error | FAIL |" in md and "Stopped early" in md
+
+
+KILLED_RUN = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import gpu_proof
+gpu_proof.RUN["kernels"] = lambda proof: proof.record("kernels.fake", True)
+gpu_proof.RUN["pipelines"] = lambda proof: (proof.record("pipelines.half", True), os._exit(9))
+gpu_proof.main(["--cpu-dry-run", "--only", "environment", "kernels", "pipelines", "staging", "--out", sys.argv[2]])
+"""
+
+
+def test_proof_report_is_rewritten_after_every_section(tmp_path):
+    """The process dies in the middle of a section (a crash, or a kill at the device's time limit): the report on
+    disk holds every section that finished and says which one it stopped in."""
+    r = subprocess.run([sys.executable, "-c", KILLED_RUN, os.path.join(ROOT, "perf"), str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 9, r.stderr[-3000:]
+    checks = json.loads((tmp_path / "gpu_cpu_dry_run.json").read_text())
+    assert [c["name"] for c in checks] == ["environment", "kernels.fake", "proof.incomplete"]
+    assert checks[-1]["status"] == "FAIL" and checks[-1]["section"] == "pipelines"
+    md = (tmp_path / "gpu_cpu_dry_run.md").read_text()
+    assert "Incomplete: stopped in section pipelines" in md and "| kernels.fake | PASS |" in md
+    assert sorted(os.listdir(tmp_path)) == ["gpu_cpu_dry_run.json", "gpu_cpu_dry_run.md"]  # no half-written file
+
+
+def test_proof_rerun_of_one_section_merges_into_the_report(gpu_proof, tmp_path, monkeypatch):
+    monkeypatch.setitem(gpu_proof.RUN, "kernels", _fake_section(["kernels.a", "kernels.b"]))
+    monkeypatch.setitem(gpu_proof.RUN, "staging", _fake_section(["staging.old"]))
+    out = ["--cpu-dry-run", "--out", str(tmp_path)]
+    assert gpu_proof.main([*out, "--only", "environment", "kernels", "staging"]) == 0
+    monkeypatch.setitem(gpu_proof.RUN, "staging", _fake_section(["staging.new"]))
+    assert gpu_proof.main([*out, "--only", "staging", "--merge"]) == 0
+    names = [c["name"] for c in json.loads((tmp_path / "gpu_cpu_dry_run.json").read_text())]
+    assert names == ["environment", "kernels.a", "kernels.b", "staging.new"]
+    assert gpu_proof.main([*out, "--only", "staging"]) == 0  # without --merge: this run's checks only
+    assert [c["name"] for c in json.loads((tmp_path / "gpu_cpu_dry_run.json").read_text())] == ["staging.new"]
+
+
+def test_proof_two_ranks_on_one_gpu_check_on_the_dry_run(gpu_proof, tmp_path):
+    """The proof's check itself, on CPU ranks faking one CUDA device: refused on every rank, status 2, one line."""
+    args = gpu_proof.parser().parse_args(["--cpu-dry-run", "--out", str(tmp_path)])
+    p = gpu_proof.Proof(args)
+    gpu_proof.two_ranks_one_gpu(p)
+    [check] = p.checks
+    assert check["status"] == "PASS", check
+    assert check["message_lines"] == 1 and check["rank_exit_codes"][-1] == "2"
+
+
 def test_gpu_selfcheck_without_a_gpu_fails_before_installing_anything():
     import torch
     if torch.cuda.is_available():
