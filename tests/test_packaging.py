@@ -64,3 +64,30 @@ def test_installed_layout_uses_its_own_kernels(tmp_path):
     assert out["PACKAGE"] == os.path.realpath(site / "driffusion_rt")
     assert out["KERNELS"] == os.path.realpath(site / "driffusion_rt" / "kernels" / "__init__.py")
     assert out["PATHFINDER"] == "True" and out["COMBINE"] == "[20.0, 31.0]"
+
+
+WITHOUT_IMPORTLIB_METADATA = """
+import sys
+
+class Refuse:  # as on the GPU image: the importlib_metadata distribution is not installed
+    def find_spec(self, name, path=None, target=None):
+        if name == "importlib_metadata" or name.startswith("importlib_metadata."):
+            raise ModuleNotFoundError(f"No module named {name!r} (refused by the test)", name=name)
+
+sys.meta_path.insert(0, Refuse())
+import diffusers
+from diffusers import DDIMScheduler, UNet2DConditionModel  # noqa: F401  (the lazy modules the runtime uses)
+import driffusion_rt.pipelines, driffusion_rt.services  # noqa: F401
+print("IMPORTED", "importlib_metadata" in sys.modules)
+"""
+
+
+def test_diffusers_runs_without_importlib_metadata():
+    """perf/gpu_wheels.sh carries diffusers but not importlib_metadata, which diffusers declares but imports only on
+    Python < 3.8 (the GPU image lacks it, and its own need, zipp): diffusers and the runtime must import without it."""
+    r = subprocess.run([sys.executable, "-c", WITHOUT_IMPORTLIB_METADATA], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "IMPORTED False" in r.stdout
+    with open(os.path.join(ROOT, "perf", "gpu_wheels.sh")) as f:
+        assert "importlib_metadata==" not in f.read()
