@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """GPU proof: run every GPU path of the runtime on ONE GPU and report one line per check (issue 14).
 
-    python perf/gpu_proof.py --out /tmp/proof          # on a machine with a CUDA GPU (about 3-5 minutes)
-    python perf/gpu_proof.py --cpu-dry-run --out /tmp/p  # the same flow on CPU with tiny sizes (about a minute)
+    python perf/gpu_proof.py --out /tmp/proof          # on a machine with a CUDA GPU (about 3-5 minutes, estimated)
+    python perf/gpu_proof.py --cpu-dry-run --out /tmp/p  # the same flow on CPU with tiny sizes (under a minute)
+    python perf/gpu_proof.py --out /tmp/proof --only sd15 --merge   # rerun a section, keep the others' checks
 
 Each check prints `name: PASS|FAIL|INFO key=value ...` (INFO: a measurement or a target reported, not a test).
-The run continues past a failing check and exits 1 if any check failed. --out gets gpu_<device>.md (the report)
-and gpu_<device>.json (a list of checks, each {"name", "status", numbers...}); commit them as
+The run continues past a failing check and exits 1 if any check failed; a sticky CUDA error (the device unusable
+after a section) stops it cleanly. --out gets gpu_<device>.md (the report) and gpu_<device>.json (a list of checks,
+each {"name", "status", numbers...}), rewritten after every section so that a crash keeps what ran; commit them as
 perf/results/gpu_<device>.md / .json. Sections (--only / --skip take their names):
 
   environment  GPU, SMs, memory, L2, driver, CUDA, torch / triton / diffusers / transformers versions
@@ -31,14 +33,8 @@ perf/results/gpu_<device>.md / .json. Sections (--only / --skip take their names
 
 Offline (the device machine has torch and triton but no diffusers, starlette or uvicorn; no network): on a machine
 with network run `bash perf/gpu_wheels.sh` (wheels into perf/wheels/, git-ignored), carry perf/wheels/ to the GPU
-machine, then there, from the repository root:
-
-    python3 -m pip install --no-index --no-deps perf/wheels/*.whl
-    python3 -m pip install --no-index --no-build-isolation --no-deps -e .
-    python3 perf/gpu_proof.py --out perf/results
-
-(Without write access to site-packages: `pip install --no-index --no-deps --target /tmp/site perf/wheels/*.whl`,
-`export PYTHONPATH=/tmp/site:$PWD`, skip the -e install: the source tree imports as it is.) perf/README.md has more.
+machine, then there, from the repository root, `bash perf/gpu_device_check.sh --out DIR`: it installs them
+(--no-index --no-deps), runs this proof and the GPU tests within 7 minutes. perf/README.md has more.
 """
 import argparse
 import contextlib
@@ -92,9 +88,10 @@ def parser():
                    help="run the same flow on CPU with tiny sizes (checks that need a GPU report INFO)")
     p.add_argument("--only", nargs="+", choices=SECTIONS, default=None, help="run these sections only")
     p.add_argument("--skip", nargs="+", choices=SECTIONS, default=[], help="sections to leave out")
-    p.add_argument("--merge", action="store_true",
-                   help="keep the checks of the sections not run now from the report already in --out (rerun a "
-                        "section with --only SECTION --merge and the report keeps the others)")
+    p.add_argument("--merge", nargs="?", const="", default=None, metavar="REPORT_JSON",
+                   help="keep the checks of the sections not run now from an earlier report: REPORT_JSON, or without "
+                        "it the gpu_<device>.json already in --out (rerun a section with --only SECTION --merge and "
+                        "the report keeps the others)")
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None,
                    help="tiny-pipeline and kernel dtypes (default: all three on GPU, float32 on the dry run)")
     p.add_argument("--steps", type=int, default=6, help="steps of the tiny-pipeline and model checks (default 6)")
@@ -194,14 +191,14 @@ def _write_atomic(path, text):
     os.replace(tmp, path)
 
 
-def earlier_checks(out_dir, slug, rerun) -> list:
-    """--merge: the checks of the report in `out_dir` whose sections are not in `rerun` (nor the run's own
-    proof.* records), in their order; [] when there is none or it does not read."""
-    try:
-        with open(os.path.join(out_dir, f"gpu_{slug}.json")) as f:
-            old = json.load(f)
-    except (OSError, ValueError):
+def earlier_checks(path, rerun) -> list:
+    """--merge: the checks of the report `path` whose sections are not in `rerun` (nor the run's own proof.*
+    records), in their order; [] when there is none (a first run); an error when it does not read."""
+    if not os.path.exists(path):
+        print(f"gpu_proof: no earlier report {path} to merge into: this run's checks only", flush=True)
         return []
+    with open(path) as f:
+        old = json.load(f)
     keep = [c for c in old if isinstance(c, dict) and "name" in c and section_of(c["name"]) not in rerun
             and section_of(c["name"]) != "proof"]
     return keep
@@ -940,10 +937,12 @@ def main(argv=None) -> int:
     proof.argv = list(sys.argv[1:] if argv is None else argv)
     t0 = time.perf_counter()
     todo = [s for s in (args.only or SECTIONS) if s not in args.skip]
-    earlier = earlier_checks(args.out, proof.slug, todo) if args.merge else []
+    earlier = []
+    if args.merge is not None:
+        earlier = earlier_checks(args.merge or os.path.join(args.out, f"gpu_{proof.slug}.json"), todo)
     print(f"gpu_proof: {'CPU dry run' if proof.dry else torch.cuda.get_device_name(proof.device)}, sections "
-          f"{' '.join(todo)}" + (f" (merged into the {len(earlier)} checks of the earlier report)" if args.merge
-                                 else ""), flush=True)
+          f"{' '.join(todo)}" + (f" (kept: {len(earlier)} checks of the earlier report)" if earlier else ""),
+          flush=True)
     for name in todo:
         write_reports(proof, args.out, time.perf_counter() - t0, earlier, running=name, todo=todo)
         with torch.no_grad() if name != "nccl" else contextlib.nullcontext():

@@ -1,7 +1,7 @@
 """GPU-only paths: compiled Triton kernels, CUDA graphs, pinned staging, CUDA-event timing, NCCL, NVML.
 
-On a machine without CUDA these tests skip and say why. perf/gpu_selfcheck.sh sets DRIFFUSION_TEST_GPU=1, which
-turns a missing GPU into a failure: the self-check must fail loudly when a GPU path cannot run. The proof's
+On a machine without CUDA these tests skip and say why. perf/gpu_device_check.sh sets DRIFFUSION_TEST_GPU=1, which
+turns a missing GPU into a failure: the device check must fail loudly when a GPU path cannot run. The proof's
 sections (perf/gpu_proof.py) run here too, at small sizes; each must report no FAIL.
 """
 import os
@@ -19,7 +19,7 @@ REQUIRED = os.environ.get("DRIFFUSION_TEST_GPU") == "1"
 HAVE = torch.cuda.is_available()
 if REQUIRED and not HAVE:
     raise RuntimeError("DRIFFUSION_TEST_GPU=1 but torch.cuda.is_available() is False: the GPU self-check cannot run")
-pytestmark = pytest.mark.skipif(not HAVE, reason="needs a CUDA GPU (run perf/gpu_selfcheck.sh on a GPU machine)")
+pytestmark = pytest.mark.skipif(not HAVE, reason="needs a CUDA GPU (run perf/gpu_device_check.sh on a GPU machine)")
 
 
 def tiny_unet():

@@ -281,8 +281,14 @@ def test_proof_rerun_of_one_section_merges_into_the_report(gpu_proof, tmp_path, 
     assert gpu_proof.main([*out, "--only", "staging", "--merge"]) == 0
     names = [c["name"] for c in json.loads((tmp_path / "gpu_cpu_dry_run.json").read_text())]
     assert names == ["environment", "kernels.a", "kernels.b", "staging.new"]
+    (tmp_path / "first.json").write_text((tmp_path / "gpu_cpu_dry_run.json").read_text())
     assert gpu_proof.main([*out, "--only", "staging"]) == 0  # without --merge: this run's checks only
     assert [c["name"] for c in json.loads((tmp_path / "gpu_cpu_dry_run.json").read_text())] == ["staging.new"]
+    # merged into a report carried from elsewhere (a fresh device machine's output folder starts empty)
+    monkeypatch.setitem(gpu_proof.RUN, "kernels", _fake_section(["kernels.c"]))
+    assert gpu_proof.main([*out, "--only", "kernels", "--merge", str(tmp_path / "first.json")]) == 0
+    names = [c["name"] for c in json.loads((tmp_path / "gpu_cpu_dry_run.json").read_text())]
+    assert names == ["environment", "kernels.c", "staging.new"]
 
 
 def test_proof_two_ranks_on_one_gpu_check_on_the_dry_run(gpu_proof, tmp_path):
@@ -295,14 +301,48 @@ def test_proof_two_ranks_on_one_gpu_check_on_the_dry_run(gpu_proof, tmp_path):
     assert check["message_lines"] == 1 and check["rank_exit_codes"][-1] == "2"
 
 
-def test_gpu_selfcheck_without_a_gpu_fails_before_installing_anything():
+def test_gpu_device_check_without_a_gpu_fails_before_installing_anything(tmp_path):
     import torch
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible: this checks what a GPU-less machine prints")
-    r = subprocess.run(["bash", os.path.join(ROOT, "perf", "gpu_selfcheck.sh")], capture_output=True, text=True,
-                       timeout=300, env=dict(os.environ, PYTHON=sys.executable))
+    r = subprocess.run(["bash", os.path.join(ROOT, "perf", "gpu_device_check.sh"), "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHON=sys.executable))
     assert r.returncode == 1 and "torch.cuda.is_available() is False" in r.stdout
-    assert "install" not in r.stdout
+    assert "install" not in r.stdout and sorted(os.listdir(tmp_path)) == ["summary.txt"]
+
+
+def _stub_interpreters(bin_dir):
+    """`python` and `python3` on PATH that fail loudly: the device check must use $PYTHON for everything."""
+    bin_dir.mkdir()
+    for name in ("python", "python3"):
+        stub = bin_dir / name
+        stub.write_text("#!/bin/sh\necho \"STUB INTERPRETER $0 $*\" >&2\nexit 97\n")
+        stub.chmod(0o755)
+    return str(bin_dir)
+
+
+@pytest.mark.slow
+def test_gpu_device_check_flow_on_cpu(tmp_path):
+    """The device command's plumbing on CPU (--cpu-dry-run): $PYTHON throughout (plain python / python3 on PATH are
+    stubs that fail), --only passed to the proof, the tests, the launcher, and at most 6 files in the output folder."""
+    out, wheels = tmp_path / "out", tmp_path / "wheels"
+    wheels.mkdir()
+    env = dict(os.environ, PYTHON=sys.executable, WHEELS=str(wheels), PATH=_stub_interpreters(tmp_path / "bin") + ":"
+               + os.environ["PATH"], TESTS="tests/test_sampler.py::test_same_result_with_fused_kernels_on_and_off")
+    env.pop("OUT", None)
+    r = subprocess.run(["bash", os.path.join(ROOT, "perf", "gpu_device_check.sh"), "--cpu-dry-run", "--out", str(out),
+                        "--only", "environment", "--tests"], capture_output=True, text=True, timeout=600, env=env)
+    logs = {f: (out / f).read_text() for f in os.listdir(out)}
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:], logs.get("tests.log", "")[-3000:])
+    assert sorted(logs) == ["gpu_cpu_dry_run.json", "gpu_cpu_dry_run.md", "install.log", "proof.log", "summary.txt",
+                            "tests.log"]
+    assert not any("STUB INTERPRETER" in text for text in [r.stdout, r.stderr, *logs.values()])
+    assert [c["name"] for c in json.loads(logs["gpu_cpu_dry_run.json"])] == ["environment"]
+    assert "--only environment --merge" in logs["gpu_cpu_dry_run.md"]
+    summary = logs["summary.txt"]
+    for step in ("PASS    proof", "PASS    tests", "PASS    generate on every GPU", "ALL PASSED"):
+        assert step in summary, summary
+    assert "2 passed" in logs["tests.log"] and "launch: " + sys.executable in logs["tests.log"]
 
 
 def test_bench_latency_models_layouts_with_a_sequence_axis():
