@@ -25,7 +25,7 @@ perf/results/gpu_<device>.md / .json. Sections (--only / --skip take their names
                (local evaluator); speedup, ideal, efficiency, runtime overhead per round from CUDA events; peak and
                extra memory over sequential (allocator and NVML)
   nccl         a world-1 NCCL group: distributed evaluator == local bitwise, broadcast and all-gather into buffer
-               slices, barrier, destroy; two ranks on one GPU are refused on every rank: status 2 at once, one
+               slices, the runtime's barrier, destroy; two ranks on one GPU are refused on every rank: status 2 at once, one
                message (torchrun; the dry run fakes one CUDA device)
   cli          `python -m driffusion_rt.generate` in one process allocates on the GPU
   nvml         NVML's device (matched by UUID) is the one torch uses, and sees torch's allocation
@@ -742,7 +742,7 @@ def nccl_section(proof):
     import torch.distributed as dist
 
     from driffusion_rt import GaussianMixture, GaussianMixtureModel, Sampler
-    from driffusion_rt.distributed import DistInfo, DistributedEvaluator, all_gather_rows
+    from driffusion_rt.distributed import DistInfo, DistributedEvaluator, all_gather_rows, barrier
     from driffusion_rt.evaluator import LocalEvaluator
     dev = proof.device
     backend = "nccl" if proof.cuda else "gloo"
@@ -769,7 +769,7 @@ def nccl_section(proof):
         all_gather_rows(gathered[2:4], buf[1:3])
         untouched = bool((gathered[:2] == 0).all()) and bool((gathered[4:] == 0).all())
         ok = torch.equal(gathered[2:4], buf[1:3]) and untouched
-        dist.barrier(**({"device_ids": [dev.index]} if backend == "nccl" else {}))
+        barrier("the proof's barrier", info, datetime.timedelta(seconds=60))  # the runtime's (async + Work.wait)
         sync(proof)
         proof.record("nccl.broadcast_allgather_slices_barrier", ok, backend=backend)
     finally:
