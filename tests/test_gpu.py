@@ -18,7 +18,7 @@ from driffusion_rt.noise import PinnedStage, draw_noise
 REQUIRED = os.environ.get("DRIFFUSION_TEST_GPU") == "1"
 HAVE = torch.cuda.is_available()
 if REQUIRED and not HAVE:
-    raise RuntimeError("DRIFFUSION_TEST_GPU=1 but torch.cuda.is_available() is False: the GPU self-check cannot run")
+    raise RuntimeError("DRIFFUSION_TEST_GPU=1 but torch.cuda.is_available() is False: the GPU tests cannot run")
 pytestmark = pytest.mark.skipif(not HAVE, reason="needs a CUDA GPU (run perf/gpu_device_check.sh on a GPU machine)")
 
 
