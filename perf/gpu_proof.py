@@ -25,8 +25,8 @@ perf/results/gpu_<device>.md / .json. Sections (--only / --skip take their names
                (local evaluator); speedup, ideal, efficiency, runtime overhead per round from CUDA events; peak and
                extra memory over sequential (allocator and NVML)
   nccl         a world-1 NCCL group: distributed evaluator == local bitwise, broadcast and all-gather into buffer
-               slices, the runtime's barrier, destroy; two ranks on one GPU are refused on every rank: status 2 at once, one
-               message (torchrun; the dry run fakes one CUDA device)
+               slices, the runtime's barrier, destroy; two ranks on one GPU are refused on every rank: status 2
+               at once, one message (torchrun; the dry run fakes one CUDA device)
   cli          `python -m driffusion_rt.generate` in one process allocates on the GPU
   nvml         NVML's device (matched by UUID) is the one torch uses, and sees torch's allocation
   scope        a latent on a GPU other than the current one (needs 2 GPUs; INFO with one)

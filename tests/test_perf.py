@@ -241,9 +241,11 @@ def test_proof_report_survives_a_sticky_cuda_error(gpu_proof, tmp_path, monkeypa
     checks = {c["name"]: c for c in json.loads((tmp_path / "gpu_cpu_dry_run.json").read_text())}
     assert [checks[n]["status"] for n in ("environment", "kernels.fake", "pipelines.before_the_error")] == \
         ["INFO", "PASS", "PASS"]
-    assert checks["pipelines.error"]["status"] == "FAIL" and "illegal memory access" in checks["pipelines.error"]["error"]
+    error_check = checks["pipelines.error"]
+    assert error_check["status"] == "FAIL" and "illegal memory access" in error_check["error"]
     assert checks["pipelines.device_after_section"]["status"] == "FAIL"
-    assert checks["proof.stopped"]["not_run"] == ["staging"] and "--only staging --merge" in checks["proof.stopped"]["note"]
+    stopped = checks["proof.stopped"]
+    assert stopped["not_run"] == ["staging"] and "--only staging --merge" in stopped["note"]
     md = (tmp_path / "gpu_cpu_dry_run.md").read_text()
     assert "| kernels.fake | PASS |" in md and "| pipelines.error | FAIL |" in md and "Stopped early" in md
 
