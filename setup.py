@@ -1,6 +1,8 @@
 """driffusion_rt: a rank-per-GPU runtime for DRiffusion draft-and-refine parallel diffusion sampling.
 
 GPU users: `pip install .` (ranges below). CPU dev/CI: `pip install -r requirements-cpu.txt -e .[test]`.
+The lower bounds of torch, triton and diffusers are the releases the distributed tests and the GPU proof's CPU dry
+run passed on (docs/compatibility.md records the run); the GPU machines run torch 2.11 with triton 3.6.
 The top-level `kernels/` folder installs as `driffusion_rt.kernels`, never as a package named `kernels`.
 """
 from setuptools import setup
@@ -16,14 +18,14 @@ setup(
     package_dir={"driffusion_rt": "driffusion_rt", "driffusion_rt.kernels": "kernels"},
     package_data={"driffusion_rt": ["assets/*/*"]},
     install_requires=[
-        "torch>=2.4",
-        "diffusers>=0.32",
+        "torch>=2.11",
+        "diffusers>=0.42.1",
         "transformers>=4.45",
         "safetensors>=0.4",
         "numpy>=1.24",
         "pillow>=10",
         "tqdm>=4.60",
-        "triton>=3.0; platform_system == 'Linux'",
+        "triton>=3.6; platform_system == 'Linux'",
         "nvidia-ml-py>=12.535",
     ],
     extras_require={

@@ -65,7 +65,7 @@ def add_model_flags(p):
 
 
 def add_runtime_flags(p):
-    """Device, timeouts, CUDA graphs, the guidance-parallel layout and the fixed-cost model's costs."""
+    """Device, timeouts, CUDA graphs, the layout (guidance pairs, sequence groups) and the fixed-cost model's costs."""
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="auto",
                    help="auto (CUDA when available, else the CPU; the default), cpu, cuda or cuda:N; under torchrun "
@@ -80,9 +80,18 @@ def add_runtime_flags(p):
                    help="run the model eagerly on GPU (CUDA graphs are on by default there)")
     g.add_argument("--cfg-parallel", default="1", choices=CFG_CHOICES,
                    help="guidance-parallel ranks: 2 runs the uncond and cond halves of every guided model call on two "
-                        "ranks (world = 2 x draft ranks; --parallel defaults to the draft ranks; the server then "
-                        "refuses requests without guidance); auto: 2 when guidance is on and the number of ranks is "
-                        "even (default 1)")
+                        "ranks (world = draft ranks x 2 x ulysses x ring; --parallel defaults to the draft ranks; the "
+                        "server then refuses requests without guidance); auto: 2 when guidance is on and the ranks "
+                        "hold a whole number of pairs (default 1)")
+    g.add_argument("--ulysses", type=int, default=1, metavar="N",
+                   help="sequence-parallel ranks, Ulysses attention: N consecutive ranks hold one draft and split the "
+                        "tokens of every transformer call with diffusers' context parallelism (an all-to-all trades "
+                        "tokens for attention heads: N must divide the heads, and the token counts); Flux, Wan and "
+                        "LTX pipelines; world = draft ranks x cfg x ulysses x ring (default 1; docs/layouts.md)")
+    g.add_argument("--ring", type=int, default=1, metavar="N",
+                   help="sequence-parallel ranks, ring attention: key / value blocks passed around N ranks (needs an "
+                        "attention backend that returns the log-sum-exp, set with DIFFUSERS_ATTN_BACKEND, e.g. "
+                        "_native_cudnn on CUDA); combines with --ulysses (default 1)")
     g.add_argument("--model-cost", type=float, default=0.04, help="seconds per call of --model fixed (default 0.04)")
     g.add_argument("--model-cost-per-row", type=float, default=0.0, metavar="SECONDS",
                    help="seconds more per latent row of a call of --model fixed: a call costs --model-cost + rows x "

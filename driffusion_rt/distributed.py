@@ -16,6 +16,7 @@ import datetime
 import math
 import os
 import sys
+import time
 import weakref
 from dataclasses import dataclass
 
@@ -90,8 +91,13 @@ def pick_device(spec: str = "auto") -> torch.device:
     return torch.device("cuda", index)
 
 
-def rank_device(spec: str, local_rank: int) -> tuple:
-    """(device, backend) of a torchrun rank: cuda:LOCAL_RANK with NCCL when CUDA is used, else the CPU with gloo."""
+def rank_device(spec: str, local_rank: int, local_world: int | None = None) -> tuple:
+    """(device, backend) of a torchrun rank: cuda:LOCAL_RANK with NCCL when CUDA is used, else the CPU with gloo.
+
+    More ranks on this node (`local_world`, default torchrun's LOCAL_WORLD_SIZE) than visible CUDA devices is refused
+    on EVERY rank, not only on the ranks whose LOCAL_RANK is past the device count: each rank then reports bad input
+    (rank 0 prints it) and leaves at once, instead of the ranks that have a device waiting in NCCL's start-up for
+    peers that already left."""
     check_device(spec)
     if spec.startswith("cuda:"):
         raise ValueError(f"device {spec!r}: under torchrun every rank uses cuda:LOCAL_RANK; choose the GPUs with "
@@ -100,9 +106,13 @@ def rank_device(spec: str, local_rank: int) -> tuple:
         return torch.device("cpu"), "gloo"
     if not torch.cuda.is_available():
         raise ValueError(f"device {spec!r} asked for, but CUDA is not available on this rank")
-    if local_rank >= torch.cuda.device_count():
-        raise ValueError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices are visible: "
-                         f"start at most one rank per GPU (NCCL cannot share a device between ranks)")
+    if local_world is None:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    ranks_here, count = max(local_world, local_rank + 1), torch.cuda.device_count()
+    if ranks_here > count:
+        raise ValueError(f"{ranks_here} ranks on this node but only {count} CUDA device(s) visible: start at most "
+                         f"one rank per GPU (NCCL cannot share a device between ranks; --nproc_per_node={count}, or "
+                         f"make more GPUs visible with CUDA_VISIBLE_DEVICES)")
     return torch.device("cuda", local_rank), "nccl"
 
 
@@ -147,12 +157,22 @@ def ready(info: DistInfo | None):
     """Barrier after every rank loaded its model, under the long start-up timeout: from here on a rank that does
     not answer within the short timeout is hung or dead, not slow to load."""
     if info is not None:
-        kw = {"device_ids": [info.device.index]} if info.backend == "nccl" else {}
-        timeout = datetime.timedelta(seconds=info.init_timeout_s)
-        try:
-            dist.barrier(timeout=timeout, **kw)
-        except RuntimeError as e:
-            raise _peer_failure("the barrier after loading", e, info.rank, timeout) or e
+        barrier("the barrier after loading", info, datetime.timedelta(seconds=info.init_timeout_s))
+
+
+def barrier(name: str, info: DistInfo, timeout: datetime.timedelta):
+    """A barrier of every rank (default group) that waits at most `timeout`; a peer that is gone or silent raises
+    CollectiveTimeout. dist.barrier takes no `timeout` before torch 2.13, so the barrier is started asynchronously
+    and its work waited for with the timeout (Work.wait(timeout) exists on every supported release); the barrier
+    op itself runs under the default group's timeout, the long start-up one."""
+    kw = {"device_ids": [info.device.index]} if info.backend == "nccl" else {}
+    t0 = time.monotonic()
+    try:
+        work = dist.barrier(async_op=True, **kw)
+        if work is not None:
+            work.wait(timeout=timeout)
+    except RuntimeError as e:
+        raise _peer_failure(name, e, info.rank, timeout, time.monotonic() - t0) or e
 
 
 def rank0_agrees(info: DistInfo | None, ok: bool) -> bool:
@@ -187,7 +207,7 @@ def teardown(info: DistInfo | None):
     if info is None or not dist.is_initialized():
         return
     try:
-        ready(info)
+        barrier("the barrier before leaving", info, datetime.timedelta(seconds=info.init_timeout_s))
     finally:
         dist.destroy_process_group()
         _INFO = None
@@ -220,21 +240,41 @@ def current() -> DistInfo | None:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend())
 
 
-# How a collective's error reads when a peer is gone: gloo, NCCL's blocking wait, NCCL's abort after a peer's death.
-_PEER_FAILURES = ("imed out", "Connection closed", "Connection reset", "remote process exited", "was aborted")
+# How a collective's error reads when a peer is gone: the transport says so at once (gloo, NCCL's socket bootstrap)...
+_PEER_GONE = ("Connection closed", "Connection reset", "remote process exited", "Broken pipe", "closed by peer")
+# ...or the wait ran out (gloo, NCCL's blocking wait), or NCCL aborted the communicator (after a timeout or a peer's
+# error: which one, its text does not say)
+_PEER_SILENT = ("imed out", "was aborted")
 
 
 class CollectiveTimeout(RuntimeError):
-    """A collective did not complete within the runtime's timeout: another rank is hung or dead."""
+    """A collective failed because another rank is hung or dead: the wait timed out, or the transport said the peer
+    closed its connection. The message does not name this rank (whoever prints it does, once); `rank` holds it."""
+
+    rank: int | None = None
 
 
-def _peer_failure(name: str, e: RuntimeError, rank: int, timeout: datetime.timedelta):
-    """A CollectiveTimeout for a backend error that says a peer is gone or silent (None for other errors)."""
+def _peer_failure(name: str, e: RuntimeError, rank: int, timeout: datetime.timedelta, elapsed: float | None = None):
+    """A CollectiveTimeout for a backend error that says a peer is gone or silent (None for other errors).
+
+    A peer whose connection closed, was reset or whose process exited has died: said so, with how long the collective
+    had waited (a fraction of a second is common), not reported as a timeout it never reached."""
     text = str(e)
-    if not any(s in text for s in _PEER_FAILURES):
+    gone = any(s in text for s in _PEER_GONE)
+    if not gone and not any(s in text for s in _PEER_SILENT):
         return None
-    err = CollectiveTimeout(f"rank {rank}: {name} did not complete within {timeout.total_seconds():g} s: another rank "
-                            f"is hung or has died ({text.splitlines()[0] if text else type(e).__name__})")
+    detail = text.splitlines()[0] if text.strip() else type(e).__name__
+    limit = timeout.total_seconds()
+    if gone and (elapsed is None or elapsed < limit):
+        after = f" after {elapsed:.2f} s" if elapsed is not None else ""
+        msg = f"{name} failed{after}: another rank has died (the connection to it closed: {detail})"
+    elif "was aborted" in text and (elapsed is None or elapsed < limit):
+        after = f" after {elapsed:.2f} s" if elapsed is not None else ""
+        msg = f"{name} failed{after}: the group was aborted: another rank is hung or has died ({detail})"
+    else:
+        msg = f"{name} did not complete within {limit:g} s: another rank is hung or has died ({detail})"
+    err = CollectiveTimeout(msg)
+    err.rank = rank
     err.__cause__ = e
     return err
 
@@ -246,12 +286,13 @@ def collective(name: str, fn, *args, info: DistInfo | None = None, group=None):
     info = info or current()
     timeout = info.timeout if info else datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)
     group = group if group is not None else (info.group if info else None)
+    t0 = time.monotonic()
     try:
         work = fn(*args, group=group, async_op=True)
         if work is not None:
             work.wait(timeout=timeout)
     except RuntimeError as e:  # torch's DistBackendError and gloo's errors are RuntimeErrors
-        raise _peer_failure(name, e, info.rank if info else dist.get_rank(), timeout) or e
+        raise _peer_failure(name, e, info.rank if info else dist.get_rank(), timeout, time.monotonic() - t0) or e
 
 
 def all_gather_rows(out: torch.Tensor, inp: torch.Tensor, info: DistInfo | None = None, group=None):
@@ -268,16 +309,17 @@ class DistributedEvaluator(LocalEvaluator):
     """Rank r evaluates slots [r*c, (r+1)*c) of a round of k points (c = ceil(k / world)) and all-gathers them.
 
     Ranks with no slot in a round still join the collectives. The send buffer is allocated once per
-    (latent shape, dtype, chunk) and reused by every round and request. With a guidance-parallel `layout`
-    (cfg_parallel.Layout) rank and world are the draft coordinates: the drafts are spread and gathered over the
-    layout's draft dim, both ranks of a cfg pair evaluate the same points (each one half of the guided call), and
-    what every rank of the job must share (the generator state, decisions) still goes to every rank."""
+    (latent shape, dtype, chunk) and reused by every round and request. With a `layout` (layout.Layout) that splits
+    calls, rank and world are the draft coordinates: the drafts are spread and gathered over the layout's draft
+    dim, the ranks of a cfg pair and of a sequence group evaluate the same points together (each its half of the
+    guided call, its share of the tokens), and what every rank of the job must share (the generator state,
+    decisions) still goes to every rank."""
 
     def __init__(self, model, info: DistInfo, layout=None):
         super().__init__(model)
         self.info, self.rank, self.world = info, info.rank, info.world
         self.replicas, self.is_root = info.world, info.rank == 0
-        self.layout = layout if layout is not None and layout.cfg > 1 else None
+        self.layout = layout if layout is not None and layout.splits else None
         if self.layout is not None:
             self.rank, self.world = layout.draft_rank, layout.draft
         self._send = {}
@@ -300,7 +342,7 @@ class DistributedEvaluator(LocalEvaluator):
         saves a collective on the critical path (fixed-cost model, 2 gloo ranks, conservative S=20 n=2: 603 ms
         against 611 ms with a broadcast). CPU ranks share cores, where the redundant call slows both: there rank 0
         evaluates and broadcasts (measured in perf/results/latency.md)."""
-        if self.info.device.type == "cuda" or self.layout is not None:  # (a cfg pair evaluates it together)
+        if self.info.device.type == "cuda" or self.layout is not None:  # (split calls evaluate it together)
             return call(states, idx, out)
         if self.rank == 0:
             call(states, idx, out)

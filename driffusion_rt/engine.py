@@ -36,10 +36,11 @@ from . import distributed
 from .batch import Batch, degree, rows
 from .distributed import DEFAULT_TIMEOUT_S, CollectiveTimeout, collective
 from .evaluator import ModelOutputError
-from .layout import check_world, guided, parallelize, parse_cfg
+from .layout import guided, parallelize, resolve
 from .plan import MODES
 from .requests import Limits, Request, RequestError, parse, request_bytes
 from .results import Cancelled
+from .services import check_sequence
 from .waiting import QueueFull, Waiting
 
 # Header broadcast from rank 0: [op, payload bytes].
@@ -92,21 +93,20 @@ class Engine:
 
     def __init__(self, service, limits: Limits = Limits(), timeout_s: float = DEFAULT_TIMEOUT_S,
                  cuda_graphs: bool = True, heartbeat_s: float = 2.0, max_queue: int = 0, cfg_parallel="1",
-                 max_batch: int = DEFAULT_MAX_BATCH, draft_policy: str = "shrink"):
+                 ulysses: int = 1, ring: int = 1, max_batch: int = DEFAULT_MAX_BATCH, draft_policy: str = "shrink"):
         if draft_policy not in POLICIES:
             raise ValueError(f"draft_policy must be one of {', '.join(POLICIES)}, got {draft_policy!r}")
         self.info = distributed.maybe_init_dist(timeout_s)  # the group serve.py (or the caller) joined already
         self.rank = self.info.rank if self.info else 0
         self.device = self.info.device if self.info else getattr(service, "device", torch.device("cpu"))
         self.service, self.limits, self.heartbeat_s = service, limits, heartbeat_s
-        # A guidance-parallel layout is fixed for the engine's life ("auto": 2 on an even number of ranks); requests
-        # without guidance are then refused (422): a pair would compute them twice.
+        # The layout is fixed for the engine's life ("auto": a guidance pair when the ranks hold whole pairs);
+        # requests without guidance are then refused (422): a pair would compute them twice. Under sequence groups
+        # (ulysses x ring) a request whose token counts they cannot split is refused (422) too.
         world = self.info.world if self.info else 1
-        cfg = parse_cfg(cfg_parallel)
-        cfg = (2 if world % 2 == 0 and world > 1 else 1) if cfg == "auto" else int(cfg)
-        check_world(cfg, world)
+        cfg = resolve(cfg_parallel, world, True, ulysses, ring)
         self.sampler = parallelize(service.model, getattr(service, "pipe", None), cfg=cfg, info=self.info,
-                                   cuda_graphs=cuda_graphs)
+                                   cuda_graphs=cuda_graphs, ulysses=ulysses, ring=ring)
         self.layout = self.sampler.layout
         self.batch = Batch(self.sampler.ev, service.model, max_batch)
         self.draft_policy = draft_policy
@@ -284,6 +284,7 @@ class Engine:
                 else:
                     try:
                         job.request = self.service.admit(parse(job.spec, self.service, self.limits))
+                        check_sequence(self.service, job.request, self.layout.ulysses, self.layout.ring)
                         job.wire = job.request.to_wire()
                         if len(job.wire) > self.max_bytes:
                             error = Result(False, error=f"request is {len(job.wire)} bytes encoded; the limit is "
@@ -332,13 +333,13 @@ class Engine:
             return Result(False, error=str(outcome), status=422)
         images, output_stats = self.service.outputs(outcome, job.request, job.prepared)
         st = outcome.stats
-        stats = dict(mode=st.mode, parallel=st.parallel, cfg_parallel=self.layout.cfg, steps=st.steps,
-                     serial_rounds=st.serial_rounds, model_evals=st.model_evals, ideal_speedup=st.ideal_speedup,
-                     sample_s=st.wall_time, batch_requests=st.batch_requests)
+        stats = dict(mode=st.mode, parallel=st.parallel, cfg_parallel=self.layout.cfg, ulysses=self.layout.ulysses,
+                     ring=self.layout.ring, steps=st.steps, serial_rounds=st.serial_rounds, model_evals=st.model_evals,
+                     ideal_speedup=st.ideal_speedup, sample_s=st.wall_time, batch_requests=st.batch_requests)
         asked = job.request.options.n(self.sampler.ev.world)
         if st.parallel != asked and job.request.options.mode in MODES:  # the draft policy shrank n
             stats["parallel_requested"] = asked
-        if job.request.resolved.get("task"):  # image pipelines: text2img, img2img, inpaint or controlnet
+        if job.request.resolved.get("task"):  # image pipelines: text2img, img2img, inpaint, controlnet or edit
             stats["task"] = job.request.resolved["task"]
         stats.update(output_stats)  # video: frames, fps, the decode's seconds and peak memory
         return Result(True, images, stats, latent=outcome.sample)

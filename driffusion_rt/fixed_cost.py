@@ -45,17 +45,24 @@ def _spend(seconds: float, like: torch.Tensor):
 
 class FixedCostDenoiser(torch.nn.Module):
     """A denoiser call that costs `seconds` plus `per_row` seconds per batch row (a compute-bound model's cost grows
-    with its batch: in-rank classifier-free guidance doubles it) and returns a cheap function of (x, t, branch)."""
+    with its batch: in-rank classifier-free guidance doubles it) and returns a cheap function of (x, t, branch).
+    Split over a sequence group of `sequence` ranks (a modeled split: nothing is exchanged), each rank's per-row
+    cost is divided by the degree and every call adds `sequence_comm` seconds for the attention exchanges."""
 
-    def __init__(self, seconds: float = 0.04, per_row: float = 0.0):
+    def __init__(self, seconds: float = 0.04, per_row: float = 0.0, sequence_comm: float = 0.0):
         super().__init__()
-        for name, v in (("seconds", seconds), ("per_row", per_row)):
+        for name, v in (("seconds", seconds), ("per_row", per_row), ("sequence_comm", sequence_comm)):
             if not v >= 0:
                 raise ValueError(f"fixed-cost model: {name} must be >= 0, got {v}")
-        self.seconds, self.per_row = seconds, per_row
+        self.seconds, self.per_row, self.sequence_comm, self.sequence = seconds, per_row, sequence_comm, 1
+
+    def cost(self, rows: int) -> float:
+        """Seconds one call of `rows` rows costs this rank."""
+        split = self.sequence_comm if self.sequence > 1 else 0.0
+        return self.seconds + self.per_row * rows / self.sequence + split
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, branch: torch.Tensor | None = None) -> torch.Tensor:
-        _spend(self.seconds + self.per_row * x.shape[0], x)
+        _spend(self.cost(x.shape[0]), x)
         scale = 0.1 + t.to(x.dtype).view(-1, *[1] * (x.dim() - 1)) / 1e4
         if branch is not None:  # uncond (0) and cond (1) rows answer differently, as a guided model's do
             scale = scale + 0.01 * branch.to(x.dtype).view(-1, *[1] * (x.dim() - 1))
@@ -66,16 +73,22 @@ class FixedCostModel:
     """model(x_in, t) -> a cheap deterministic function of (x_in, t) after `seconds` (+ `per_row` per row) of host or
     device sleep. With guidance != 0 it is a guided model: the uncond and cond rows go through the denoiser as one
     doubled call (as every pipeline adapter does) and are combined with the guidance scale, so cfg-parallel layouts
-    can be benchmarked without a real model."""
+    can be benchmarked without a real model; under a sequence-parallel layout its cost models the split (see
+    FixedCostDenoiser), so layouts with a sequence axis can be benchmarked too."""
 
     cuda_graphs = True  # capturable: the device sleep and the arithmetic are kernels, nothing syncs
 
-    def __init__(self, seconds: float = 0.04, per_row: float = 0.0, guidance: float = 0.0):
-        self.denoiser = FixedCostDenoiser(seconds, per_row)
+    def __init__(self, seconds: float = 0.04, per_row: float = 0.0, guidance: float = 0.0,
+                 sequence_comm: float = 0.0):
+        self.denoiser = FixedCostDenoiser(seconds, per_row, sequence_comm)
         self.seconds, self.guidance = seconds, guidance
 
     def guided(self, model_kwargs: dict) -> bool:
         return bool(self.guidance)
+
+    def context_parallel(self, group):
+        """A sequence group (sequence.py): each rank's calls cost what its share of the tokens would."""
+        self.denoiser.sequence = group.degree
 
     def __call__(self, x_in: torch.Tensor, t: torch.Tensor, **_) -> torch.Tensor:
         if not self.guidance:

@@ -29,7 +29,7 @@ from .outputs import check_output_dir, mp4_bytes, write_all
 from .pipelines.images import open_image
 from .requests import MODEL_KEYS, SAMPLING_KEYS, Request, RequestError, parse
 from .rounds import DRAFT_RULES
-from .services import load_service
+from .services import check_sequence, load_service
 from .strength import check_strength
 
 PROG = "python -m driffusion_rt.generate"
@@ -51,14 +51,15 @@ def parser():
                    help="jump (the default): the paper's drafts; extrapolate: drafts from the anchor output "
                         "extrapolated with the previous output (same model calls; falls back to jump for stochastic "
                         "steps)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps S (default: 50; SD3 and Flux pipelines 28)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps S (default: the pipeline's own: 50; SD3 and Flux.1 pipelines 28)")
     p.add_argument("--scheduler", default=None,
                    help="a scheduler short name the model takes (docs/schedulers.md): ddim, dpm++2m-karras, unipc, "
                         "euler-a, ... for digits and SD-family pipelines; flow, flow-unipc, flow-dpm++2m for "
                         "flow-matching ones; ddim, ddpm, euler or flow for gmm and fixed; default: the model's own")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance scale (default: the model's: digits 1.25, SD 7.5, SDXL 5, SD3 7, "
-                        "Flux 3.5 as its guidance embedding)")
+                        "Z-Image 5 (on above 0), Qwen-Image 4 (its true_cfg_scale, on with --negative-prompt); "
+                        "Flux.1 3.5 and Flux.2 4 as their guidance embedding)")
     p.add_argument("--height", type=int, default=None, help="pipelines: image height in pixels (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="pipelines: image width in pixels (default: the model's)")
     p.add_argument("--num-frames", type=int, default=None,
@@ -75,10 +76,11 @@ def parser():
                         "directory); file names in docs/cli.md")
     im = p.add_argument_group("image inputs (diffusers pipelines)")
     im.add_argument("--image", default=None, metavar="PATH",
-                    help="img2img: start from this image (PNG / JPEG), noised to --strength; SD / SDXL keep its size")
+                    help="img2img: start from this image (PNG / JPEG), noised to --strength; SD / SDXL / Z-Image keep "
+                         "its size. Qwen-Image-Edit: the image to edit (required)")
     im.add_argument("--strength", type=float, default=None, metavar="S",
                     help="fraction of the schedule run on --image, in (0, 1] (default: the pipeline's: SD 0.8, "
-                         "SDXL 0.3, SD3 / Flux 0.6; inpainting SD 1.0, SDXL 0.9999)")
+                         "SDXL 0.3, SD3 / Flux / Qwen-Image / Z-Image 0.6; inpainting SD 1.0, SDXL 0.9999)")
     im.add_argument("--mask-image", default=None, metavar="PATH",
                     help="inpainting (SD / SDXL): repaint where this mask is white, keep --image where it is black")
     im.add_argument("--control-image", action="append", default=[], metavar="PATH",
@@ -154,7 +156,7 @@ def request_spec(args) -> dict:
 
 
 def draft_ranks(args, world: int) -> int:
-    return world // int(args.cfg_parallel) if args.cfg_parallel != "auto" else world
+    return world // (args.ulysses * args.ring * (int(args.cfg_parallel) if args.cfg_parallel != "auto" else 1))
 
 
 def output_stem(args, ref, request: Request, world: int) -> str:
@@ -164,8 +166,9 @@ def output_stem(args, ref, request: Request, world: int) -> str:
     options, resolved = request.options, request.resolved
     n = options.n(draft_ranks(args, world))
     adapters = {k: v for k, v in (("loras", ref.loras), ("controlnets", ref.controlnets)) if v}
+    split = {"ulysses": args.ulysses, "ring": args.ring} if args.ulysses * args.ring > 1 else {}
     settings = {"model": args.model, "dtype": args.dtype, **options.fields(), "parallel": n, **adapters,
-                "cfg_parallel": args.cfg_parallel, **{k: v for k, v in resolved.items() if k != "labels"}}
+                "cfg_parallel": args.cfg_parallel, **split, **{k: v for k, v in resolved.items() if k != "labels"}}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
     drafts = "" if options.iterative else f"-{options.drafts}"
     return (f"{ref.name}-{options.mode}-n{n}-s{resolved['steps']}-{resolved['scheduler']}{drafts}-{args.dtype}"
@@ -194,13 +197,22 @@ def preflight(args, limits, world: int) -> dict:
         for path in paths:
             if path is not None:
                 open_image(path, flag)  # readable, naming the flag (the request's checks name its fields)
+    layout.check_world(args.cfg_parallel, world, args.ulysses, args.ring)
     request = parse(request_spec(args), ref, limits)
-    layout.check_world(args.cfg_parallel, world)
+    ref.check_sequence(request.resolved, args.ulysses, args.ring)
     request.options.check(request.resolved["steps"], request.options.n(draft_ranks(args, world)))
     stem = output_stem(args, ref, request, world)
     names = output_names(ref, request.resolved, stem)
     out = check_output_dir(args.out, names)
     return dict(ref=ref, request=request, stem=stem, files=[os.path.join(out, f) for f in names])
+
+
+def admit(service, request: Request, args) -> Request:
+    """What only the loaded model can check (rank 0): the service's rules, and the request's token counts against
+    the sequence split."""
+    request = service.admit(request)
+    check_sequence(service, request, args.ulysses, args.ring)
+    return request
 
 
 def _agreed(info, rank: int, check):
@@ -236,15 +248,16 @@ def main(argv=None) -> int:
         distributed.ready(info)  # every rank loaded: from here a silent rank fails the job after --timeout
         load_s = time.perf_counter() - t0
         # what only the loaded model can tell (a video family's frame rule, control images' sizes), on rank 0
-        request = _agreed(info, rank, lambda: service.admit(plan["request"]))
+        request = _agreed(info, rank, lambda: admit(service, plan["request"], args))
         request = Request.from_wire(distributed.broadcast_bytes(info, request.to_wire() if rank == 0 else None))
-        try:  # what the request's preparation finds (whether the runtime can run the scheduler, guidance): the same
-            first = service.prepare(request)  # verdict on every rank
-            cfg = layout.resolve(args.cfg_parallel, world, layout.guided(service.model, first.model_kwargs))
+        try:  # what the request's preparation finds (whether the runtime can run the scheduler, guidance) and what
+            first = service.prepare(request)  # the layout needs of the model: the same verdict on every rank
+            cfg = layout.resolve(args.cfg_parallel, world, layout.guided(service.model, first.model_kwargs),
+                                 args.ulysses, args.ring)
+            sampler = parallelize(service.model, getattr(service, "pipe", None), cfg=cfg, info=info,
+                                  cuda_graphs=not args.no_cuda_graphs, ulysses=args.ulysses, ring=args.ring)
         except ValueError as e:
             cli.bad_input(str(e), info)
-        sampler = parallelize(service.model, getattr(service, "pipe", None), cfg=cfg, info=info,
-                              cuda_graphs=not args.no_cuda_graphs)
         for r in range(args.warmup + 1):
             prepared = first if r == 0 else service.prepare(request)
             with torch.no_grad():
@@ -314,7 +327,7 @@ def print_summary(args, info, service, out, load_s, lay):
         print(f"{args.mode}: {out.stats.iterations} iterations, window trace (start, width, stride) {out.stats.trace}")
     print(f"model {service.name}, ranks {info.world if info else 1} ({info.backend if info else 'local'}), "
           f"device {out.sample.device}, load {load_s:.2f} s")
-    print(f"layout: cfg {lay.cfg} x draft ranks {lay.draft}, parallel n = {out.stats.parallel}")
+    print(f"layout: {lay.summary()}, parallel n = {out.stats.parallel}")
     print(report(out.plan, out.stats))
 
 
@@ -337,7 +350,8 @@ def write_outputs(args, info, service, out, request, prepared, load_s, plan, lay
            "device": str(out.sample.device), "ranks": info.world if info else 1,
            "backend": info.backend if info else "local", "request": dict(request.resolved),
            "sampling": options.fields(),
-           "layout": {"cfg": lay.cfg, "draft_ranks": lay.draft, "parallel": out.stats.parallel},
+           "layout": {"cfg": lay.cfg, "draft_ranks": lay.draft, "ulysses": lay.ulysses, "ring": lay.ring,
+                      "parallel": out.stats.parallel},
            "mode": st.mode, "parallel": st.parallel, "steps": st.steps, "seed": request.resolved["seed"],
            "drafts": None if options.iterative else options.drafts, "load_s": load_s, "table": table(out.plan, st),
            "latency_s": st.wall_time, "serial_rounds": st.serial_rounds,

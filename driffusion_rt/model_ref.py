@@ -4,13 +4,14 @@ into it. Its `rules` are what requests are checked against before the model load
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import huggingface_hub as hub
 from huggingface_hub import constants, errors
 
 from .pipelines import HUB_ID, REGISTRY, check_model_dir, family_of_class
-from .pipelines.conditioning import families_with, task_class
+from .pipelines.family import check_sequence as check_family_sequence
+from .pipelines.tasks import families_with, task_class
 from .pipelines.family import pipeline_classes
 from .pipelines.lora import check_lora_path, parse_lora
 from .requests import PipelineRules, RequestError, scheduler_name
@@ -33,6 +34,18 @@ class ModelRef:
     rules: PipelineRules | None = None
     loras: tuple = ()                 # (path, scale) of each LoRA loaded at start
     controlnets: tuple = ()           # ControlNetModel directories (the pipeline becomes the family's ControlNet one)
+    configs: dict | None = field(default=None, compare=False)  # the pipeline's component configs, as read
+
+    def check_sequence(self, resolved: dict | None, ulysses: int, ring: int):
+        """Before loading: whether sequence groups of ulysses x ring ranks can split this model's calls (for a
+        request's resolved values; None: the model alone). Raises ValueError naming the rule; the loaded model is
+        checked again per request (services.check_sequence), with what only it knows (a video's frame count)."""
+        if ulysses * ring == 1:
+            return
+        if self.kind != "pipeline":
+            raise ValueError(f"--ulysses / --ring split a diffusers transformer's tokens across ranks; --model "
+                             f"{self.arg} is a built-in model without one")
+        check_family_sequence(REGISTRY[self.rules.family], self.configs or {}, resolved, ulysses, ring)
 
 
 def _read_json(path: str) -> dict:
@@ -143,7 +156,7 @@ def inspect_model(model: str, loras=(), controlnets=()) -> ModelRef:
                                    f"{' and '.join(families_with('controlnet').split(', '))} families; "
                                    f"{model} is a {rules.family} pipeline")
         rules = dataclasses.replace(rules, task="controlnet", nets=len(controlnets))
-    return ModelRef(model, name, "pipeline", source, rules, *adapters)
+    return ModelRef(model, name, "pipeline", source, rules, *adapters, configs=configs)
 
 
 def check_adapters(loras, controlnets) -> tuple:

@@ -29,7 +29,8 @@ import PIL.Image
 from . import digits, schedulers
 from .options import ITERATIVE_KEYS, SamplingOptions
 from .pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, REGISTRY, SCHEDULERS, family_names
-from .pipelines.conditioning import families_with, family_default_strength, per_net, require
+from .pipelines.conditioning import per_net
+from .pipelines.tasks import families_with, family_default_strength, require
 from .strength import check_strength, kept_steps
 
 MODEL_KEYS = ("prompt", "negative_prompt", "steps", "guidance_scale", "height", "width", "seed", "num_images",
@@ -288,8 +289,11 @@ def _pipeline(spec: dict, rules: PipelineRules, limits: Limits) -> tuple:
 
 def _size_from_image(cond: dict, images: dict, rules: PipelineRules) -> tuple:
     """(height, width) a request without a size takes from its input image, as the pipelines do (ControlNet: the
-    control image; SD / SDXL img2img: the init image; rounded down to the VAE's factor), else (None, None)."""
+    control image; SD / SDXL / Z-Image img2img: the init image; rounded down to the VAE's factor; an edit: the size
+    the family resizes the image to), else (None, None)."""
     im = None
+    if cond.get("task") == "edit":
+        return REGISTRY[rules.family].edit_size(images["image"].height, images["image"].width)
     if cond.get("task") == "controlnet":
         im = images["control_image"][0]
     elif cond.get("task") == "img2img" and getattr(REGISTRY[rules.family], "img2img_size_from_image", False):
@@ -343,6 +347,14 @@ def _conditioning(spec: dict, rules: PipelineRules, limits: Limits, steps: int) 
     if control is not None or scale is not None:
         raise RequestError("control_image needs a server started with --controlnet (ControlNet pipelines: "
                            f"{families_with('controlnet')})")
+    if rules.task == "edit":  # the image to edit: required, no mask, no strength
+        extra = [k for k, v in (("mask_image", mask), ("strength", strength)) if v is not None]
+        if image is None or extra:
+            raise RequestError(f"this {rules.family} pipeline edits an image: requests need image (the picture to "
+                               f"edit){' and take no ' + ' or '.join(extra) if extra else ''}")
+        images["image"], out["image"], files["image"] = _decode_image(image, "image", limits, budget)
+        out.update(task="edit")
+        return out, images, files
     if mask is not None and image is None:
         raise RequestError("mask_image needs image (the picture to inpaint)")
     if image is None:

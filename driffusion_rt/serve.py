@@ -277,14 +277,14 @@ def main(argv=None) -> int:
     try:
         limits = check_args(args)
         info = distributed.maybe_init_dist(args.timeout, args.device, args.load_timeout)
-        layout.check_world(args.cfg_parallel, info.world if info else 1)  # before any model loads
+        layout.check_world(args.cfg_parallel, info.world if info else 1, args.ulysses, args.ring)  # before loading
     except ValueError as e:
         cli.bad_input(str(e))
     rank = info.rank if info else 0
     verdict, sock = None, None
     if rank == 0:
         try:
-            inspect_model(args.model, args.lora, args.controlnet)
+            inspect_model(args.model, args.lora, args.controlnet).check_sequence(None, args.ulysses, args.ring)
             sock = bind(args.host, args.port)
         except ValueError as e:
             verdict = str(e)
@@ -298,7 +298,8 @@ def main(argv=None) -> int:
         cli.bad_input(str(e), info)
     distributed.ready(info)
     engine = Engine(service, limits, args.timeout, cuda_graphs=not args.no_cuda_graphs, max_queue=args.max_queue,
-                    cfg_parallel=args.cfg_parallel, max_batch=args.max_batch, draft_policy=args.draft_policy)
+                    cfg_parallel=args.cfg_parallel, ulysses=args.ulysses, ring=args.ring, max_batch=args.max_batch,
+                    draft_policy=args.draft_policy)
     if engine.rank != 0:
         engine.serve()
         return 0

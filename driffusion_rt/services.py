@@ -2,6 +2,7 @@
 
     service = load_service("digits", device)         # digits, gmm, fixed, or a diffusers pipeline
     request = service.admit(parse(spec, service))    # the checks only the loaded model can make (rank 0)
+    check_sequence(service, request, ulysses, ring)  # ... and the sequence split of the job's layout
     prepared = service.prepare(request)              # every rank: the sampler's inputs
     out = sampler.apply(prepared, request.options)   # layout.parallelize built the sampler
     images, stats = service.outputs(out, request, prepared)   # rank 0: PIL images (videos: lists of frames)
@@ -17,7 +18,7 @@ from .fixed_cost import FixedCostModel
 from .gmm import GaussianMixture, GaussianMixtureModel
 from .model_ref import BUILTIN, check_adapters
 from .pipelines import conditioning as cond
-from .pipelines import lora
+from .pipelines import lora, tasks
 from .requests import PipelineRules, Request, RequestError, scheduler_name
 from .sampler import Prepared
 from .trajectory import Trajectory
@@ -109,10 +110,10 @@ def rules_of_pipe(pipe) -> PipelineRules:
     """PipelineRules of a loaded pipeline (its family's own size rule, default size and scheduler)."""
     family = pipelines.get_family(pipe)
     mult, why = pipelines.size_multiple(pipe)
-    task = "text2img" if family.video else cond.task_of(pipe)
+    task = "text2img" if family.video else tasks.task_of(pipe)
     return PipelineRules(family.name, int(mult), why, tuple(int(v) for v in pipelines.default_size(pipe)),
-                         scheduler_name(pipe.scheduler), family.video, task, len(cond.nets_of(pipe)),
-                         None if family.video else int(pipe.vae_scale_factor))
+                         scheduler_name(pipe.scheduler), family.video, task, len(tasks.nets_of(pipe)),
+                         None if family.video else int(pipe.image_processor.config.vae_scale_factor))
 
 
 def _controlnets(paths, dtype, device):
@@ -128,8 +129,8 @@ def _controlnets(paths, dtype, device):
 
 
 class PipelineService:
-    """A diffusers image pipeline (SD 1.5 / 2.1, SDXL, SD3, Flux) loaded once: text-to-image, img2img and
-    inpainting requests (image / mask_image), with LoRA weights loaded at start (loras: "PATH[:SCALE]" or (path,
+    """A diffusers image pipeline (SD 1.5 / 2.1, SDXL, SD3, Flux.1 / .2, Qwen-Image, Z-Image) loaded once:
+    text-to-image, img2img and inpainting requests (image / mask_image), edits (image, Qwen-Image-Edit), with LoRA weights loaded at start (loras: "PATH[:SCALE]" or (path,
     scale)), or a ControlNet pipeline (controlnets: ControlNetModel directories, one per control image of a
     request). Adapters that cannot be loaded raise RequestError (bad input, found only once loading)."""
     kind = "pipeline"
@@ -148,12 +149,14 @@ class PipelineService:
         r, images = request.resolved, request.images
         if r["task"] == "controlnet":
             controls = images["control_image"]
-            nets = len(cond.nets_of(self.pipe))
+            nets = len(tasks.nets_of(self.pipe))
             return cond.Control(controls, list(r["controlnet_conditioning_scale"]), False, [0.0] * nets, [1.0] * nets)
         if r["task"] == "inpaint":
             return cond.Inpaint(images["image"], images["mask_image"], r["strength"])
         if r["task"] == "img2img":
             return cond.Img2Img(images["image"], r["strength"])
+        if r["task"] == "edit":
+            return cond.Edit(images["image"])
         return None
 
     def admit(self, request: Request) -> Request:
@@ -163,7 +166,7 @@ class PipelineService:
         if inputs is None:
             return request
         r = request.resolved
-        _request_error(cond.require, self.family, inputs.task, self.pipe)
+        _request_error(tasks.require, self.family, inputs.task, self.pipe)
         h, w = _request_error(inputs.fit, self.pipe, self.family, height=r["height"], width=r["width"],
                               batch=r["num_images"], num_images=r["num_images"])
         return request.resolve(height=h, width=w)
@@ -228,6 +231,19 @@ class VideoService(PipelineService):
                                    vae_slicing=d.slicing)
 
 
+def check_sequence(service, request: Request, ulysses: int, ring: int):
+    """Whether the job's sequence groups (ulysses x ring ranks) can split an admitted request's calls on the loaded
+    model: the family's rule (pipelines.family.check_sequence) on the loaded components' configs. Raises
+    RequestError naming the rule."""
+    if ulysses * ring == 1:
+        return
+    if not isinstance(service, PipelineService):
+        raise RequestError(f"--ulysses / --ring split a diffusers transformer's tokens; the {service.name} model has "
+                           f"none")
+    _request_error(pipelines.check_sequence, service.family, pipelines.component_configs(service.pipe),
+                   request.resolved, ulysses, ring)
+
+
 def load_pipeline_service(model: str, device, dtype=torch.float32, loras=(), controlnets=()) -> PipelineService:
     """A diffusers pipeline directory or hub id, with LoRA weights and ControlNets; the video service for a video
     family."""
@@ -235,7 +251,7 @@ def load_pipeline_service(model: str, device, dtype=torch.float32, loras=(), con
     pipe = pipelines.load_pipeline(model, dtype=dtype, device=device)
     try:
         if controlnets:
-            pipe = cond.for_task(pipe, "controlnet", controlnet=_controlnets(controlnets, dtype, device))
+            pipe = tasks.for_task(pipe, "controlnet", controlnet=_controlnets(controlnets, dtype, device))
         lora.load_loras(pipe, loras)
     except ValueError as e:
         raise RequestError(str(e)) from None
@@ -256,4 +272,5 @@ def load_service(model: str, device, dtype=torch.float32, cost: float = 0.04, lo
     return load_pipeline_service(model, device, dtype, loras, controlnets)
 
 
-__all__ = ["DigitsService", "ToyService", "PipelineService", "VideoService", "load_service", "rules_of_pipe"]
+__all__ = ["DigitsService", "ToyService", "PipelineService", "VideoService", "load_service", "rules_of_pipe",
+           "check_sequence"]

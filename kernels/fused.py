@@ -8,6 +8,7 @@ and coefficients stay on the device (no host sync).
 """
 import os
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -15,6 +16,37 @@ import triton.language as tl
 from .fallback import accum_dtype
 
 NUM_WARPS = 4
+
+
+def _interpreter_index_fix():
+    """Under TRITON_INTERPRET=1 only (the tests' CPU path): Triton before 3.7 turns a kernel's scalar argument used
+    as a loop bound (`range(n_in)` below) into an int with int() of a one-element array, which NumPy 2.4 refuses
+    ("only 0-dimensional arrays can be converted to Python scalars"). Give the interpreter's tensors an __index__
+    that reads their one element. Compiled kernels never run this; nothing changes where int() still converts."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return
+    try:
+        int(np.ones(1, dtype=np.int32))
+        return
+    except TypeError:
+        pass
+    from triton.runtime import interpreter  # only under the interpreter: Triton's own (private) interpreter module
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "one_element_index", False):
+        return
+
+    def index(self):
+        data = self.handle.data
+        return int(data.reshape(-1)[0]) if getattr(data, "size", 0) == 1 else int(data)
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", index)
+    patched.one_element_index = True
+    interpreter._patch_lang_tensor = patched
+
+
+_interpreter_index_fix()
 
 
 def block_size(k: int, n: int | None = None) -> int:

@@ -23,8 +23,10 @@ NCCL knobs (exported as-is to every rank; see the NCCL documentation):
 Failure handling (docs/cli.md, "Failure handling"):
   generate's --load-timeout (default 1800 s) covers joining the job and loading the model: a rank that loads
   slowly does not fail the job. After a barrier, every collective waits at most --timeout (default 60 s): the
-  rank blocks on it (Work.wait with that timeout, on NCCL too) and a hung or dead peer is reported by the waiting
-  ranks as "driffusion_rt: rank R failed: CollectiveTimeout ... another rank is hung or has died", then the job ends.
+  rank blocks on it (Work.wait with that timeout, on NCCL too) and a hung peer is reported by the waiting ranks as
+  "driffusion_rt: rank R failed: CollectiveTimeout: ... did not complete within 60 s: another rank is hung or has
+  died", a dead one (its connection closed) at once as "... failed after 0.15 s: another rank has died"; then the
+  job ends.
   The runtime's NCCL group has a timeout max(5 s, 10%) longer than --timeout, so that report comes first; NCCL's
   watchdog is the backstop:
   TORCH_NCCL_ASYNC_ERROR_HANDLING  what the watchdog does when a collective passes the group's timeout:

@@ -7,14 +7,14 @@ launch/single_node.sh [generate flags...]
 Runs `torchrun --standalone --nproc_per_node=N -m driffusion_rt.generate [flags]` on this machine.
 Variables:
   NPROC      ranks to start (default: the number of visible CUDA devices, or 2 on a CPU-only machine)
-  PYTHON     the Python interpreter (default: python)
+  PYTHON     the Python interpreter, for this script's device count and torchrun alike (default: python3)
   DRY_RUN=1  print the command and exit without running it
   CUDA_VISIBLE_DEVICES  restricts which GPUs are used (and so the default NPROC)
 Flags after the script name are passed to driffusion_rt.generate (see `python -m driffusion_rt.generate --help`);
 e.g. `launch/single_node.sh --cfg-parallel 2` on 8 GPUs runs 4 draft ranks x 2 guidance ranks.
 HELP
 exit 0; fi
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-python3}
 gpus=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 NPROC=${NPROC:-$([[ "$gpus" -gt 0 ]] && echo "$gpus" || echo 2)}
 cmd=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m driffusion_rt.generate "$@")

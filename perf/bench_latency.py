@@ -11,6 +11,13 @@ warm-up, then --repeats timed requests. The sequential baseline is mode=sequenti
 its floor on a multi-rank job: one all-gather of a rank's chunk after a --model-cost sleep, timed in the same job. On GPUs it
 also samples NVML memory/utilisation/power per rank and reports the extra device memory over sequential.
 Writes latency.json, latency.csv and latency.png (latency vs n with the ideal 1/n and 2/(n+1) curves) to --out.
+
+Layouts: --cfg-parallel 1 2 and --ulysses 1 2 4 sweep guidance pairs and sequence groups (a job runs draft ranks x
+cfg x ulysses ranks). The fixed-cost model's cost has a sequence axis: split over s ranks, each rank's per-row cost
+is divided by s and every call adds --sequence-comm seconds (the attention exchanges), so layouts can be timed on
+CPUs; a real transformer (a pipeline directory with a context-parallel plan) splits for real.
+
+    python perf/bench_latency.py --layouts 8 --steps 28                    # modeled, no job: every layout of 8 GPUs
 """
 import argparse
 import csv
@@ -54,6 +61,16 @@ def parser():
     p.add_argument("--cfg-parallel", nargs="+", type=int, default=[1], choices=(1, 2),
                    help="guidance-parallel degrees to sweep: a job runs cfg x (draft ranks) ranks; 2 needs a guided "
                         "model (e.g. --model fixed --guidance 5)")
+    p.add_argument("--ulysses", nargs="+", type=int, default=[1],
+                   help="sequence degrees to sweep: a job runs draft ranks x cfg x ulysses ranks (the fixed-cost model "
+                        "models the split, see --sequence-comm)")
+    p.add_argument("--sequence-comm", type=float, default=0.0,
+                   help="fixed-cost model: seconds per call of a split call's exchanges (added when ulysses > 1)")
+    p.add_argument("--layouts", type=int, default=None, metavar="GPUS",
+                   help="print the modeled latency of every (draft, cfg, ulysses) layout of GPUS devices for aggressive "
+                        "sampling of --steps steps, a call costing --model-cost-per-row per row (1 unless given) over "
+                        "the sequence degree plus --sequence-comm when split (--guidance > 0: a guided model), and "
+                        "exit; no job runs")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank on CPU")
     p.add_argument("--drafts", default="jump", choices=("jump", "extrapolate"), help="draft rule")
     p.add_argument("--timeout", type=float, default=600, help="seconds before one torchrun job is abandoned")
@@ -61,6 +78,7 @@ def parser():
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run as a torchrun rank
     p.add_argument("--worker-parallel", type=int, default=None, help=argparse.SUPPRESS)  # internal: n of the job
     p.add_argument("--worker-cfg", type=int, default=1, help=argparse.SUPPRESS)  # internal: cfg degree of the job
+    p.add_argument("--worker-ulysses", type=int, default=1, help=argparse.SUPPRESS)  # internal: sequence degree
     return p
 
 
@@ -79,7 +97,7 @@ def build_model(name, args, device):
     from diffusers import DDIMScheduler
     if name == "fixed":
         from driffusion_rt.fixed_cost import FixedCostModel
-        model = FixedCostModel(args.model_cost, args.model_cost_per_row, args.guidance)
+        model = FixedCostModel(args.model_cost, args.model_cost_per_row, args.guidance, args.sequence_comm)
         return model, DDIMScheduler(clip_sample=False), torch.randn(1, 4, 64, 64), None
     if name == "unet":
         from diffusers import UNet2DModel
@@ -110,7 +128,7 @@ def worker(args):
     name = args.model[0]
     model, sched, x, kw = build_model(name, args, device)
     x = x.to(device)
-    sampler = parallelize(model, cfg=args.worker_cfg, info=info)
+    sampler = parallelize(model, cfg=args.worker_cfg, info=info, ulysses=args.worker_ulysses)
     n = args.worker_parallel or sampler.layout.draft
     modes = ["sequential"] if n == 1 else []
     modes += [m for m in args.modes if m != "sequential"]
@@ -137,7 +155,8 @@ def worker(args):
             st = outs[-1].stats
             rounds = max(len(outs[-1].plan.rounds) if outs[-1].plan else st.serial_rounds, 1)
             phases = {k: statistics.mean(o.stats.phases[k] for o in outs) for k in st.phases}
-            row = dict(model=name, mode=mode, parallel=n, ranks=world, cfg=sampler.layout.cfg, steps=args.steps,
+            row = dict(model=name, mode=mode, parallel=n, ranks=world, cfg=sampler.layout.cfg,
+                       ulysses=sampler.layout.ulysses, steps=args.steps,
                        repeats=args.repeats,
                        latency_s=statistics.median(times), latency_min_s=min(times), latency_max_s=max(times),
                        serial_rounds=st.serial_rounds, model_evals=st.model_evals, ideal_speedup=st.ideal_speedup,
@@ -153,7 +172,7 @@ def worker(args):
             if rank == 0:
                 row["per_rank_gpu"] = [{k: v for k, v in g.items() if k.startswith("gpu_")} for g in gathered]
                 rows.append(row)
-    if info and sampler.layout.cfg == 1:
+    if info and not sampler.layout.splits:
         # the floor the overhead column is compared with: one all-gather of a rank's chunk, timed in this job
         from bench_collectives import time_collectives
         chunk = (x.shape[0] * -(-n // world), *x.shape[1:])
@@ -170,9 +189,10 @@ def worker(args):
 # ----------------------------------------------------------------------------------------------- driver
 
 
-def launch(model, n, ranks, args, result, cfg=1):
+def launch(model, n, ranks, args, result, cfg=1, ulysses=1):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", __file__,
-           "--worker", result, "--worker-parallel", str(n), "--worker-cfg", str(cfg), "--model", model,
+           "--worker", result, "--worker-parallel", str(n), "--worker-cfg", str(cfg),
+           "--worker-ulysses", str(ulysses), "--sequence-comm", str(args.sequence_comm), "--model", model,
            "--modes", *args.modes, "--steps", str(args.steps),
            "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--model-cost", str(args.model_cost),
            "--model-cost-per-row", str(args.model_cost_per_row), "--guidance", str(args.guidance),
@@ -186,11 +206,12 @@ def launch(model, n, ranks, args, result, cfg=1):
 
 
 def table(rows) -> str:
-    cols = [("model", "{}"), ("mode", "{}"), ("parallel", "{}"), ("ranks", "{}"), ("cfg", "{}"), ("latency_s", "{:.3f}"),
+    cols = [("model", "{}"), ("mode", "{}"), ("parallel", "{}"), ("ranks", "{}"), ("cfg", "{}"), ("ulysses", "{}"),
+            ("latency_s", "{:.3f}"),
             ("speedup", "{:.2f}x"), ("ideal_speedup", "{:.2f}x"), ("efficiency", "{:.3f}"),
             ("overhead_ms_per_serial_round", "{:.2f}"), ("all_gather_floor_ms", "{:.2f}"),
             ("comm_ms_per_round", "{:.2f}"), ("draft_ms_per_round", "{:.3f}"), ("refine_ms_per_round", "{:.3f}")]
-    head = ["model", "mode", "n", "ranks", "cfg", "latency s (median)", "speedup", "ideal", "efficiency",
+    head = ["model", "mode", "n", "ranks", "cfg", "ulysses", "latency s (median)", "speedup", "ideal", "efficiency",
             "overhead ms/serial round", "one all-gather ms (floor)", "comm ms/round", "draft ms/round", "refine ms/round"]
     if any("extra_device_mb" in r for r in rows):
         cols += [("extra_device_mb", "{:+.0f}"), ("gpu_util_mean_pct", "{:.0f}")]
@@ -225,10 +246,53 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
+def modeled_layouts(gpus: int, steps: int, guided: bool, per_row: float, comm: float) -> list:
+    """Every layout of `gpus` devices as draft ranks x cfg x ulysses (powers of two), modeled: aggressive sampling
+    with n = draft ranks (one draft per rank, batch 1) takes the plan's serial rounds, each one call costing
+    per_row x rows / ulysses (+ comm when split); rows = 2 for a guided model without a guidance pair.
+    The round's all-gather and a pair's exchange (a latent each) are left out. Speedup: over sequential sampling
+    on one device."""
+    from driffusion_rt.plan import make_plan
+
+    def call(cfg, seq):
+        rows = 2 if guided and cfg == 1 else 1
+        return per_row * rows / seq + (comm if seq > 1 else 0.0)
+
+    base = steps * call(1, 1)
+    rows = []
+    for cfg in ((1, 2) if guided else (1,)):
+        seq = 1
+        while seq * cfg <= gpus:
+            draft = gpus // (seq * cfg)
+            if draft * seq * cfg == gpus:
+                serial = make_plan("aggressive" if draft > 1 else "sequential", steps, draft).serial_rounds
+                latency = serial * call(cfg, seq)
+                rows.append(dict(gpus=gpus, draft=draft, cfg=cfg, ulysses=seq, serial_rounds=serial,
+                                 call=call(cfg, seq), latency=latency, speedup=base / latency))
+            seq *= 2
+    return sorted(rows, key=lambda r: r["latency"])
+
+
+def layouts_table(rows) -> str:
+    lines = ["| GPUs | draft ranks (n) | cfg | ulysses | serial rounds | one call | latency | speedup (modeled) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['gpus']} | {r['draft']} | {r['cfg']} | {r['ulysses']} | {r['serial_rounds']} | "
+                     f"{r['call']:.3f} | {r['latency']:.2f} | {r['speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     args = parser().parse_args(argv)
     if args.worker:
         return worker(args)
+    if args.layouts is not None:
+        if args.layouts < 1:
+            parser().error(f"--layouts must be >= 1, got {args.layouts}")
+        rows = modeled_layouts(args.layouts, args.steps, args.guidance > 0, args.model_cost_per_row or 1.0,
+                               args.sequence_comm)
+        print(layouts_table(rows))
+        return 0
     for name, v in (("steps", args.steps), ("repeats", args.repeats), ("threads", args.threads),
                     ("ranks", args.ranks)):
         if v is not None and v < 1:
@@ -247,17 +311,20 @@ def main(argv=None):
         for model in args.model:
             for n in ns:
                 for cfg in sorted(set(args.cfg_parallel)) if n > 1 or 2 in args.cfg_parallel else [1]:
-                    ranks = (n if args.ranks is None else min(args.ranks, n)) * cfg
-                    if not torch.cuda.is_available() and model != "fixed" and ranks > cores:
-                        # a compute-bound model on more CPU ranks than cores measures oversubscription
-                        print(f"[bench] {model}: skipping {ranks} ranks > {cores} CPU cores (only the fixed-cost "
-                              f"model sleeps)")
-                        continue
-                    print(f"[bench] {model}: n={n} on {ranks} rank(s), cfg {cfg}, modes {' '.join(args.modes)} ...",
-                          flush=True)
-                    rows += launch(model, n, ranks, args, os.path.join(tmp, f"{model}-{n}-{cfg}.json"), cfg)
+                    for seq in sorted(set(args.ulysses)) if n > 1 or max(args.ulysses) > 1 else [1]:
+                        ranks = (n if args.ranks is None else min(args.ranks, n)) * cfg * seq
+                        if not torch.cuda.is_available() and model != "fixed" and ranks > cores:
+                            # a compute-bound model on more CPU ranks than cores measures oversubscription
+                            print(f"[bench] {model}: skipping {ranks} ranks > {cores} CPU cores (only the fixed-cost "
+                                  f"model sleeps)")
+                            continue
+                        print(f"[bench] {model}: n={n} on {ranks} rank(s), cfg {cfg}, ulysses {seq}, modes "
+                              f"{' '.join(args.modes)} ...", flush=True)
+                        rows += launch(model, n, ranks, args, os.path.join(tmp, f"{model}-{n}-{cfg}-{seq}.json"), cfg,
+                                       seq)
     for model in args.model:
-        seq = next(r for r in rows if r["model"] == model and r["mode"] == "sequential" and r["cfg"] == 1)
+        seq = next(r for r in rows if r["model"] == model and r["mode"] == "sequential" and r["cfg"] == 1
+                   and r["ulysses"] == 1)
         for r in rows:
             if r["model"] == model:
                 r["speedup"] = seq["latency_s"] / r["latency_s"]

@@ -173,8 +173,9 @@ def threads(path):
     rank = info.rank
     teardown(info)
     row = {"rank": rank, "before": before, "after": thread_names()}
-    with open(f"{path}.{rank}", "w") as f:
+    with open(f"{path}.{rank}.tmp", "w") as f:  # then renamed: rank 0 must never read a half-written file
         json.dump(row, f)
+    os.replace(f"{path}.{rank}.tmp", f"{path}.{rank}")
     if rank == 0:  # the group is gone: wait for the other rank's file
         for _ in range(600):
             if all(os.path.exists(f"{path}.{r}") for r in range(info.world)):

@@ -1,6 +1,6 @@
-"""Helpers for tests that run torchrun jobs and the HTTP server: a 2-rank torchrun (in a session of its own when in
-the background, so a failing test kills the whole job), the server started on a free port, an in-process server
-(`LocalServer`), and HTTP calls."""
+"""Helpers for tests that run torchrun jobs and the HTTP server: a torchrun job (2 ranks unless told; in a session of
+its own when in the background, so a failing test kills the whole job), the server started on a free port, an
+in-process server (`LocalServer`), and HTTP calls."""
 import json
 import os
 import signal
@@ -15,8 +15,8 @@ import urllib.request
 import psutil
 
 
-def torchrun(*args, timeout=600, env=None, background=False):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+def torchrun(*args, timeout=600, env=None, background=False, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     if background:
         # a session of its own: a failing test kills torchrun and its ranks together (kill_job), leaving no orphan

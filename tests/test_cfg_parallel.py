@@ -151,7 +151,7 @@ def test_cli_under_two_ranks_records_the_layout_and_equals_one_process(tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "layout: cfg 2 x draft ranks 1, parallel n = 1" in r.stdout and r.stdout.count("layout:") == 1
     (run,) = [json.loads(p.read_text()) for p in (tmp_path / "pair").glob("*.json")]
-    assert run["layout"] == {"cfg": 2, "draft_ranks": 1, "parallel": 1} and run["ranks"] == 2
+    assert run["layout"] == {"cfg": 2, "draft_ranks": 1, "ulysses": 1, "ring": 1, "parallel": 1} and run["ranks"] == 2
     one = subprocess.run([sys.executable, "-m", "driffusion_rt.generate", *common, "--parallel", "1",
                           "--out", str(tmp_path / "one")], capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]

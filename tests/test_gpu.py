@@ -1,7 +1,7 @@
 """GPU-only paths: compiled Triton kernels, CUDA graphs, pinned staging, CUDA-event timing, NCCL, NVML.
 
-On a machine without CUDA these tests skip and say why. perf/gpu_selfcheck.sh sets DRIFFUSION_TEST_GPU=1, which
-turns a missing GPU into a failure: the self-check must fail loudly when a GPU path cannot run. The proof's
+On a machine without CUDA these tests skip and say why. perf/gpu_device_check.sh sets DRIFFUSION_TEST_GPU=1, which
+turns a missing GPU into a failure: the device check must fail loudly when a GPU path cannot run. The proof's
 sections (perf/gpu_proof.py) run here too, at small sizes; each must report no FAIL.
 """
 import os
@@ -18,8 +18,8 @@ from driffusion_rt.noise import PinnedStage, draw_noise
 REQUIRED = os.environ.get("DRIFFUSION_TEST_GPU") == "1"
 HAVE = torch.cuda.is_available()
 if REQUIRED and not HAVE:
-    raise RuntimeError("DRIFFUSION_TEST_GPU=1 but torch.cuda.is_available() is False: the GPU self-check cannot run")
-pytestmark = pytest.mark.skipif(not HAVE, reason="needs a CUDA GPU (run perf/gpu_selfcheck.sh on a GPU machine)")
+    raise RuntimeError("DRIFFUSION_TEST_GPU=1 but torch.cuda.is_available() is False: the GPU tests cannot run")
+pytestmark = pytest.mark.skipif(not HAVE, reason="needs a CUDA GPU (run perf/gpu_device_check.sh on a GPU machine)")
 
 
 def tiny_unet():
@@ -144,6 +144,8 @@ def test_proof_section_reports_no_failure(proof, section):
         p.section(section, gpu_proof.RUN[section])
     assert p.checks, section
     assert not p.failed, p.failed
+    if section == "nccl":  # two ranks on this one GPU: refused on every rank, status 2, one message
+        assert any(c["name"] == "nccl.two_ranks_one_gpu_refused" and c["status"] == "PASS" for c in p.checks)
 
 
 def test_staging_copies_queued_behind_a_device_sleep(proof):

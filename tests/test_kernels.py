@@ -151,3 +151,42 @@ def test_backend_rejects_unknown_name():
     with pytest.raises(ValueError, match="cuda"):
         with kernels.backend("cuda"):
             pass
+
+
+AOT_COMPILE = """
+import sys
+from driffusion_rt.kernels import fused
+import triton
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError as e:
+    print("NO_AOT", e)
+    sys.exit(0)
+sizes = []
+for arena, coef in (("fp16", "fp32"), ("bf16", "fp32"), ("fp32", "fp32"), ("fp64", "fp64")):
+    sig = {"arena_ptr": "*" + arena, "out_rows_ptr": "*i64", "in_rows_ptr": "*i64", "coef_ptr": "*" + coef,
+           "n": "i64", "n_in": "i32", "n_out": "i32", "K": "constexpr", "BLOCK": "constexpr"}
+    src = ASTSource(fused._combine_kernel, sig, constexprs={"K": 4, "BLOCK": fused.block_size(4)})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": fused.NUM_WARPS})
+    sizes.append(len(kernel.asm["cubin"]))
+print("TRITON", triton.__version__)
+print("CUBIN_BYTES", *sizes)
+"""
+
+
+def test_the_kernel_compiles_for_an_h100_without_a_gpu():
+    """The interpreter (every other test here) never runs Triton's compiler: compile the combine kernel ahead of time
+    for sm_90 (H100 / H200) in each dtype, PTX and cubin, with the installed Triton. No GPU is needed; a Triton
+    release whose language or compiler changed under the kernel fails here, not on the device."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", AOT_COMPILE], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    if "NO_AOT" in r.stdout:
+        pytest.skip(f"this Triton has no ahead-of-time compile API: {r.stdout.strip()}")
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("CUBIN_BYTES"))
+    sizes = [int(v) for v in line.split()[1:]]
+    assert len(sizes) == 4 and all(s > 1000 for s in sizes), r.stdout

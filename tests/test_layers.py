@@ -26,11 +26,11 @@ LAYERS = [
     ["distributed"],
     ["parasolver", "run"],
     ["sampler"],
-    ["batch"],
+    ["batch", "sequence"],
     ["layout"],
     ["gmm", "fixed_cost", "digits"],
     ["pipelines.family", "pipelines.loading", "pipelines.guidance", "pipelines.images", "pipelines.lora"],
-    ["pipelines.prepare", "pipelines.decode"],
+    ["pipelines.prepare", "pipelines.decode", "pipelines.tasks"],
     ["pipelines.conditioning", "pipelines.video"],
     ["pipelines.*"],  # the families
     ["pipelines.api"],

@@ -224,11 +224,167 @@ def test_gpu_proof_without_a_gpu_says_how_to_dry_run(tmp_path):
     assert r.returncode == 2 and "--cpu-dry-run" in r.stderr and not list(tmp_path.iterdir())
 
 
-def test_gpu_selfcheck_without_a_gpu_fails_before_installing_anything():
+@pytest.fixture
+def gpu_proof(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "perf"))
+    import gpu_proof
+    return gpu_proof
+
+
+def _fake_section(checks):
+    def section(proof):
+        for name in checks:
+            proof.record(name, True, fake=1)
+    return section
+
+
+def test_proof_report_survives_a_sticky_cuda_error(gpu_proof, tmp_path, monkeypatch):
+    """A section hits a sticky CUDA error: the section raises it, and so does the synchronize after it (every CUDA
+    call fails from then on). The report keeps every check so far, records the section as failed and the proof as
+    stopped (with the sections left to rerun), and the run exits 1 instead of losing everything."""
+    import torch
+    error = "CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be asynchronously reported"
+    later = []
+
+    def crashing(proof):
+        proof.record("pipelines.before_the_error", True)
+        proof.cuda = True  # from here the proof settles the device after each section, as on a GPU
+
+        def synchronize(*args, **kwargs):
+            raise RuntimeError(error)
+        monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+        monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+        raise RuntimeError(error)
+    monkeypatch.setitem(gpu_proof.RUN, "kernels", _fake_section(["kernels.fake"]))
+    monkeypatch.setitem(gpu_proof.RUN, "pipelines", crashing)
+    monkeypatch.setitem(gpu_proof.RUN, "staging", lambda proof: later.append("ran"))
+    code = gpu_proof.main(["--cpu-dry-run", "--only", "environment", "kernels", "pipelines", "staging",
+                           "--out", str(tmp_path)])
+    assert code == 1 and later == []
+    checks = {c["name"]: c for c in json.loads((tmp_path / "gpu_cpu_dry_run.json").read_text())}
+    assert [checks[n]["status"] for n in ("environment", "kernels.fake", "pipelines.before_the_error")] == \
+        ["INFO", "PASS", "PASS"]
+    error_check = checks["pipelines.error"]
+    assert error_check["status"] == "FAIL" and "illegal memory access" in error_check["error"]
+    assert checks["pipelines.device_after_section"]["status"] == "FAIL"
+    stopped = checks["proof.stopped"]
+    assert stopped["not_run"] == ["staging"] and "--only staging --merge" in stopped["note"]
+    md = (tmp_path / "gpu_cpu_dry_run.md").read_text()
+    assert "| kernels.fake | PASS |" in md and "| pipelines.error | FAIL |" in md and "Stopped early" in md
+
+
+KILLED_RUN = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import gpu_proof
+gpu_proof.RUN["kernels"] = lambda proof: proof.record("kernels.fake", True)
+gpu_proof.RUN["pipelines"] = lambda proof: (proof.record("pipelines.half", True), os._exit(9))
+gpu_proof.main(["--cpu-dry-run", "--only", "environment", "kernels", "pipelines", "staging", "--out", sys.argv[2]])
+"""
+
+
+def test_proof_report_is_rewritten_after_every_section(tmp_path):
+    """The process dies in the middle of a section (a crash, or a kill at the device's time limit): the report on
+    disk holds every section that finished and says which one it stopped in."""
+    r = subprocess.run([sys.executable, "-c", KILLED_RUN, os.path.join(ROOT, "perf"), str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 9, r.stderr[-3000:]
+    checks = json.loads((tmp_path / "gpu_cpu_dry_run.json").read_text())
+    assert [c["name"] for c in checks] == ["environment", "kernels.fake", "proof.incomplete"]
+    assert checks[-1]["status"] == "FAIL" and checks[-1]["section"] == "pipelines"
+    md = (tmp_path / "gpu_cpu_dry_run.md").read_text()
+    assert "Incomplete: stopped in section pipelines" in md and "| kernels.fake | PASS |" in md
+    assert sorted(os.listdir(tmp_path)) == ["gpu_cpu_dry_run.json", "gpu_cpu_dry_run.md"]  # no half-written file
+
+
+def test_proof_rerun_of_one_section_merges_into_the_report(gpu_proof, tmp_path, monkeypatch):
+    monkeypatch.setitem(gpu_proof.RUN, "kernels", _fake_section(["kernels.a", "kernels.b"]))
+    monkeypatch.setitem(gpu_proof.RUN, "staging", _fake_section(["staging.old"]))
+    out = ["--cpu-dry-run", "--out", str(tmp_path)]
+    assert gpu_proof.main([*out, "--only", "environment", "kernels", "staging"]) == 0
+    monkeypatch.setitem(gpu_proof.RUN, "staging", _fake_section(["staging.new"]))
+    assert gpu_proof.main([*out, "--only", "staging", "--merge"]) == 0
+    names = [c["name"] for c in json.loads((tmp_path / "gpu_cpu_dry_run.json").read_text())]
+    assert names == ["environment", "kernels.a", "kernels.b", "staging.new"]
+    (tmp_path / "first.json").write_text((tmp_path / "gpu_cpu_dry_run.json").read_text())
+    assert gpu_proof.main([*out, "--only", "staging"]) == 0  # without --merge: this run's checks only
+    assert [c["name"] for c in json.loads((tmp_path / "gpu_cpu_dry_run.json").read_text())] == ["staging.new"]
+    # merged into a report carried from elsewhere (a fresh device machine's output folder starts empty)
+    monkeypatch.setitem(gpu_proof.RUN, "kernels", _fake_section(["kernels.c"]))
+    assert gpu_proof.main([*out, "--only", "kernels", "--merge", str(tmp_path / "first.json")]) == 0
+    names = [c["name"] for c in json.loads((tmp_path / "gpu_cpu_dry_run.json").read_text())]
+    assert names == ["environment", "kernels.c", "staging.new"]
+
+
+def test_proof_two_ranks_on_one_gpu_check_on_the_dry_run(gpu_proof, tmp_path):
+    """The proof's check itself, on CPU ranks faking one CUDA device: refused on every rank, status 2, one line."""
+    args = gpu_proof.parser().parse_args(["--cpu-dry-run", "--out", str(tmp_path)])
+    p = gpu_proof.Proof(args)
+    gpu_proof.two_ranks_one_gpu(p)
+    [check] = p.checks
+    assert check["status"] == "PASS", check
+    assert check["message_lines"] == 1 and check["rank_exit_codes"][-1] == "2"
+
+
+def test_gpu_device_check_without_a_gpu_fails_before_installing_anything(tmp_path):
     import torch
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible: this checks what a GPU-less machine prints")
-    r = subprocess.run(["bash", os.path.join(ROOT, "perf", "gpu_selfcheck.sh")], capture_output=True, text=True,
-                       timeout=300, env=dict(os.environ, PYTHON=sys.executable))
+    r = subprocess.run(["bash", os.path.join(ROOT, "perf", "gpu_device_check.sh"), "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHON=sys.executable))
     assert r.returncode == 1 and "torch.cuda.is_available() is False" in r.stdout
-    assert "install" not in r.stdout
+    assert "install" not in r.stdout and sorted(os.listdir(tmp_path)) == ["summary.txt"]
+
+
+def _stub_interpreters(bin_dir):
+    """`python` and `python3` on PATH that fail loudly: the device check must use $PYTHON for everything."""
+    bin_dir.mkdir()
+    for name in ("python", "python3"):
+        stub = bin_dir / name
+        stub.write_text("#!/bin/sh\necho \"STUB INTERPRETER $0 $*\" >&2\nexit 97\n")
+        stub.chmod(0o755)
+    return str(bin_dir)
+
+
+@pytest.mark.slow
+def test_gpu_device_check_flow_on_cpu(tmp_path):
+    """The device command's plumbing on CPU (--cpu-dry-run): $PYTHON throughout (plain python / python3 on PATH are
+    stubs that fail), --only passed to the proof, the tests, the launcher, and at most 6 files in the output folder."""
+    out, wheels = tmp_path / "out", tmp_path / "wheels"
+    wheels.mkdir()
+    env = dict(os.environ, PYTHON=sys.executable, WHEELS=str(wheels), PATH=_stub_interpreters(tmp_path / "bin") + ":"
+               + os.environ["PATH"], TESTS="tests/test_sampler.py::test_same_result_with_fused_kernels_on_and_off")
+    env.pop("OUT", None)
+    r = subprocess.run(["bash", os.path.join(ROOT, "perf", "gpu_device_check.sh"), "--cpu-dry-run", "--out", str(out),
+                        "--only", "environment", "--tests"], capture_output=True, text=True, timeout=600, env=env)
+    logs = {f: (out / f).read_text() for f in os.listdir(out)}
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:], logs.get("tests.log", "")[-3000:])
+    assert sorted(logs) == ["gpu_cpu_dry_run.json", "gpu_cpu_dry_run.md", "install.log", "proof.log", "summary.txt",
+                            "tests.log"]
+    assert not any("STUB INTERPRETER" in text for text in [r.stdout, r.stderr, *logs.values()])
+    assert [c["name"] for c in json.loads(logs["gpu_cpu_dry_run.json"])] == ["environment"]
+    assert "--only environment --merge" in logs["gpu_cpu_dry_run.md"]
+    summary = logs["summary.txt"]
+    for step in ("PASS    proof", "PASS    tests", "PASS    generate on every GPU", "ALL PASSED"):
+        assert step in summary, summary
+    assert "2 passed" in logs["tests.log"] and "launch: " + sys.executable in logs["tests.log"]
+
+
+def test_bench_latency_models_layouts_with_a_sequence_axis():
+    """--layouts: every (draft, cfg, ulysses) layout of a GPU count, modeled exactly as documented: the plan's serial
+    rounds times one call, a call costing its per-row share over the sequence degree plus the exchange."""
+    import importlib.util
+    from driffusion_rt.plan import make_plan
+    spec = importlib.util.spec_from_file_location("bench_latency", os.path.join(ROOT, "perf", "bench_latency.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.modeled_layouts(8, 28, guided=False, per_row=1.0, comm=0.1)
+    assert {(r["draft"], r["cfg"], r["ulysses"]) for r in rows} == {(8, 1, 1), (4, 1, 2), (2, 1, 4), (1, 1, 8)}
+    best = rows[0]
+    assert (best["draft"], best["ulysses"]) == (4, 2)
+    assert best["latency"] == pytest.approx(make_plan("aggressive", 28, 4).serial_rounds * (1 / 2 + 0.1))
+    assert best["speedup"] == pytest.approx(28 / best["latency"])
+    guided = bench.modeled_layouts(2, 50, guided=True, per_row=1.0, comm=0.1)
+    pair = next(r for r in guided if r["cfg"] == 2)
+    assert pair["call"] == 1.0 and pair["speedup"] == pytest.approx(2.0)  # a pair halves a guided call's rows
+    assert "| 8 | 4 | 1 | 2 | 8 | 0.600 | 4.80 | 5.83x |" in bench.layouts_table(rows)

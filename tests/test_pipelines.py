@@ -371,7 +371,8 @@ def test_family_registry(pipes):
     not take names the families that do."""
     from driffusion_rt.pipelines import FAMILIES, REGISTRY, SCHEDULERS, get_family, register
     from driffusion_rt.pipelines.sd import StableDiffusion
-    assert list(REGISTRY) == ["sd", "sdxl", "sd3", "flux", "wan", "hunyuan-video-1.5", "ltx"]
+    assert list(REGISTRY) == ["sd", "sdxl", "sd3", "flux", "flux2", "qwen-image", "qwen-image-edit", "z-image", "wan",
+                              "hunyuan-video-1.5", "ltx"]
     assert get_family(pipes["sd21"]) is REGISTRY["sd"]
     assert SCHEDULERS["sdxl"] == REGISTRY["sdxl"].schedulers and FAMILIES["FluxPipeline"] == "flux"
 
@@ -387,7 +388,7 @@ def test_family_registry(pipes):
         register(UnknownScheduler())
     assert "OtherPipeline" not in FAMILIES and "sd-dpm" not in REGISTRY
     with pytest.raises(ValueError, match=r"max_sequence_length is not supported by the sdxl pipeline \(only sd3, "
-                                         r"flux, wan, ltx\)"):
+                                         r"flux, flux2, qwen-image, qwen-image-edit, z-image, wan, ltx\)"):
         prepare(pipes["sdxl"], PROMPT, steps=2, height=32, width=32, max_sequence_length=8)
     with pytest.raises(ValueError, match=r"clip_skip is not supported by the flux pipeline \(only sd, sdxl, sd3\)"):
         prepare(pipes["flux"], PROMPT, steps=2, height=32, width=32, clip_skip=1)

@@ -1,12 +1,12 @@
-"""Image tasks through the runtime: img2img, inpainting and ControlNet, with the semantics of diffusers' pipelines.
+"""Image tasks through the runtime: img2img, inpainting, ControlNet and editing, with the semantics of diffusers'
+pipelines.
 
-A pipeline's task comes from its class: each family maps the classes it serves to "text2img", "img2img",
-"inpaint" or "controlnet" (`task_of`; `for_task` builds another task's pipeline from the same components). A
-task's inputs are read and checked into one object before any work (`img2img`, `inpainting`, `control`, or
+A pipeline's task comes from its class (tasks.py: `task_of`, `require`, `for_task`). A task's inputs are read and checked into one object before any work (`img2img`, `inpainting`, `control`, `edit`, or
 `from_call` with a wrapped pipeline's own argument names). prepare.check calls its `begin` (the checks that need the
 step count and batch, then `fit`: the output size and what only the loaded pipeline can tell; a service whose
-request was checked already calls `fit` alone) and prepare.encode, once the prompt is encoded, its `prepare` (start
-state, trajectory, extra model kwargs, and the mask blend of inpainting with a 4-channel UNet).
+request was checked already calls `fit` alone), prepare.encode its `encode_inputs` (what the prompt encoder reads
+besides the prompt: an edit's image) and, once the prompt is encoded, its `prepare` (start state, trajectory, extra
+model kwargs, and the mask blend of inpainting with a 4-channel UNet).
 
 Under torchrun the image is VAE-encoded on rank 0 only (it draws from the request's generator, as the pipelines
 do); the states built from it are broadcast, so every rank starts from rank 0's tensors.
@@ -14,10 +14,10 @@ do); the states built from it are broadcast, so every rank starts from rank 0's 
     img2img(pipe, image, strength=0.6)              # any sd / sdxl / sd3 / flux pipeline
     inpainting(pipe, image, mask_image)             # sd / sdxl (4- or 9-channel UNet)
     control(cn_pipe, control_image)                 # a (Multi)ControlNet sd / sdxl pipeline
-(api.py's image_to_image, inpaint and control_to_image run them through the runtime.)
+    edit(edit_pipe, image)                          # a qwen-image-edit pipeline
+(api.py's image_to_image, inpaint, control_to_image and edit_image run them through the runtime.)
 """
 import dataclasses
-import inspect
 import numbers
 from dataclasses import dataclass
 
@@ -29,77 +29,10 @@ from ..distributed import collective, current, is_root
 from ..evaluator import PerStep
 from ..strength import check_strength, kept_steps, noised
 from ..trajectory import Trajectory
-from .family import FAMILIES, REGISTRY, family_of, get_family, pipeline_classes
+from .family import get_family
 from .images import first_image, image_count, read_image
 from .prepare import choose_trajectory
-
-TASKS = ("text2img", "img2img", "inpaint", "controlnet")
-TASK_NAMES = {"img2img": "img2img", "inpaint": "inpainting", "controlnet": "ControlNet"}
-
-
-# ---------------------------------------------------------------------------------------------- tasks
-
-
-def task_of(pipe) -> str:
-    """The task of a loaded pipeline: "text2img", "img2img", "inpaint" or "controlnet" (by its class)."""
-    for cls in type(pipe).__mro__:
-        fam = FAMILIES.get(cls.__name__)
-        if fam is not None:
-            return pipeline_classes(REGISTRY[fam])[cls.__name__]
-    family_of(pipe)  # raises: unsupported family
-    return "text2img"
-
-
-def task_class(family, task: str) -> str | None:
-    """The diffusers class name serving `task` in a family, None when the family has none."""
-    return next((name for name, t in pipeline_classes(family).items() if t == task), None)
-
-
-def families_with(task: str) -> str:
-    return ", ".join(f.name for f in REGISTRY.values() if task_class(f, task) is not None)
-
-
-def require(family, task: str, pipe=None):
-    """ValueError unless the family has `task`, and the loaded pipeline (when given) can run it."""
-    if task_class(family, task) is None:
-        raise ValueError(f"{TASK_NAMES[task]} is supported for the {families_with(task)} families; the "
-                         f"{family.name} pipeline has none")
-    if pipe is not None and task != "controlnet" and nets_of(pipe):
-        raise ValueError(f"{TASK_NAMES[task]} on a ControlNet pipeline ({type(pipe).__name__}) is not supported: "
-                         f"use the family's own pipeline")
-    unet = getattr(pipe, "unet", None)
-    if task == "img2img" and unet is not None and unet.config.in_channels != unet.config.out_channels:
-        raise ValueError(f"img2img needs a UNet whose input is the latent alone; this one takes "
-                         f"{unet.config.in_channels} channels (an inpainting UNet: use inpaint)")
-
-
-def for_task(pipe, task: str, **components):
-    """The family's pipeline for `task` on `pipe`'s components (diffusers' from_pipe: no weights are copied).
-    components: what the task adds, e.g. controlnet=ControlNetModel (or a list of them) for "controlnet"."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    family = get_family(pipe)
-    if task != "text2img":
-        require(family, task)
-    if task_of(pipe) == task and not components:
-        return pipe
-    import diffusers  # heavy: seconds to import
-    return getattr(diffusers, task_class(family, task)).from_pipe(pipe, **components)
-
-
-def default_strength(pipe, task: str) -> float:
-    """The strength the pipeline's own __call__ defaults to (SD img2img 0.8, SDXL img2img 0.3, SD3 / Flux 0.6,
-    inpainting SD 1.0, SDXL 0.9999)."""
-    if task_of(pipe) == task:
-        return float(inspect.signature(type(pipe).__call__).parameters["strength"].default)
-    return family_default_strength(get_family(pipe), task)
-
-
-def family_default_strength(family, task: str) -> float:
-    """default_strength of the family's pipeline class for `task`, known without a loaded pipeline."""
-    import diffusers  # heavy: seconds to import
-    cls = getattr(diffusers, task_class(family, task))
-    return float(inspect.signature(cls.__call__).parameters["strength"].default)
+from .tasks import TASK_NAMES, default_strength, nets_of, require, task_class, task_of
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -145,13 +78,18 @@ def _share(tensors: list) -> list:
     return out
 
 
+def latent_channels(vae) -> int:
+    """Channels of a VAE's latents (video VAEs such as Qwen-Image's name them z_dim)."""
+    return vae.config.get("latent_channels") or vae.config["z_dim"]
+
+
 def _encode(pipe, family, image, generator, batch, dtype, task):
     """VAE latents of a preprocessed image batch, expanded to the request's batch as the pipelines expand them
     (the whole batch repeated; img2img with one generator per image expands the images first, inpainting
     encodes them as given). Only rank 0 runs the VAE (its samples draw from the generator); the others get
     zeros of the same shape, which the caller's broadcast overwrites."""
     n, vae = image.shape[0], pipe.vae
-    if image.shape[1] == vae.config.latent_channels:  # already latents, as the pipelines accept them
+    if image.shape[1] == latent_channels(vae):  # already latents, as the pipelines accept them
         lat = image.to(dtype)
     else:
         if isinstance(generator, list) and n < batch and task == "img2img":
@@ -160,7 +98,7 @@ def _encode(pipe, family, image, generator, batch, dtype, task):
         if is_root():
             lat = family.encode_image(pipe, image, generator, task=task).to(dtype)
         else:
-            lat = torch.zeros(n, vae.config.latent_channels, image.shape[2] // vsf, image.shape[3] // vsf,
+            lat = torch.zeros(n, latent_channels(vae), image.shape[2] // vsf, image.shape[3] // vsf,
                               dtype=dtype, device=image.device)
     return torch.cat([lat] * (batch // lat.shape[0])) if lat.shape[0] < batch else lat
 
@@ -176,6 +114,18 @@ def _geometry(pipe, family, kw, batch, height, width, device):
     like, geometry = family.prepare(pipe, kw, batch=batch, height=height, width=width,
                                     generator=torch.Generator().manual_seed(0), latents=None, device=device)
     return like, geometry
+
+
+def _from_noise(pipe, family, kw, sched, named_scheduler, steps, step_kwargs, *, batch, height, width, generator,
+                latents, device):
+    """(x, scheduler, trajectory) of a task that starts from noise as text-to-image does (ControlNet, editing): the
+    family's noise and geometry kwargs (added to kw), the trajectory over the whole schedule."""
+    x, geometry = family.prepare(pipe, kw, batch=batch, height=height, width=width, generator=generator,
+                                 latents=latents, device=device)
+    kw.update(geometry)
+    sched, traj = choose_trajectory(family, sched, named_scheduler, steps,
+                                    family.timesteps_kwargs(pipe, sched, x, steps), step_kwargs)
+    return x, sched, traj
 
 
 def _from_start(pipe, family, sched, named_scheduler, steps, tkw, step_kwargs, t_start):
@@ -194,11 +144,19 @@ def _given_state(traj):
     return traj if traj.start or traj.init_noise_sigma == 1.0 else dataclasses.replace(traj, init_noise_sigma=1.0)
 
 
+class Task:
+    """What every task's inputs share: by default the prompt encoder reads the prompt alone."""
+
+    def encode_inputs(self, pipe, family) -> dict:
+        """Keyword arguments for family.encode besides the prompt (an edit's image)."""
+        return {}
+
+
 # ---------------------------------------------------------------------------------------------- img2img
 
 
 @dataclass
-class Img2Img:
+class Img2Img(Task):
     """img2img inputs: the init image and the strength (the fraction of the schedule run on it)."""
     image: object
     strength: float
@@ -241,7 +199,7 @@ class Img2Img:
 
 
 @dataclass
-class Inpaint:
+class Inpaint(Task):
     """Inpainting inputs: the image, its mask (white / 1: repaint) and the strength."""
     image: object
     mask: object
@@ -300,12 +258,6 @@ class Inpaint:
 # ---------------------------------------------------------------------------------------------- ControlNet
 
 
-def nets_of(pipe) -> list:
-    """The ControlNets of a pipeline (a MultiControlNet's nets), none without."""
-    net = getattr(pipe, "controlnet", None)
-    return [] if net is None else list(getattr(net, "nets", [net]))
-
-
 def per_net(value, nets: int, name: str, kind=numbers.Real) -> list:
     """One float per ControlNet from a value or a list of them (ValueError naming `name` otherwise)."""
     values = list(value) if isinstance(value, (list, tuple)) else [value] * nets
@@ -318,7 +270,7 @@ def per_net(value, nets: int, name: str, kind=numbers.Real) -> list:
 
 
 @dataclass
-class Control:
+class Control(Task):
     """ControlNet inputs: one control image per net, and how strongly and over which part of the schedule each
     net steers (diffusers' controlnet_conditioning_scale, guess_mode, control_guidance_start / end)."""
     images: list
@@ -349,13 +301,9 @@ class Control:
                                  f"prompt")
         return height, width
 
-    def prepare(self, pipe, family, kw, *, sched, named_scheduler, steps, step_kwargs, batch, height, width,
-                generator, latents, device):
-        x, geometry = family.prepare(pipe, kw, batch=batch, height=height, width=width, generator=generator,
-                                     latents=latents, device=device)
-        kw.update(geometry)
-        sched, traj = choose_trajectory(family, sched, named_scheduler, steps,
-                                        family.timesteps_kwargs(pipe, sched, x, steps), step_kwargs)
+    def prepare(self, pipe, family, kw, *, sched, named_scheduler, steps, step_kwargs, **start):
+        x, sched, traj = _from_noise(pipe, family, kw, sched, named_scheduler, steps, step_kwargs, **start)
+        batch, height, width, device = start["batch"], start["height"], start["width"], start["device"]
         nets, proc = nets_of(pipe), _control_processor(pipe)
         images = []
         for im in self.images:
@@ -368,6 +316,40 @@ class Control:
                              dtype=torch.float32)
         guess = bool(self.guess_mode or nets[0].config.global_pool_conditions)
         kw.update(control_image=images, control_scale=PerStep(table), guess_mode=guess)
+        return x, sched, traj, None
+
+
+# ---------------------------------------------------------------------------------------------- editing
+
+
+@dataclass
+class Edit(Task):
+    """Editing inputs: the image to edit, which the family's prompt encoder reads with the prompt and whose
+    latents condition every call (qwen_image_edit.py)."""
+    image: object
+    task = "edit"
+
+    def begin(self, pipe, family, *, height, width, steps, batch, num_images, latents):
+        return self.fit(pipe, family, height=height, width=width, batch=batch, num_images=num_images)
+
+    def fit(self, pipe, family, *, height, width, batch, num_images) -> tuple:
+        """One image and one prompt; the output size defaults to the size the image is resized to."""
+        if image_count(self.image) != 1 or batch != num_images:
+            raise ValueError(f"an edit takes one image and one prompt per request (num_images for several results); "
+                             f"got {image_count(self.image)} image(s) for {batch // num_images} prompt(s)")
+        im = first_image(self.image)
+        h, w = family.edit_size(im.height, im.width)
+        return (h if height is None else height), (w if width is None else width)
+
+    def encode_inputs(self, pipe, family) -> dict:
+        return {"image": family.prompt_image(pipe, first_image(self.image))}
+
+    def prepare(self, pipe, family, kw, *, sched, named_scheduler, steps, step_kwargs, **start):
+        x, sched, traj = _from_noise(pipe, family, kw, sched, named_scheduler, steps, step_kwargs, **start)
+        dtype = kw["prompt_embeds"].dtype
+        image = family.edit_pixels(pipe, first_image(self.image)).to(device=start["device"], dtype=dtype)
+        lat, = _share([_encode(pipe, family, image, start["generator"], start["batch"], dtype, "edit")])
+        family.condition(pipe, kw, lat)
         return x, sched, traj, None
 
 
@@ -425,6 +407,14 @@ def control(pipe, control_image, controlnet_conditioning_scale=1.0, guess_mode=F
     return Control(images, scales, guess_mode, starts, ends)
 
 
+def edit(pipe, image) -> Edit:
+    """Checked editing inputs for an editing pipeline (qwen-image-edit)."""
+    require(get_family(pipe), "edit", pipe)
+    if image is None:
+        raise ValueError(f"{type(pipe).__name__} edits an image: pass image= (the picture to edit)")
+    return Edit(read_image(image, "image"))
+
+
 def from_call(pipe, *, image=None, strength=None, mask_image=None, controlnet_conditioning_scale=1.0,
               guess_mode=False, control_guidance_start=0.0, control_guidance_end=1.0):
     """The inputs of a call with the wrapped pipeline's own argument names (what its __call__ takes by task;
@@ -434,7 +424,7 @@ def from_call(pipe, *, image=None, strength=None, mask_image=None, controlnet_co
                     control_guidance_start=(control_guidance_start, 0.0),
                     control_guidance_end=(control_guidance_end, 1.0))
     takes = {"text2img": (), "img2img": ("image", "strength"), "inpaint": ("image", "mask_image", "strength"),
-             "controlnet": ("image",) + tuple(controls)}[task]
+             "controlnet": ("image",) + tuple(controls), "edit": ("image",)}[task]
     given = dict(image=(image, None), strength=(strength, None), mask_image=(mask_image, None), **controls)
     extra = [k for k, (v, default) in given.items() if k not in takes and v != default]
     if extra:
@@ -449,15 +439,19 @@ def from_call(pipe, *, image=None, strength=None, mask_image=None, controlnet_co
     if task == "controlnet":
         return control(pipe, image, controlnet_conditioning_scale, guess_mode, control_guidance_start,
                        control_guidance_end)
+    if task == "edit":
+        return edit(pipe, image)
     return None
 
 
-def lora_scale_of(pipe, cross_attention_kwargs=None, joint_attention_kwargs=None):
+def lora_scale_of(pipe, cross_attention_kwargs=None, joint_attention_kwargs=None, attention_kwargs=None):
     """The per-call LoRA scale from diffusers' cross_attention_kwargs (SD, SDXL) / joint_attention_kwargs (SD3,
-    Flux) {"scale": s}; other keys are not supported through the runtime."""
+    Flux, Z-Image) / attention_kwargs (Qwen-Image, Flux.2) {"scale": s}; other keys are not supported through the
+    runtime."""
     family = get_family(pipe)
     own = family.lora_kwargs
-    given = {"cross_attention_kwargs": cross_attention_kwargs, "joint_attention_kwargs": joint_attention_kwargs}
+    given = {"cross_attention_kwargs": cross_attention_kwargs, "joint_attention_kwargs": joint_attention_kwargs,
+             "attention_kwargs": attention_kwargs}
     other = [k for k, v in given.items() if k != own and v is not None]
     if other:
         raise TypeError(f"{type(pipe).__name__} does not take {other[0]} (it takes {own})")

@@ -4,7 +4,9 @@ A family is one module (sd.py, flux.py, wan.py, ...) defining a `Family` subclas
 shared code (prepare.py, decode.py, conditioning.py, video.py) drives a request through the family's hooks:
 encode (prompt -> model kwargs) -> prepare (initial noise drawn as the pipeline draws it, plus the latent-geometry
 kwargs) -> timesteps_kwargs (set_timesteps options) -> the runtime with `adapter(pipe)` -> decode. What a request
-is checked against before any weights load comes from `rules_from_configs` (the pipeline's JSON configs).
+is checked against before any weights load comes from `rules_from_configs` (the pipeline's JSON configs), and for a
+sequence-parallel layout from `sequence_tokens` (see `check_sequence`). docs/adding_a_family.md is the contract in
+prose, with Z-Image (z_image.py) as the worked example.
 """
 import math
 from abc import ABC, abstractmethod
@@ -21,20 +23,23 @@ class Family(ABC):
     """One model family: everything about its pipelines that the shared code does not know.
 
     Attributes: name ("sd"); pipeline_classes (diffusers class names it serves, subclasses count; a dict maps each
-    to its task: "text2img", "img2img", "inpaint" or "controlnet"); schedulers (the short names of
-    driffusion_rt.schedulers that fit it) and default_scheduler (replaces a shipped scheduler the runtime cannot
-    run, with a warning); default_steps and default_guidance (the pipelines' own defaults); options (the OPTIONS
-    keys it takes). A family that takes images (conditioning.py) also defines encode_image(pipe, image, generator,
-    task=...), strength_rule, img2img_size_from_image and lora_kwargs (Flux also pack(pipe, latents)). Video
-    families subclass video.VideoFamily."""
+    to its task: one of tasks.TASKS); schedulers (the short names of driffusion_rt.schedulers that fit it) and
+    default_scheduler (replaces a shipped scheduler the runtime cannot run, with a warning); default_steps and
+    default_guidance (the pipelines' own defaults); guidance_argument (the pipelines' __call__ argument a request's
+    guidance_scale stands for: Qwen-Image's true_cfg_scale); options (the OPTIONS keys it takes). A family that
+    takes images (conditioning.py) also defines encode_image(pipe, image, generator, task=...), strength_rule,
+    img2img_size_from_image and lora_kwargs (Flux also pack(pipe, latents)); an editing family edit_size,
+    prompt_image, edit_pixels and condition (qwen_image_edit.py). Video families subclass video.VideoFamily."""
     name: str
     pipeline_classes: tuple
     schedulers: tuple
     default_scheduler: str
     default_steps: int
     default_guidance: float
+    guidance_argument = "guidance_scale"
     options: tuple = ()
     video = False
+    sequence_parallel = False  # its denoiser carries diffusers' context-parallel plan: see sequence_tokens
 
     @abstractmethod
     def output_class(self) -> type:
@@ -54,10 +59,20 @@ class Family(ABC):
         return s, s
 
     def rules_from_configs(self, configs: dict) -> tuple | None:
-        """(multiple, why, (height, width) default, VAE scale factor) from the pipeline's configs (model_index.json
+        """(multiple, why, (height, width) default, image factor) from the pipeline's configs (model_index.json
         and the vae / unet / transformer configs, as `configs[name]`), equal to what size_multiple and
-        default_size give once loaded; None when only the loaded pipeline can tell (checked then)."""
+        default_size give once loaded; the image factor is the pipeline's image processor's (sizes taken from an
+        input image round down to it). None when only the loaded pipeline can tell (checked then)."""
         return None
+
+    def sequence_tokens(self, configs: dict, resolved: dict) -> dict:
+        """For a family with `sequence_parallel`: the token counts of a request that diffusers' context parallelism
+        splits across a sequence group, by a name that says how they are counted, from the pipeline's configs (as
+        `configs[name]`: model_ref's before loading, `component_configs` once loaded) and the request's resolved
+        values (height, width, num_frames, max_sequence_length); a count whose values are not resolved yet is left
+        out (it is checked again once they are). Saying `sequence_parallel = True` and this rule is all a family
+        needs: the layout turns diffusers' context parallelism on for the adapter's denoisers (sequence.py)."""
+        return {}
 
     @abstractmethod
     def encode(self, pipe, prompt, negative_prompt, *, batch, num_images, guidance_scale, height, width, device,
@@ -87,6 +102,36 @@ def vae_scale_of(configs: dict) -> int:
 
 def denoiser_config(configs: dict) -> dict:
     return configs.get("unet") or configs.get("transformer") or {}
+
+
+def component_configs(pipe) -> dict:
+    """The configs of a loaded pipeline's VAE and denoiser, as model_ref reads them from its files."""
+    return {name: dict(getattr(pipe, name).config) for name in ("vae", "unet", "transformer")
+            if getattr(getattr(pipe, name, None), "config", None) is not None}
+
+
+def check_sequence(family: "Family", configs: dict, resolved: dict | None, ulysses: int, ring: int):
+    """Whether a sequence group of ulysses x ring ranks can split this family's calls for a request (resolved
+    values; None: the model alone): the family has sequence parallelism, Ulysses' degree divides the transformer's
+    attention heads (each rank attends with 1/ulysses of them), and every token count the split cuts is divisible
+    by ulysses x ring (each rank takes an equal share). Raises ValueError naming the rule."""
+    degree = ulysses * ring
+    if degree == 1:
+        return
+    if not family.sequence_parallel:
+        able = ", ".join(f.name for f in REGISTRY.values() if f.sequence_parallel)
+        raise ValueError(f"--ulysses {ulysses} / --ring {ring} split a transformer's tokens with diffusers' context "
+                         f"parallelism, which the {family.name} family's denoiser does not have (no context-parallel "
+                         f"plan); families with it: {able}")
+    heads = denoiser_config(configs).get("num_attention_heads")
+    if heads and heads % ulysses:
+        raise ValueError(f"--ulysses {ulysses} gives each rank of a sequence group 1/{ulysses} of the transformer's "
+                         f"attention heads, but it has {heads}: use a --ulysses that divides {heads} (or --ring)")
+    for name, n in family.sequence_tokens(configs, resolved or {}).items():
+        if n % degree:
+            raise ValueError(f"this request has {n} {name}, not divisible by the sequence degree ulysses x ring = "
+                             f"{degree}: each rank of a sequence group takes an equal share; choose a size (or "
+                             f"frame count) whose token count it divides")
 
 
 def square(sample, scale: int) -> tuple:

@@ -5,6 +5,8 @@ import torch
 
 from ..evaluator import Shared, Static, attention_kwargs
 from .family import Family, register, square, vae_scale_of
+
+TEXT_TOKENS = 512  # FluxPipeline's default max_sequence_length
 from .guidance import cfg, guide
 from .prepare import initial_noise
 from .sd import vae_latents
@@ -68,6 +70,7 @@ class Flux(Family):
     lora_kwargs = "joint_attention_kwargs"  # the call argument diffusers users pass the LoRA scale in
     strength_rule = "float"          # img2img keeps steps * strength steps, start index truncated
     img2img_size_from_image = False  # img2img: the image is resized to height / width (default: the model's size)
+    sequence_parallel = True  # FluxTransformer2DModel's _cp_plan splits the image and the text tokens
 
     def output_class(self):
         # heavy: diffusers takes seconds to import
@@ -86,7 +89,16 @@ class Flux(Family):
 
     def rules_from_configs(self, configs):
         vsf = vae_scale_of(configs)
-        return (*self._rule(vsf), square(128, vsf), vsf)  # FluxPipeline's default_sample_size is 128
+        return (*self._rule(vsf), square(128, vsf), vsf * 2)  # FluxPipeline's default_sample_size is 128
+
+    def sequence_tokens(self, configs, resolved):
+        """The packed image tokens and the prompt's text tokens (the joint attention splits both)."""
+        vsf = vae_scale_of(configs)
+        out = {"text tokens (max_sequence_length)": resolved.get("max_sequence_length") or TEXT_TOKENS}
+        h, w = resolved.get("height"), resolved.get("width")
+        if h and w:
+            out[f"image tokens (height / {2 * vsf} x width / {2 * vsf})"] = (h // (2 * vsf)) * (w // (2 * vsf))
+        return out
 
     def encode(self, pipe, prompt, negative_prompt, *, batch, num_images, guidance_scale, height, width, device,
                true_cfg_scale, max_sequence_length, lora_scale):

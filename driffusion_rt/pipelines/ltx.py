@@ -9,13 +9,22 @@ usable. CogVideoX 1.0's 5B checkpoints ship CogVideoXDPMScheduler, whose step() 
 estimate and timestep outside the scheduler's state (a second-order rule fed back through the pipeline loop),
 its dynamic CFG varies the guidance with the step's cosine, and CogVideoX 1.5 pads the latent frames to the
 temporal patch: each needs pipeline-specific plumbing without telling us more about the runtime.
+
+Sequence parallelism: diffusers' plan for LTXVideoTransformer3DModel (0.42.1) also splits the prompt and its mask
+along the text tokens, and LTX's attention turns the mask into one copy per head ([B, heads, 1, text]) before the
+attention backend; Ulysses then hands each rank 1/ulysses of the heads while the mask keeps all of them, and the
+cross-attention cannot be computed. The adapter's answer (`LTXAdapter.context_parallel`) is the one diffusers gives
+Wan: the prompt stays whole on every rank and cross-attention runs locally, each rank's share of the video tokens
+attending to the whole prompt (exact: the queries of a cross-attention are independent of each other); only the
+self-attention over the video tokens is exchanged.
 """
+import copy
 import inspect
 
 import numpy as np
 import torch
 
-from .family import register
+from .family import denoiser_config, register
 from .guidance import guide
 from .prepare import initial_noise
 from .video import VideoFamily
@@ -28,9 +37,23 @@ class LTXAdapter:
     guidance is on), guidance_scale, guidance_rescale, latent_frames, latent_height, latent_width,
     rope_interpolation_scale."""
     cuda_graphs = False  # see video.py
+    TEXT = ("encoder_hidden_states", "encoder_attention_mask")  # what diffusers' plan splits and this one keeps whole
 
     def __init__(self, transformer):
         self.transformer = transformer
+
+    def context_parallel(self, group):
+        """diffusers' context parallelism over the sequence group with the prompt kept whole: diffusers' own plan
+        without the text splits, and the cross-attention processors (attn2) without the parallel config, so they
+        attend locally (see the module docstring)."""
+        t = self.transformer
+        plan = dict(t._cp_plan)
+        plan[""] = {k: v for k, v in plan[""].items() if k not in self.TEXT}
+        group.enable(t, cp_plan=plan)
+        for block in t.transformer_blocks:
+            local = copy.copy(block.attn2.processor)  # a processor of its own, whatever attn1 shares
+            local._parallel_config = None
+            block.attn2.set_processor(local)
 
     @torch.no_grad()
     def __call__(self, x, t, *, prompt_embeds, prompt_attention_mask, latent_frames, latent_height, latent_width,
@@ -67,6 +90,7 @@ class LTX(VideoFamily):
     default_output_type = "pil"
     options = ("max_sequence_length", "guidance_rescale")
     video_options = ("frame_rate", "decode_timestep", "decode_noise_scale")
+    sequence_parallel = True  # LTXVideoTransformer3DModel's _cp_plan, the prompt kept whole (LTXAdapter)
 
     def output_class(self):
         # heavy: diffusers takes seconds to import
@@ -80,6 +104,20 @@ class LTX(VideoFamily):
         vsf, p = int(pipe.vae_spatial_compression_ratio), int(pipe.transformer_spatial_patch_size)
         m = int(np.lcm(32, vsf * p))
         return m, f"multiples of 32 and of the VAE scale factor {vsf} x transformer patch size {p}"
+
+    def sequence_tokens(self, configs, resolved):
+        """The video tokens: latent frames x latent rows x latent columns, over the transformer's patches."""
+        vae, den = configs.get("vae") or {}, denoiser_config(configs)
+        # the VAE's compression as AutoencoderKLLTXVideo derives it from its config (its defaults where absent)
+        scaling = 2 ** sum(vae.get("spatio_temporal_scaling") or (True, True, True, False))
+        vsf = vae.get("spatial_compression_ratio") or vae.get("patch_size", 4) * scaling
+        vst = vae.get("temporal_compression_ratio") or vae.get("patch_size_t", 1) * scaling
+        p, pt = den.get("patch_size", 1), den.get("patch_size_t", 1)
+        h, w, f = (resolved.get(k) for k in ("height", "width", "num_frames"))
+        if not (h and w and f):
+            return {}
+        n = ((f - 1) // vst + 1) // pt * (h // vsf // p) * (w // vsf // p)
+        return {f"video tokens (latent frames x height / {vsf * p} x width / {vsf * p})": n}
 
     def default_size(self, pipe):
         return 512, 704  # the pipeline's own defaults

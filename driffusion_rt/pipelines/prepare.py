@@ -19,7 +19,8 @@ from ..layout import parallelize
 from ..options import SamplingOptions
 from ..sampler import Prepared
 from ..trajectory import Trajectory, UnsupportedScheduler
-from .family import OPTIONS, REGISTRY, Family, default_size, family_of, get_family, model_adapter, size_multiple
+from .family import (OPTIONS, REGISTRY, Family, check_sequence, component_configs, default_size, family_of,
+                     get_family, model_adapter, size_multiple)
 
 
 def check_size(pipe, height, width) -> tuple:
@@ -181,6 +182,7 @@ class PreparedImage(Prepared):
     width: int
     decode_generator: object = None  # the request's generator as given (a list of them, too)
     step_kwargs: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)  # the family's options (max_sequence_length, ...)
 
 
 def check(pipe, prompt, *, negative_prompt=None, steps=None, guidance_scale=None, height=None, width=None,
@@ -215,9 +217,10 @@ def encode(pipe, args: ImageArgs) -> PreparedImage:
     """Encode the prompt, draw the initial noise the way the pipeline's __call__ does and probe the trajectory
     (the scheduler the runtime cannot run is the only thing found here)."""
     family, device = args.family, pipe._execution_device
+    task_inputs = {} if args.conditioning is None else args.conditioning.encode_inputs(pipe, family)
     kw = family.encode(pipe, args.prompt, args.negative_prompt, batch=args.batch, num_images=args.num_images,
                        guidance_scale=args.guidance_scale, height=args.height, width=args.width, device=device,
-                       **args.options)
+                       **args.options, **task_inputs)
     blend = None
     if args.conditioning is not None:
         x, sched, traj, blend = args.conditioning.prepare(
@@ -233,7 +236,7 @@ def encode(pipe, args: ImageArgs) -> PreparedImage:
                                         args.step_kwargs)
     return PreparedImage(traj, x, kw, run_generator(args.generator, traj), blend, family=family.name,
                          height=args.height, width=args.width, decode_generator=args.generator,
-                         step_kwargs=args.step_kwargs)
+                         step_kwargs=args.step_kwargs, options=args.options)
 
 
 def prepare(pipe, prompt, **kwargs) -> PreparedImage:
@@ -241,10 +244,12 @@ def prepare(pipe, prompt, **kwargs) -> PreparedImage:
 
     Keyword arguments (check's): negative_prompt, steps, guidance_scale, height, width, num_images, generator /
     seed, scheduler, latents, eta, guidance_rescale, true_cfg_scale, max_sequence_length, clip_skip, lora_scale,
-    conditioning. guidance_scale: classifier-free guidance for sd / sdxl / sd3 (on when > 1), the guidance
-    *embedding* for flux (guidance-distilled checkpoints); flux's classifier-free guidance is true_cfg_scale > 1
-    with a negative_prompt, as in FluxPipeline. guidance_rescale: sd / sdxl only. max_sequence_length: the T5
-    families (sd3, flux). clip_skip: not flux. eta: DDIM only. lora_scale: the scale of the pipeline's loaded LoRA
+    conditioning. guidance_scale: classifier-free guidance for sd / sdxl / sd3 (on when > 1) and z-image (on when
+    > 0, pos + scale (pos - neg) as ZImagePipeline computes it), the guidance *embedding* for flux and flux2
+    (guidance-distilled checkpoints); flux's classifier-free guidance is true_cfg_scale > 1 with a negative_prompt,
+    as in FluxPipeline; for qwen-image and qwen-image-edit guidance_scale is the pipelines' true_cfg_scale (on when
+    > 1 with a negative_prompt). guidance_rescale: sd / sdxl only. max_sequence_length: the T5 and LLM-encoder
+    families (sd3, flux, flux2, qwen-image, qwen-image-edit, z-image). clip_skip: sd / sdxl / sd3. eta: DDIM only. lora_scale: the scale of the pipeline's loaded LoRA
     weights for this request (diffusers' cross_attention_kwargs / joint_attention_kwargs {"scale": s}).
     conditioning: an image task's inputs (driffusion_rt.pipelines.conditioning: img2img, inpainting,
     ControlNet), validated when it was made; it starts the run from the image (strength) or adds its inputs.
@@ -253,16 +258,27 @@ def prepare(pipe, prompt, **kwargs) -> PreparedImage:
     return encode(pipe, check(pipe, prompt, **kwargs))
 
 
+def check_split(pipe, request: PreparedImage, layout):
+    """Whether `layout`'s sequence groups (layout.Layout; None: none) can split a prepared request's calls: the
+    family's rule (family.check_sequence) on the pipeline's configs. Raises ValueError naming the rule."""
+    if layout is None or layout.seq == 1:
+        return
+    resolved = {"height": request.height, "width": request.width, "num_frames": getattr(request, "num_frames", None),
+                **request.options}
+    check_sequence(get_family(pipe), component_configs(pipe), resolved, layout.ulysses, layout.ring)
+
+
 @torch.no_grad()
-def run(pipe, request: Prepared, *, mode="aggressive", parallel=None, sampler=None, progress=False,
-        **sample_kwargs):
+def run(pipe, request: Prepared, *, mode="aggressive", parallel=None, sampler=None, progress=False, ulysses=1,
+        ring=1, **sample_kwargs):
     """Sample a prepared request through the runtime; returns the SampleOutput (final latents in `.sample`).
 
     sampler: a persistent `driffusion_rt.Sampler` built on `model_adapter(pipe)` (its buffers and CUDA graphs
-    then live across requests); None builds one for this call (layout.parallelize). sample_kwargs: further
-    sampling options (drafts=, and the iterative modes' subintervals, preconditioning, window, tolerance). A
-    request drawing per-step noise (DDPM, DDIM eta > 0) consumes its generator: prepare a new request to repeat
-    it."""
+    then live across requests); None builds one for this call (layout.parallelize, with sequence groups of
+    ulysses x ring ranks under torchrun: see docs/layouts.md). sample_kwargs: further sampling options (drafts=,
+    and the iterative modes' subintervals, preconditioning, window, tolerance). A request drawing per-step noise
+    (DDPM, DDIM eta > 0) consumes its generator: prepare a new request to repeat it."""
     options = SamplingOptions(mode=mode, parallel=parallel, **sample_kwargs)
-    sampler = sampler if sampler is not None else parallelize(model_adapter(pipe))
+    sampler = sampler if sampler is not None else parallelize(model_adapter(pipe), ulysses=ulysses, ring=ring)
+    check_split(pipe, request, sampler.layout)
     return sampler.apply(request, options, progress=progress)

@@ -141,9 +141,8 @@ class VideoArgs:
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class PreparedVideo(PreparedImage):
-    """A prepared video request: a PreparedImage plus its frame count and the family's options."""
+    """A prepared video request: a PreparedImage plus its frame count."""
     num_frames: int = 1
-    options: dict = field(default_factory=dict)
 
 
 def check_video(pipe, prompt, *, negative_prompt=None, steps=None, guidance_scale=None, height=None, width=None,

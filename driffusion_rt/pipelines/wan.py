@@ -17,7 +17,7 @@ import math
 import torch
 
 from ..evaluator import Shared
-from .family import register
+from .family import denoiser_config, register
 from .prepare import initial_noise
 from .video import VideoFamily
 
@@ -94,6 +94,7 @@ class Wan(VideoFamily):
     default_frames = 81
     options = ("max_sequence_length",)
     video_options = ("guidance_scale_2", "image", "last_image")
+    sequence_parallel = True  # WanTransformer3DModel's _cp_plan splits the video tokens (the prompt stays whole)
 
     def output_class(self):
         # heavy: diffusers takes seconds to import
@@ -123,6 +124,17 @@ class Wan(VideoFamily):
         vsf, p = int(pipe.vae_scale_factor_spatial), pipe.transformer.config.patch_size
         m = math.lcm(16, vsf * p[1], vsf * p[2])
         return m, f"multiples of 16 and of the VAE scale factor {vsf} x transformer patch {p[1]} x {p[2]}"
+
+    def sequence_tokens(self, configs, resolved):
+        """The video tokens: latent frames x latent rows x latent columns, over the transformer's patches."""
+        vae, p = configs.get("vae") or {}, tuple(denoiser_config(configs).get("patch_size") or (1, 2, 2))
+        # the VAE's scale factors, with the pipelines' defaults for a config without them
+        vsf, vst = vae.get("scale_factor_spatial") or 8, vae.get("scale_factor_temporal") or 4
+        h, w, f = (resolved.get(k) for k in ("height", "width", "num_frames"))
+        if not (h and w and f):
+            return {}
+        n = ((f - 1) // vst + 1) // p[0] * (h // vsf // p[1]) * (w // vsf // p[2])
+        return {f"video tokens (latent frames x height / {vsf * p[1]} x width / {vsf * p[2]})": n}
 
     def default_size(self, pipe):
         return 480, 832  # the pipelines' own defaults

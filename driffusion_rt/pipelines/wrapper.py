@@ -8,8 +8,8 @@ from ..results import SampleStats
 from .api import video_stats
 from .conditioning import from_call, lora_scale_of
 from .decode import check_output_type, decode, empty_fields, output_of
-from .family import family_of, get_family, model_adapter, output_class
-from .prepare import prepare
+from .family import OPTIONS, family_of, get_family, model_adapter, output_class
+from .prepare import check_split, prepare
 from .video import decode_video, get_video_family, prepare_video
 
 
@@ -29,10 +29,16 @@ class DRiffusionPipeline:
 
     Image pipelines take their own image arguments too: Img2Img pipelines `image` and `strength`, inpainting
     pipelines `image`, `mask_image` and `strength`, ControlNet pipelines `image` (the control image(s)),
-    controlnet_conditioning_scale, guess_mode, control_guidance_start / end; the per-call LoRA scale is
-    `cross_attention_kwargs={"scale": s}` (SD, SDXL) or `joint_attention_kwargs={"scale": s}` (SD3, Flux).
+    controlnet_conditioning_scale, guess_mode, control_guidance_start / end, QwenImageEditPipeline `image` (the
+    picture to edit); the per-call LoRA scale is `cross_attention_kwargs={"scale": s}` (SD, SDXL),
+    `joint_attention_kwargs={"scale": s}` (SD3, Flux, Z-Image) or `attention_kwargs={"scale": s}` (Qwen-Image,
+    Flux.2). Guidance takes the pipeline's own names: Qwen-Image's is `true_cfg_scale` (default 4.0, on with a
+    negative_prompt), its `guidance_scale` (a guidance embedding no checkpoint has) is ignored as the pipeline
+    ignores it.
     cfg_parallel=2 (under torchrun, an even number of ranks): the uncond and cond halves of every guided call run
-    on two ranks; parallel then defaults to the draft ranks (world / 2)."""
+    on two ranks; ulysses=N / ring=M (Flux, Wan, LTX under torchrun): groups of N x M ranks split the tokens of
+    every transformer call with diffusers' context parallelism; parallel then defaults to the draft ranks
+    (world / (cfg x N x M)). See docs/layouts.md."""
 
     def __new__(cls, pipe, *args, **kwargs):
         if cls is DRiffusionPipeline and get_family(pipe).video:
@@ -40,11 +46,12 @@ class DRiffusionPipeline:
         return super().__new__(cls)
 
     def __init__(self, pipe, mode="aggressive", parallel=None, scheduler=None, progress=False, cfg_parallel=1,
-                 **sample_kwargs):
+                 ulysses=1, ring=1, **sample_kwargs):
         family_of(pipe)
         self.pipe, self.scheduler, self.progress = pipe, scheduler, progress
         self.options = SamplingOptions(mode=mode, parallel=parallel, **sample_kwargs)
         self.cfg_parallel = int(parse_cfg(cfg_parallel))
+        self.ulysses, self.ring = ulysses, ring
         self.last_stats: SampleStats | None = None
         self.model = model_adapter(pipe)
         self._sampler = None
@@ -56,11 +63,13 @@ class DRiffusionPipeline:
 
     @property
     def sampler(self):
-        """Built on first use, so a process group initialised after wrapping is picked up. With cfg_parallel=2 the
-        job's ranks form a (draft, cfg) layout and each guided denoiser call is split across a pair
-        (driffusion_rt.layout); every rank must wrap the pipeline the same way."""
+        """Built on first use, so a process group initialised after wrapping is picked up. With cfg_parallel=2 or
+        ulysses / ring the job's ranks form a (draft, cfg, ring, ulysses) layout: each guided denoiser call is
+        split across a pair, each transformer call's tokens across a sequence group (driffusion_rt.layout); every
+        rank must wrap the pipeline the same way."""
         if self._sampler is None:
-            self._sampler = parallelize(self.model, self.pipe, cfg=self.cfg_parallel)
+            self._sampler = parallelize(self.model, self.pipe, cfg=self.cfg_parallel, ulysses=self.ulysses,
+                                        ring=self.ring)
         return self._sampler
 
     def _empty(self, return_dict: bool):
@@ -71,23 +80,27 @@ class DRiffusionPipeline:
     @torch.no_grad()
     def __call__(self, prompt=None, negative_prompt=None, num_inference_steps=None, guidance_scale=None, height=None,
                  width=None, num_images_per_prompt=1, generator=None, output_type="pil", return_dict=True, eta=0.0,
-                 guidance_rescale=0.0, true_cfg_scale=1.0, max_sequence_length=None, clip_skip=None, latents=None,
+                 guidance_rescale=0.0, true_cfg_scale=None, max_sequence_length=None, clip_skip=None, latents=None,
                  image=None, strength=None, mask_image=None, controlnet_conditioning_scale=1.0, guess_mode=False,
                  control_guidance_start=0.0, control_guidance_end=1.0, cross_attention_kwargs=None,
-                 joint_attention_kwargs=None):
+                 joint_attention_kwargs=None, attention_kwargs=None):
         if prompt is None:
             raise ValueError("prompt is required (precomputed prompt embeddings are not supported)")
         check_output_type(output_type)
         inputs = from_call(self.pipe, image=image, strength=strength, mask_image=mask_image,
                            controlnet_conditioning_scale=controlnet_conditioning_scale, guess_mode=guess_mode,
                            control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end)
-        lora_scale = lora_scale_of(self.pipe, cross_attention_kwargs, joint_attention_kwargs)
+        lora_scale = lora_scale_of(self.pipe, cross_attention_kwargs, joint_attention_kwargs, attention_kwargs)
+        if get_family(self.pipe).guidance_argument == "true_cfg_scale":  # the runtime's guidance_scale carries it
+            guidance_scale, true_cfg_scale = true_cfg_scale, None
+        true_cfg_scale = OPTIONS["true_cfg_scale"] if true_cfg_scale is None else true_cfg_scale
         req = prepare(self.pipe, prompt, negative_prompt=negative_prompt, steps=num_inference_steps,
                       guidance_scale=guidance_scale, height=height, width=width, num_images=num_images_per_prompt,
                       generator=generator, scheduler=self.scheduler, latents=latents, eta=eta,
                       guidance_rescale=guidance_rescale, true_cfg_scale=true_cfg_scale,
                       max_sequence_length=max_sequence_length, clip_skip=clip_skip, lora_scale=lora_scale,
                       conditioning=inputs)
+        check_split(self.pipe, req, self.sampler.layout)
         out = self.sampler.apply(req, self.options, progress=self.progress)
         self.last_stats = out.stats
         if not is_root():
@@ -129,6 +142,7 @@ class DRiffusionVideoPipeline(DRiffusionPipeline):
                             guidance_scale=guidance_scale, height=height, width=width, num_frames=num_frames,
                             num_videos=num_videos_per_prompt, generator=generator, scheduler=self.scheduler,
                             latents=latents, **options)
+        check_split(self.pipe, req, self.sampler.layout)
         out = self.sampler.apply(req, self.options, progress=self.progress)
         stats = self.last_stats = video_stats(out.stats)
         if not is_root():
