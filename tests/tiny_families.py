@@ -53,9 +53,10 @@ def _qwen_vl(tok, vision_ids=None):
 
 
 def _qwen_transformer():
+    """2 heads: Ulysses 2 gives each rank one (tests/test_sequence_parallel.py)."""
     torch.manual_seed(0)
     return QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
-                                       attention_head_dim=16, num_attention_heads=3, joint_attention_dim=16,
+                                       attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
                                        guidance_embeds=False, axes_dims_rope=(8, 4, 4))
 
 
