@@ -88,7 +88,7 @@ def _combine(terms: list, lay: _Layout, out_rows: list, device, acc) -> _Combine
                     torch.tensor([lay.row(k) for k in names], dtype=torch.long, device=device), coef.to(device, acc))
 
 
-class Tables:
+class WindowTables:
     """The device tables of one (trajectory, n, device, accumulation type), built per anchor on first use: the
     chain combine of the window at a, and the registers combine of every state it may accept."""
 
@@ -125,7 +125,7 @@ def run(ev, model, traj: Trajectory, x: torch.Tensor, parallel: int, tolerance: 
     key = ("adaptive", traj.key, n, ev.world, x.device, acc)
     tables = cache.get(key) if cache is not None else None
     if tables is None:
-        tables = Tables(traj, n, lay, x.device, acc)
+        tables = WindowTables(traj, n, lay, x.device, acc)
         if cache is not None:
             cache[key] = tables
     rows = torch.zeros(lay.rows, *x.shape, dtype=x.dtype, device=x.device)
