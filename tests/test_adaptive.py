@@ -200,6 +200,21 @@ def test_the_command_line_refuses_conservative_multistep_at_few_calls_per_n(tmp_
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_the_engine_serves_adaptive_requests_and_answers_422_to_bad_ones():
+    """What the HTTP front queues: request fields in, stats out; bad values and refused combinations are 422."""
+    from driffusion_rt import services
+    from driffusion_rt.engine import Engine
+    engine = Engine(services.load_service("digits", torch.device("cpu")))
+    ok = engine.generate({"prompt": "37", "steps": 20, "mode": "adaptive", "parallel": 4, "tolerance": 1e-3})
+    assert ok.ok and ok.stats["mode"] == "adaptive" and 1 < ok.stats["serial_rounds"] < 20, ok
+    for spec, message in (({"mode": "adaptive", "tolerance": -1}, "tolerance must be a number >= 0"),
+                          ({"mode": "adaptive", "window": 3}, "['window'] apply to modes picard and parasolver"),
+                          ({"mode": "conservative", "scheduler": "unipc", "parallel": 4, "steps": 12},
+                           "Use mode='adaptive'")):
+        bad = engine.generate({"prompt": "3", "steps": 12, **spec})
+        assert not bad.ok and bad.status == 422 and message in bad.error, (spec, bad)
+
+
 @pytest.mark.slow
 def test_two_gloo_ranks_equal_the_local_evaluator(tmp_path):
     out = tmp_path / "adaptive.json"
