@@ -80,12 +80,8 @@ def multistep(args) -> int:
                 print(f"{name:>22} S={steps:3d} n={n}: " + "  ".join(
                     f"{m} {row[m]:.3f} / {row[m + '_dev']:.1e} ({row[m + '_rounds']})"
                     for m in ("aggressive", "conservative", "adaptive")), flush=True)
-    safe = {}
-    for name, _ in multistep_schedulers():
-        mine = [r for r in rows if r["scheduler"] == name]
-        bad = [r["calls_per_n"] for r in mine if abs(r["conservative"] - 1) > args.tolerance]
-        ok = [r["calls_per_n"] for r in mine if not bad or r["calls_per_n"] > max(bad)]
-        safe[name] = min(ok) if ok else None
+    safe = safe_ratios(rows, [name for name, _ in multistep_schedulers()], lambda r: abs(r["conservative"] - 1),
+                       args.tolerance)
     lines = ["| scheduler | S | n | calls / n | aggressive spread / dev. (rounds) | conservative spread / dev. (rounds) "
              "| adaptive spread / dev. (rounds) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -98,11 +94,27 @@ def multistep(args) -> int:
     lines += ["", f"spread: std(sample - data mean) over the sequential run's; dev.: mean relative deviation from the "
                   f"sequential sample; adaptive at its default tolerance (1e-3). Gaussian data in 4x8x8 (std 0.5), "
                   f"exact denoiser, SD betas, {args.samples} samples, float64, seed 0."]
+    return write(args, "spread_multistep", rows, safe, lines)
+
+
+def safe_ratios(rows, names, worst, tolerance) -> dict:
+    """Per scheduler: the smallest calls per n from which every measured point has worst(row) <= tolerance."""
+    safe = {}
+    for name in names:
+        mine = [r for r in rows if r["scheduler"] == name]
+        bad = [r["calls_per_n"] for r in mine if worst(r) > tolerance]
+        ok = [r["calls_per_n"] for r in mine if not bad or r["calls_per_n"] > max(bad)]
+        safe[name] = min(ok) if ok else None
+    return safe
+
+
+def write(args, stem, rows, safe, lines) -> int:
+    """<stem>.json and <stem>.md to --out; prints the safe ratios."""
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "spread_multistep.json"), "w") as f:
+    with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
         json.dump({"rows": rows, "safe_calls_per_n": safe, "tolerance": args.tolerance, "args": vars(args)}, f,
                   indent=2)
-    with open(os.path.join(args.out, "spread_multistep.md"), "w") as f:
+    with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines[-len(safe) - 3:]))
     return 0
@@ -151,13 +163,8 @@ def main(argv=None) -> int:
                 print(f"{name:>16} S={steps:3d} n={n}: aggressive {row['aggressive']:.3f} "
                       f"(noise-free {row['aggressive_noise_free']:.3f}), conservative {row['conservative']:.3f} "
                       f"(noise-free {row['conservative_noise_free']:.3f})", flush=True)
-    safe = {}
-    for name, *_ in schedulers():
-        mine = [r for r in rows if r["scheduler"] == name]
-        bad = [r["calls_per_n"] for r in mine
-               if max(abs(r["aggressive"] - 1), abs(r["conservative"] - 1)) > args.tolerance]
-        ok = [r["calls_per_n"] for r in mine if not bad or r["calls_per_n"] > max(bad)]
-        safe[name] = min(ok) if ok else None
+    safe = safe_ratios(rows, [name for name, *_ in schedulers()],
+                       lambda r: max(abs(r["aggressive"] - 1), abs(r["conservative"] - 1)), args.tolerance)
     lines = ["| scheduler | S | model calls | n | calls / n | aggressive | conservative | aggressive, noise-free "
              "drafts | conservative, noise-free drafts |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -169,14 +176,7 @@ def main(argv=None) -> int:
     lines += [f"- {name}: {v:g}" if v is not None else f"- {name}: none in the grid" for name, v in safe.items()]
     lines += ["", f"std(sample - data mean) of the parallel run over the sequential run's; Gaussian data in 4x8x8 "
                   f"(std 0.5), exact denoiser, SD betas, {args.samples} samples, float64, seed 0."]
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "spread.json"), "w") as f:
-        json.dump({"rows": rows, "safe_calls_per_n": safe, "tolerance": args.tolerance, "args": vars(args)}, f,
-                  indent=2)
-    with open(os.path.join(args.out, "spread.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines[-len(safe) - 3:]))
-    return 0
+    return write(args, "spread", rows, safe, lines)
 
 
 if __name__ == "__main__":
