@@ -244,7 +244,6 @@ def main(argv=None) -> int:
         try:  # what the request's preparation finds (whether the runtime can run the scheduler, guidance): the same
             first = service.prepare(request)  # verdict on every rank
             cfg = layout.resolve(args.cfg_parallel, world, layout.guided(service.model, first.model_kwargs))
-            request.options.check_trajectory(first.trajectory, request.options.n(world // cfg))
         except ValueError as e:
             cli.bad_input(str(e), info)
         sampler = parallelize(service.model, getattr(service, "pipe", None), cfg=cfg, info=info,

@@ -175,20 +175,21 @@ class SamplingOptions:
         else:  # adaptive: the same bounds on steps and n as a plan
             make_plan("sequential" if self.adaptive else self.mode, steps, parallel)
 
-    def check_trajectory(self, traj, parallel: int):
-        """What depends on the scheduler's trajectory, before any model call: conservative rounds with a multistep
-        scheduler (one with registers) need MULTISTEP_CONSERVATIVE_CALLS_PER_N model calls per parallel evaluation.
-        ValueError naming what to use instead."""
+    def drift_warning(self, traj, parallel: int) -> str | None:
+        """What the sampler warns before any model call (None: nothing): conservative rounds with a multistep
+        scheduler (one with registers) below MULTISTEP_CONSERVATIVE_CALLS_PER_N model calls per parallel evaluation,
+        naming what to use instead."""
         if self.mode != "conservative" or parallel < 2 or traj.history_free:
-            return
+            return None
         if traj.steps < MULTISTEP_CONSERVATIVE_CALLS_PER_N * parallel:
-            raise ValueError(
+            return (
                 f"mode='conservative' with {traj.scheduler_name} (a multistep scheduler) needs at least "
                 f"{MULTISTEP_CONSERVATIVE_CALLS_PER_N} model calls per parallel evaluation; {traj.steps} calls with "
                 f"parallel={parallel} give {traj.steps / parallel:.2f}, where the last round's furthest draft drives "
                 f"its final steps and the sample drifts and spreads. Use mode='adaptive' (error-controlled), "
                 f"mode='aggressive', parallel <= {max(traj.steps // MULTISTEP_CONSERVATIVE_CALLS_PER_N, 1)}, or "
-                f"steps >= {MULTISTEP_CONSERVATIVE_CALLS_PER_N * parallel}")
+                f"steps >= {MULTISTEP_CONSERVATIVE_CALLS_PER_N * parallel} (docs/schedulers.md)")
+        return None
 
     def fields(self) -> dict:
         """The options as request fields (None values left out; `parallel` kept): what a run records."""

@@ -252,7 +252,9 @@ class Sampler:
         if not options.planned and blend is not None:
             raise ValueError(f"a blend (inpainting with a 4-channel denoiser) runs in modes {', '.join(MODES)}, not "
                              f"mode={options.mode!r}")
-        options.check_trajectory(traj, parallel)
+        drift = options.drift_warning(traj, parallel)
+        if drift and self.ev.is_root:
+            warnings.warn(drift, stacklevel=3)
         if options.mode in ("aggressive", "conservative") and parallel > 1 and traj.draws and self.ev.is_root:
             _warn_spread(traj, parallel)
         with _device_scope(x.device):

@@ -10,9 +10,8 @@ is the scheduler's safe ratio; the sampler warns below the largest of them (samp
 
 --multistep measures the deterministic multistep schedulers (DPM++ 2M, UniPC bh2 with its corrector, DEIS, PNDM;
 DDIM for reference) the same way, with the mean relative deviation from the sequential sample too, in aggressive,
-conservative and adaptive (default tolerance) mode. Their conservative rounds pair the anchor's exact output with
-the previous round's furthest draft in the scheduler's registers: the safe ratio found here is the one below which
-conservative mode refuses a multistep scheduler (options.MULTISTEP_CONSERVATIVE_CALLS_PER_N).
+conservative and adaptive (default tolerance) mode; the safe ratio found here is the one below which conservative mode warns for a multistep scheduler
+(options.MULTISTEP_CONSERVATIVE_CALLS_PER_N; docs/schedulers.md explains where the drift comes from).
 
     python perf/bench_spread.py --out perf/results       # writes spread.json and spread.md
     python perf/bench_spread.py --multistep               # writes spread_multistep.json and spread_multistep.md
@@ -50,7 +49,7 @@ def multistep_schedulers():
 
 def multistep(args) -> int:
     """Spread and deviation of deterministic multistep schedulers in aggressive, conservative and adaptive mode.
-    Conservative runs its plan directly (Sampler.run): below the safe ratio the runtime refuses it."""
+    The fixed modes run their plans directly (Sampler.run: no warnings)."""
     from driffusion_rt import GaussianMixture, GaussianMixtureModel, Sampler, Trajectory, make_plan
     torch.set_num_threads(1)
     mix = GaussianMixture.random(1, shape=(4, 8, 8), seed=0, std=0.5)
