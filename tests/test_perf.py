@@ -367,9 +367,6 @@ def test_bench_latency_models_layouts_with_a_sequence_axis():
     assert "| 8 | 4 | 1 | 2 | 8 | 0.600 | 4.80 | 5.83x |" in bench.layouts_table(rows)
 
 
-    assert "install" not in r.stdout
-
-
 def test_bench_peers_tiny_configuration_writes_its_tables(tmp_path):
     """ParaDiGMS (diffusers) and every mode here on the tiny SD pipeline, this runtime's modes on the mixture: the
     table has every method, the targets' rows, and ParaDiGMS at tolerance 0 is this runtime's sequential sample

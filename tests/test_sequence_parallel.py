@@ -21,8 +21,7 @@ from driffusion_rt import generate, serve, services
 from driffusion_rt.fixed_cost import FixedCostModel
 from driffusion_rt.layout import check_world, parallelize, resolve
 from driffusion_rt.model_ref import inspect_model
-from driffusion_rt.pipelines import (REGISTRY, check_sequence, component_configs, load_pipeline, model_adapter,
-                                     prepare, prepare_video)
+from driffusion_rt.pipelines import (REGISTRY, check_sequence, component_configs, prepare, prepare_video)
 from driffusion_rt.requests import RequestError, parse
 from driffusion_rt.sequence import SequenceGroup
 from serving import torchrun

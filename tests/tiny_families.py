@@ -19,7 +19,7 @@ import torch
 from diffusers import (AutoencoderKL, AutoencoderKLFlux2, AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler,
                        Flux2Pipeline, Flux2Transformer2DModel, QwenImageEditPipeline, QwenImagePipeline,
                        QwenImageTransformer2DModel, ZImagePipeline, ZImageTransformer2DModel)
-from transformers import (Mistral3Config, Mistral3ForConditionalGeneration, ProcessorMixin, Qwen2_5_VLConfig,
+from transformers import (Mistral3Config, Mistral3ForConditionalGeneration, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor, Qwen3Config, Qwen3Model)
 
 import tiny_video

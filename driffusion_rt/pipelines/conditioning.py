@@ -32,7 +32,7 @@ from ..trajectory import Trajectory
 from .family import get_family
 from .images import first_image, image_count, read_image
 from .prepare import choose_trajectory
-from .tasks import TASK_NAMES, default_strength, nets_of, require, task_class, task_of
+from .tasks import default_strength, nets_of, require, task_class, task_of
 
 
 # ---------------------------------------------------------------------------------------------- images
