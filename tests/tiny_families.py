@@ -21,6 +21,8 @@ from diffusers import (AutoencoderKL, AutoencoderKLFlux2, AutoencoderKLQwenImage
                        QwenImageTransformer2DModel, ZImagePipeline, ZImageTransformer2DModel)
 from transformers import (Mistral3Config, Mistral3ForConditionalGeneration, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor, Qwen3Config, Qwen3Model)
+# diffusers' loader looks the saving / loading base classes up in the module that defines a component's class
+from transformers import ProcessorMixin  # noqa: F401
 
 import tiny_video
 
