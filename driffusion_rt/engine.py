@@ -8,11 +8,12 @@ are admitted and which admitted ones are cancelled and broadcasts that (a header
 Request.to_wire bytes; no pickle); every rank prepares the admitted ones, moves them into the batch in order while
 they can share its calls and their rows fit in max_batch (`batch.degree` shrinks n to fit under the "shrink"
 policy; the same state on every rank gives the same decision without a message), and runs one batch step: one
-model call per rank, one all-gather; finished requests are answered (rank 0 decodes). picard / parasolver requests
-run alone, in order, once the batch is empty. A non-finite output fails its own request (500); a cancelled request
-leaves at the next step (499); a failed collective is fatal (the rank reports it and exits); an idle engine
-broadcasts a heartbeat every 2 s. SIGTERM / SIGINT: no new requests, those in flight cancelled at their next step
-and answered 503 with the waiting ones, every rank leaves the group and exits 0 with one line.
+model call per rank, one all-gather; finished requests are answered (rank 0 decodes). Requests without a plan
+(picard, parasolver, adaptive) run alone, in order, once the batch is empty. A non-finite output fails its own
+request (500); a cancelled request leaves at the next step (499); a failed collective is fatal (the rank reports it
+and exits); an idle engine broadcasts a heartbeat every 2 s. SIGTERM / SIGINT: no new requests, those in flight
+cancelled at their next step and answered 503 with the waiting ones, every rank leaves the group and exits 0 with
+one line.
 
     engine = Engine(load_service("digits", device))      # on every rank
     engine.serve(lambda eng: eng.generate({"prompt": "42", "steps": 20}))  # rank 0 runs the function; others follow
@@ -37,7 +38,6 @@ from .batch import Batch, degree, rows
 from .distributed import DEFAULT_TIMEOUT_S, CollectiveTimeout, collective
 from .evaluator import ModelOutputError
 from .layout import guided, parallelize, resolve
-from .plan import MODES
 from .requests import Limits, Request, RequestError, parse, request_bytes
 from .results import Cancelled
 from .services import check_sequence
@@ -337,7 +337,7 @@ class Engine:
                      ring=self.layout.ring, steps=st.steps, serial_rounds=st.serial_rounds, model_evals=st.model_evals,
                      ideal_speedup=st.ideal_speedup, sample_s=st.wall_time, batch_requests=st.batch_requests)
         asked = job.request.options.n(self.sampler.ev.world)
-        if st.parallel != asked and job.request.options.mode in MODES:  # the draft policy shrank n
+        if st.parallel != asked and job.request.options.planned:  # the draft policy shrank n
             stats["parallel_requested"] = asked
         if job.request.resolved.get("task"):  # image pipelines: text2img, img2img, inpaint, controlnet or edit
             stats["task"] = job.request.resolved["task"]
@@ -424,7 +424,7 @@ class Engine:
         while self.ready:
             head = self.ready[0]
             options, prepared = head.request.options, head.prepared
-            if options.mode not in MODES:
+            if not options.planned:  # picard, parasolver, adaptive: rounds that depend on the data
                 if not len(self.batch):
                     self.ready.pop(0)
                     finished.append((head.key, self._alone(head)))

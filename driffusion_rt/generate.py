@@ -43,7 +43,8 @@ def parser():
     p.add_argument("--negative-prompt", default=None, help="pipelines: what to steer away from (guidance on)")
     p.add_argument("--mode", default="aggressive", choices=ALL_MODES,
                    help="sequential: the scheduler's own loop; aggressive (the default): ~1/n latency; conservative: "
-                        "~2/(n+1); picard / parasolver: iterate to --tolerance (exact at 0, more model evaluations)")
+                        "~2/(n+1); picard / parasolver: iterate to --tolerance (exact at 0, more model evaluations); "
+                        "adaptive: the fewest rounds that keep the sample within --tolerance of the sequential one")
     p.add_argument("--parallel", type=int, default=None,
                    help="n, model evaluations per parallel round (default: the number of draft ranks, 1 outside "
                         "torchrun)")
@@ -88,12 +89,14 @@ def parser():
     im.add_argument("--controlnet-scale", dest="controlnet_conditioning_scale", type=float, action="append",
                     default=None, metavar="S",
                     help="conditioning scale of each --controlnet (default 1; one value for all)")
-    it = p.add_argument_group("picard / parasolver")
+    it = p.add_argument_group("picard / parasolver / adaptive")
     it.add_argument("--subintervals", type=int, default=None, help="N subintervals (parasolver; default steps // 2)")
     it.add_argument("--preconditioning", type=int, default=None,
                     help="M subintervals solved sequentially first (default 2; picard 0)")
     it.add_argument("--window", type=int, default=None, help="p boundaries solved in parallel (default --parallel)")
-    it.add_argument("--tolerance", type=float, default=None, help="delta of the stopping rule (default 0.05)")
+    it.add_argument("--tolerance", type=float, default=None,
+                    help="picard / parasolver: delta of the stopping rule (default 0.05); adaptive: the allowed "
+                         "relative deviation of the sample from the sequential one (default 0.001); 0: exact")
     cli.add_runtime_flags(p)
     rt = p.add_argument_group("command line")
     rt.add_argument("--warmup", type=int, default=1,
@@ -170,7 +173,7 @@ def output_stem(args, ref, request: Request, world: int) -> str:
     settings = {"model": args.model, "dtype": args.dtype, **options.fields(), "parallel": n, **adapters,
                 "cfg_parallel": args.cfg_parallel, **split, **{k: v for k, v in resolved.items() if k != "labels"}}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    drafts = "" if options.iterative else f"-{options.drafts}"
+    drafts = f"-{options.drafts}" if options.planned else ""
     return (f"{ref.name}-{options.mode}-n{n}-s{resolved['steps']}-{resolved['scheduler']}{drafts}-{args.dtype}"
             f"-seed{resolved['seed']}-{digest}")
 
@@ -290,13 +293,14 @@ def main(argv=None) -> int:
 
 
 def table(plan, stats) -> dict:
-    """The measured-versus-ideal numbers of a run (plan is None for the iterative modes)."""
+    """The measured-versus-ideal numbers of a run (plan is None for the iterative and adaptive modes)."""
     per_call = stats.phases.get("model", 0.0) / max(stats.serial_rounds, 1)
     ideal = (plan.serial_rounds if plan else stats.serial_rounds) * per_call
     return {"mode": stats.mode, "steps": stats.steps, "parallel": stats.parallel,
             "serial_rounds_plan": plan.serial_rounds if plan else None, "serial_rounds": stats.serial_rounds,
             "model_evals_plan": plan.model_evals if plan else None, "model_evals": stats.model_evals,
-            "iterations": getattr(stats, "iterations", None), "ideal_speedup": stats.ideal_speedup,
+            "iterations": getattr(stats, "iterations", None), "accepted": getattr(stats, "accepted", None),
+            "estimate": getattr(stats, "estimate", None), "ideal_speedup": stats.ideal_speedup,
             "latency_s": stats.wall_time, "ideal_latency_s": ideal,
             "efficiency": ideal / stats.wall_time if stats.wall_time else None, "phases_s": dict(stats.phases)}
 
@@ -309,7 +313,12 @@ def report(plan, stats) -> str:
         rows += [("serial model rounds (plan / measured)", f"{t['serial_rounds_plan']} / {t['serial_rounds']}"),
                  ("model evaluations (plan / measured)", f"{t['model_evals_plan']} / {t['model_evals']}")]
     else:
-        rows += [("iterations", t["iterations"]), ("serial model rounds (measured)", t["serial_rounds"]),
+        if t["accepted"] is not None:
+            rows += [("accepted states per round", " ".join(map(str, t["accepted"]))),
+                     ("estimated relative deviation", f"{t['estimate']:.2e}")]
+        else:
+            rows += [("iterations", t["iterations"])]
+        rows += [("serial model rounds (measured)", t["serial_rounds"]),
                  ("model evaluations (measured)", t["model_evals"])]
     rows += [("ideal speedup over sequential", f"{t['ideal_speedup']:.2f}x"),
              ("measured latency", f"{t['latency_s'] * 1e3:.1f} ms"),
@@ -323,6 +332,9 @@ def report(plan, stats) -> str:
 def print_summary(args, info, service, out, load_s, lay):
     if out.plan is not None:
         print(out.plan.describe() if args.show_plan else out.plan.describe().splitlines()[0])
+    elif hasattr(out.stats, "accepted"):
+        print(f"adaptive: tolerance {out.stats.tolerance:g}, {out.stats.serial_rounds} rounds, window trace "
+              f"(anchor, points, accepted) {out.stats.trace}")
     else:
         print(f"{args.mode}: {out.stats.iterations} iterations, window trace (start, width, stride) {out.stats.trace}")
     print(f"model {service.name}, ranks {info.world if info else 1} ({info.backend if info else 'local'}), "
@@ -353,7 +365,7 @@ def write_outputs(args, info, service, out, request, prepared, load_s, plan, lay
            "layout": {"cfg": lay.cfg, "draft_ranks": lay.draft, "ulysses": lay.ulysses, "ring": lay.ring,
                       "parallel": out.stats.parallel},
            "mode": st.mode, "parallel": st.parallel, "steps": st.steps, "seed": request.resolved["seed"],
-           "drafts": None if options.iterative else options.drafts, "load_s": load_s, "table": table(out.plan, st),
+           "drafts": options.drafts if options.planned else None, "load_s": load_s, "table": table(out.plan, st),
            "latency_s": st.wall_time, "serial_rounds": st.serial_rounds,
            "serial_rounds_plan": out.plan.serial_rounds if out.plan else None, "model_evals": st.model_evals,
            "ideal_speedup": st.ideal_speedup, "batch_widths": st.batch_widths,

@@ -3,6 +3,7 @@ frozen `SamplingOptions` that the sampler, the engine and the command line all t
 
     SamplingOptions(mode="aggressive", parallel=4)                 # the draft-and-refine modes (plan.py)
     SamplingOptions(mode="parasolver", window=4, tolerance=0.01)   # the iterative modes (parasolver.py)
+    SamplingOptions(mode="adaptive", parallel=4, tolerance=1e-3)   # error-controlled rounds (adaptive.py)
     SamplingOptions.parse({"mode": "conservative", "parallel": 2}, max_parallel=64)   # a request's fields
 
 What depends on the step count (a plan, the iterative modes' subintervals) is resolved by `plan` and `iterative`.
@@ -14,9 +15,17 @@ from .plan import MODES, Plan, make_plan
 from .rounds import DRAFT_RULES
 
 ITERATIVE_MODES = ("picard", "parasolver")
-ALL_MODES = MODES + ITERATIVE_MODES
+ADAPTIVE = "adaptive"
+ALL_MODES = MODES + ITERATIVE_MODES + (ADAPTIVE,)
 ITERATIVE_KEYS = ("subintervals", "preconditioning", "window", "tolerance")
-DEFAULT_TOLERANCE = 0.05
+TOLERANCE_MODES = ITERATIVE_MODES + (ADAPTIVE,)  # the modes that take `tolerance` (its meaning differs, see below)
+DEFAULT_TOLERANCE = 0.05             # picard / parasolver: delta of the stopping test, in units of the noise level
+DEFAULT_ADAPTIVE_TOLERANCE = 1e-3    # adaptive: the final sample's allowed relative deviation from sequential
+# Conservative rounds with a multistep scheduler need this many model calls per parallel evaluation: below it the
+# last round's furthest draft (n steps from its anchor) feeds the final steps through the scheduler's second-order
+# update (and UniPC's corrector), and the sample drifts and spreads (docs/schedulers.md,
+# perf/results/spread_multistep.md: DDIM stays within 5% from 3 calls per n, DPM++ 2M, UniPC, DEIS and PNDM from 5).
+MULTISTEP_CONSERVATIVE_CALLS_PER_N = 5
 
 
 def _is_int(v) -> bool:
@@ -49,9 +58,11 @@ class IterativeConfig:
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    """mode: sequential, aggressive, conservative, picard or parasolver; parallel: n, model evaluations per parallel
-    round (None: the number of draft ranks); drafts: jump or extrapolate (draft-and-refine modes); subintervals,
-    preconditioning, window, tolerance: picard / parasolver only (None: their defaults)."""
+    """mode: sequential, aggressive, conservative, picard, parasolver or adaptive; parallel: n, model evaluations
+    per parallel round (None: the number of draft ranks); drafts: jump or extrapolate (aggressive / conservative);
+    subintervals, preconditioning, window: picard / parasolver only; tolerance: picard / parasolver (delta of the
+    stopping test, default 0.05) and adaptive (the allowed relative deviation from the sequential sample, default
+    1e-3). None: the mode's default."""
     mode: str = "aggressive"
     parallel: int | None = None
     drafts: str = "jump"
@@ -67,14 +78,12 @@ class SamplingOptions:
             raise ValueError(f"parallel must be an integer >= 1, got {self.parallel!r}")
         if self.drafts not in DRAFT_RULES:
             raise ValueError(f"unknown draft rule {self.drafts!r}; choose one of {', '.join(DRAFT_RULES)}")
-        if self.iterative:
-            if self.drafts != "jump":
-                raise ValueError(f"drafts={self.drafts!r} applies to the draft-and-refine modes, not "
-                                 f"mode={self.mode!r}")
-        else:
-            extra = [k for k in ITERATIVE_KEYS if getattr(self, k) is not None]
-            if extra:
-                raise ValueError(f"{sorted(extra)} apply to modes picard and parasolver only, not mode={self.mode!r}")
+        if not self.planned and self.drafts != "jump":
+            raise ValueError(f"drafts={self.drafts!r} applies to modes aggressive and conservative, not "
+                             f"mode={self.mode!r}")
+        extra = [k for k in _keys_refused(self.mode) if getattr(self, k) is not None]
+        if extra:
+            raise ValueError(_refusal(extra, self.mode))
         for key, lo in (("subintervals", 1), ("preconditioning", 0)):
             v = getattr(self, key)
             if v is not None and not _is_int(v):
@@ -94,15 +103,18 @@ class SamplingOptions:
         if mode not in ALL_MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(ALL_MODES)}")
         kw = {"mode": mode, "parallel": _bounded("parallel", spec.get("parallel"), 1, max_parallel)}
+        extra = sorted(k for k in _keys_refused(mode) if spec.get(k) is not None)
+        if extra:
+            raise ValueError(_refusal(extra, mode))
         if mode in ITERATIVE_MODES:
             for key, lo in (("subintervals", 1), ("preconditioning", 0), ("window", 1)):
                 kw[key] = _bounded(key, spec.get(key), lo, max_steps)
+        if mode in TOLERANCE_MODES:
             kw["tolerance"] = spec.get("tolerance")
-        else:
-            extra = sorted(k for k in ITERATIVE_KEYS if spec.get(k) is not None)
-            if extra:
-                raise ValueError(f"{extra} apply to modes picard and parasolver only, not mode={mode!r}")
-            drafts = spec.get("drafts", "jump")
+        drafts = spec.get("drafts", "jump")
+        if mode not in MODES and drafts not in (None, "jump"):
+            raise ValueError(f"drafts={drafts!r} applies to modes aggressive and conservative, not mode={mode!r}")
+        if mode in MODES:
             if drafts not in DRAFT_RULES:
                 raise ValueError(f"unknown drafts {drafts!r}; choose one of {', '.join(DRAFT_RULES)}")
             kw["drafts"] = drafts
@@ -110,7 +122,24 @@ class SamplingOptions:
 
     @property
     def iterative(self) -> bool:
+        """picard or parasolver (parasolver.py)."""
         return self.mode in ITERATIVE_MODES
+
+    @property
+    def adaptive(self) -> bool:
+        """Error-controlled rounds (adaptive.py)."""
+        return self.mode == ADAPTIVE
+
+    @property
+    def planned(self) -> bool:
+        """A fixed plan of rounds (sequential, aggressive, conservative): the rounds do not depend on the data."""
+        return self.mode in MODES
+
+    def resolved_tolerance(self) -> float:
+        """The tolerance, or the mode's default (picard / parasolver 0.05, adaptive 1e-3)."""
+        if self.tolerance is not None:
+            return self.tolerance
+        return DEFAULT_ADAPTIVE_TOLERANCE if self.adaptive else DEFAULT_TOLERANCE
 
     def n(self, world: int) -> int:
         """parallel, or the number of draft ranks when none was given."""
@@ -137,20 +166,48 @@ class SamplingOptions:
             m = 0 if self.mode == "picard" else min(2, n - 1)
         if not 0 <= m < n:
             raise ValueError(f"preconditioning must be an integer in 0..subintervals-1={n - 1}, got {m!r}")
-        tol = self.tolerance if self.tolerance is not None else DEFAULT_TOLERANCE
-        return IterativeConfig(n, m, self.window if self.window is not None else parallel, tol)
+        return IterativeConfig(n, m, self.window if self.window is not None else parallel, self.resolved_tolerance())
 
     def check(self, steps: int, parallel: int):
         """Everything that depends on the step count and n, before any work: ValueError naming the bad value."""
         if self.iterative:
             self.iterative_config(steps, parallel)
-        else:
-            self.plan(steps, parallel)
+        else:  # adaptive: the same bounds on steps and n as a plan
+            make_plan("sequential" if self.adaptive else self.mode, steps, parallel)
+
+    def drift_warning(self, traj, parallel: int) -> str | None:
+        """What the sampler warns before any model call (None: nothing): conservative rounds with a multistep
+        scheduler (one with registers) below MULTISTEP_CONSERVATIVE_CALLS_PER_N model calls per parallel evaluation,
+        naming what to use instead."""
+        if self.mode != "conservative" or parallel < 2 or traj.history_free:
+            return None
+        if traj.steps < MULTISTEP_CONSERVATIVE_CALLS_PER_N * parallel:
+            return (
+                f"mode='conservative' with {traj.scheduler_name} (a multistep scheduler) needs at least "
+                f"{MULTISTEP_CONSERVATIVE_CALLS_PER_N} model calls per parallel evaluation; {traj.steps} calls with "
+                f"parallel={parallel} give {traj.steps / parallel:.2f}, where the last round's furthest draft drives "
+                f"its final steps and the sample drifts and spreads. Use mode='adaptive' (error-controlled), "
+                f"mode='aggressive', parallel <= {max(traj.steps // MULTISTEP_CONSERVATIVE_CALLS_PER_N, 1)}, or "
+                f"steps >= {MULTISTEP_CONSERVATIVE_CALLS_PER_N * parallel} (docs/schedulers.md)")
+        return None
 
     def fields(self) -> dict:
         """The options as request fields (None values left out; `parallel` kept): what a run records."""
         out = {"mode": self.mode, "parallel": self.parallel}
         out.update({f.name: getattr(self, f.name) for f in fields(self)
                     if f.name not in ("mode", "parallel") and getattr(self, f.name) is not None
-                    and not (f.name == "drafts" and self.iterative)})
+                    and not (f.name == "drafts" and not self.planned)})
         return out
+
+
+def _keys_refused(mode: str) -> list:
+    """The iterative keys a mode does not take."""
+    if mode in ITERATIVE_MODES:
+        return []
+    return [k for k in ITERATIVE_KEYS if k != "tolerance" or mode not in TOLERANCE_MODES]
+
+
+def _refusal(keys, mode: str) -> str:
+    if keys == ["tolerance"]:
+        return f"['tolerance'] applies to modes {', '.join(TOLERANCE_MODES)} only, not mode={mode!r}"
+    return f"{sorted(keys)} apply to modes picard and parasolver only, not mode={mode!r}"

@@ -1,4 +1,5 @@
-"""ParaSolver (papers/parasolver.md) and Picard / ParaDiGMS-style iteration on the runtime's evaluator.
+"""ParaSolver (papers/parasolver.md) and Picard iteration (as in ParaDiGMS, with another tolerance scale:
+docs/iterative.md) on the runtime's evaluator.
 
 The S-step trajectory is cut into N subintervals at boundaries b_0 = 0 < ... < b_N = S; Phi_n(X) runs the
 sequential sampler from index b_n to b_{n+1}. A sliding window of p boundaries is solved by the Jacobian-free

@@ -42,7 +42,8 @@ def previous_output(plan: Plan, r: int) -> int | None:
     return plan.rounds[r].anchor - 1 if plan.mode == "aggressive" else plan.rounds[r - 1].anchor
 
 
-def _log_snr(traj: Trajectory) -> torch.Tensor:
+def log_snr(traj: Trajectory) -> torch.Tensor:
+    """v = 2 log(in_alpha / in_sigma), the log-SNR of every model input [S]."""
     return 2 * torch.log(traj.in_alpha / traj.in_sigma)
 
 
@@ -50,7 +51,7 @@ def _held(i):
     return lambda l: {"o": 1.0}
 
 
-def _extrapolated(traj: Trajectory, i: int, prev: int | None, v: torch.Tensor):
+def extrapolated(traj: Trajectory, i: int, prev: int | None, v: torch.Tensor):
     """o_l ~ o_i + r_l (o_i - o_prev), r_l = (v_l - v_i) / (v_i - v_prev) in log-SNR v; None where ill-defined:
     no earlier output, a repeated level, an infinite log-SNR, or a stochastic step between the two outputs (their
     difference is then mostly injected noise)."""
@@ -84,13 +85,13 @@ def round_weights(traj: Trajectory, plan: Plan, rule: str = "jump") -> list:
         raise ValueError(f"unknown draft rule {rule!r}; choose one of {', '.join(DRAFT_RULES)}")
     if plan.steps != traj.steps:
         raise ValueError(f"the plan has {plan.steps} steps, the trajectory {traj.steps}")
-    v = _log_snr(traj) if rule == "extrapolate" else None
+    v = log_snr(traj) if rule == "extrapolate" else None
     out = []
     for r, rnd in enumerate(plan.rounds):
         i, m = rnd.anchor, rnd.advance
         q0 = traj.maps[i].first_draw
         q1 = traj.maps[i + m - 1].first_draw + traj.maps[i + m - 1].draws
-        extra = _extrapolated(traj, i, previous_output(plan, r), v) if v is not None else None
+        extra = extrapolated(traj, i, previous_output(plan, r), v) if v is not None else None
         drafts = []
         for j in rnd.drafts:
             (w,), _ = traj.express(i, [j], output=extra or _held(i))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from . import kernels, parasolver
+from . import adaptive, kernels, parasolver
 from .arena import LRU, ArenaPool, round_tables
 from .cuda_graphs import GraphCache
 from .distributed import default_evaluator
@@ -118,12 +118,19 @@ class Sampler:
 
     def _sample(self, traj, x, options, generator, model_kwargs, progress, blend, cancel) -> SampleOutput:
         parallel = options.n(self.ev.world)
-        if options.iterative and blend is not None:
+        if not options.planned and blend is not None:
             raise ValueError(f"a blend (inpainting with a 4-channel denoiser) runs in modes {', '.join(MODES)}, not "
                              f"mode={options.mode!r}")
+        drift = options.drift_warning(traj, parallel)
+        if drift and self.ev.is_root:
+            warnings.warn(drift, stacklevel=3)
         if options.mode in ("aggressive", "conservative") and parallel > 1 and traj.draws and self.ev.is_root:
             _warn_spread(traj, parallel)
         with device_scope(x.device):
+            if options.adaptive:
+                return adaptive.run(self.ev, self.model, traj, x, parallel, options.resolved_tolerance(), generator,
+                                    model_kwargs, cancel, self._graphs if self.cuda_graphs and x.is_cuda else None,
+                                    self._tables)
             if options.iterative:
                 cfg = options.iterative_config(traj.steps, parallel)
                 return parasolver.run(self.ev, self.model, traj, x, options.mode, parallel, cfg, generator,

@@ -1,11 +1,13 @@
 """torchrun worker for tests/test_sequence_parallel.py: sequence-parallel layouts against the unsplit model.
 
-    pairs OUT.json FLUX WAN21 WAN22 LTX WAN22_5B WAN21_I2V
+    pairs OUT.json FLUX WAN21 WAN22 LTX WAN22_5B WAN21_I2V FLUX2 QWEN QWEN_EDIT
                                           2 ranks, 1 draft x ulysses 2: Flux (true CFG, img2img also through
                                           image_to_image, LoRA), Wan 2.1, Wan 2.2 (two experts) and LTX (guided: the
                                           text masks differ per row), sequential and aggressive n = 2; Wan 2.2
                                           TI2V-5B (a timestep per token, split too) and Wan 2.1 image-to-video,
-                                          aggressive; then the Flux
+                                          aggressive; Flux.2, Qwen-Image (guided) and
+                                          Qwen-Image-Edit, sequential and aggressive, each Qwen prompt of a token
+                                          count Ulysses 2 does not divide (the adapter pads it); then the Flux
                                           engine with --ulysses 2 (OUT.json.engine): two requests and, between
                                           them, one whose image tokens 2 ranks cannot split (422)
     grid OUT.json FLUX                    4 ranks: 2 drafts x ulysses 2 against the local evaluator (aggressive,
@@ -15,6 +17,7 @@ token and head on one rank), then turns the split on (diffusers' context paralle
 and runs the same request through the layout. Rows: each rank's relative error and whether every rank of the job
 holds the same bits.
 """
+import dataclasses
 import json
 import sys
 
@@ -22,15 +25,22 @@ import PIL.Image
 import torch
 import torch.distributed as dist
 
+import tiny_families  # noqa: F401  (diffusers loads the edit processor class from it: import it first)
 import tiny_pipelines as tp
 import tiny_video as tv
 from driffusion_rt import Sampler, pipelines
 from driffusion_rt.distributed import maybe_init_dist, teardown
 from driffusion_rt.evaluator import LocalEvaluator
 from driffusion_rt.layout import parallelize
+from driffusion_rt.pipelines.prepare import check_split
 
 PROMPT = "a photo of a red cat"
 FLUX = dict(height=32, width=32, max_sequence_length=tp.T5_MAX_LEN, negative_prompt="ugly", true_cfg_scale=3.0)
+FAMILIES = {  # prepare's arguments; the Qwen prompts are 149 and 293 tokens long (odd: padded under Ulysses 2)
+    "flux2": ("a photo of a red cat", dict(guidance_scale=4.0, height=32, width=48, max_sequence_length=256)),
+    "qwen-image": ("a photo of a red cats", dict(negative_prompt="ugly", guidance_scale=4.0, height=32, width=48)),
+    "qwen-image-edit": ("a photo of a red cat", dict(height=64, width=32)),  # unguided: no mask until padded
+}
 VIDEO = dict(height=32, width=32, num_frames=9, negative_prompt="blurry", max_sequence_length=tv.T5_MAX_LEN,
              guidance_scale=4.0)
 
@@ -46,15 +56,23 @@ class Tokens:
     split."""
 
     def __init__(self, pipe):
-        self.seen = set()
+        self.seen, self.text = set(), set()
         for t in (pipe.transformer, getattr(pipe, "transformer_2", None)):
             if t is not None:
                 t.proj_out.register_forward_pre_hook(lambda m, args: self.seen.add(tuple(args[0].shape[:2])))
+        txt_in = getattr(pipe.transformer, "txt_in", None)  # Qwen-Image: the prompt before diffusers' split
+        if txt_in is not None:
+            txt_in.register_forward_pre_hook(lambda m, args: self.text.add(args[0].shape[1]))
 
     def take(self) -> list:
         """The largest rows and the largest token count seen since the last take."""
         seen, self.seen = self.seen, set()
         return [max(r for r, _ in seen), max(t for _, t in seen)]
+
+    def take_text(self) -> list:
+        """The prompt token counts the transformer took since the last take (Qwen-Image)."""
+        text, self.text = sorted(self.text), set()
+        return text
 
 
 def compare(info, name, out, ref, layout, **extra):
@@ -134,6 +152,33 @@ def video_case(info, path, name, runs=(("sequential", 1), ("aggressive", 2)), wr
     return rows
 
 
+def family_case(info, path, name):
+    """A request of Flux.2, Qwen-Image or Qwen-Image-Edit (FAMILIES), prepared once, through 1 draft x ulysses 2
+    against the unsplit replica; Qwen also records the prompt's token counts the transformer took (unsplit: the
+    prompt's own; split: padded to a multiple of 2). An edit also checks a request of odd image tokens: refused."""
+    pipe = pipelines.load_pipeline(path)
+    prompt, kw = FAMILIES[name]
+    if name == "qwen-image-edit":
+        kw = dict(kw, conditioning=pipelines.edit(pipe, tp.image(0, 40, 56)))
+    req = pipelines.prepare(pipe, prompt, steps=6, seed=3, **kw)
+    tokens, runs = Tokens(pipe), (("sequential", 1), ("aggressive", 2))
+    refs = {r: pipelines.run(pipe, req, mode=r[0], parallel=r[1], sampler=local(pipe)).sample for r in runs}
+    whole, text = tokens.take(), tokens.take_text()
+    sampler = parallelize(pipelines.model_adapter(pipe), pipe, info=info, ulysses=2)
+    rows = []
+    for (mode, n), ref in refs.items():
+        out = pipelines.run(pipe, req, mode=mode, parallel=n, sampler=sampler)
+        rows.append(compare(info, name, out.sample, ref, sampler.layout, mode=mode, parallel=out.stats.parallel,
+                            tokens=whole, tokens_split=tokens.take(), text=text, text_split=tokens.take_text()))
+    if name == "qwen-image-edit":  # 1 output token + 1026 of the image: the split cannot take it
+        try:
+            check_split(pipe, dataclasses.replace(req, height=32, width=32), sampler.layout)
+            rows[-1]["refused"] = None
+        except ValueError as e:
+            rows[-1]["refused"] = str(e)
+    return rows
+
+
 def engine_case(path, flux):
     """The Flux engine with ulysses 2 on 2 ranks (it leaves the process group when it stops)."""
     from driffusion_rt import services
@@ -159,7 +204,7 @@ def main(kind, path, *dirs):
     rows = []
     with torch.no_grad():
         if kind == "pairs":
-            flux, wan21, wan22, ltx, wan22_5b, wan21_i2v = dirs
+            flux, wan21, wan22, ltx, wan22_5b, wan21_i2v, flux2, qwen, qwen_edit = dirs
             rows += image_case(info, flux, "flux true CFG")
             rows += image_case(info, flux, "flux LoRA", runs=(("aggressive", 2),), lora=True)
             rows += image_case(info, flux, "flux img2img", runs=(("aggressive", 2),), img2img=True)
@@ -170,6 +215,8 @@ def main(kind, path, *dirs):
             rows += video_case(info, wan22_5b, "wan 2.2 TI2V-5B", runs=(("aggressive", 2),), height=64)
             rows += video_case(info, wan21_i2v, "wan 2.1 I2V", runs=(("aggressive", 2),),
                                image=PIL.Image.new("RGB", (32, 32), (200, 30, 30)))
+            for name, pipeline in (("flux2", flux2), ("qwen-image", qwen), ("qwen-image-edit", qwen_edit)):
+                rows += family_case(info, pipeline, name)
         else:
             rows += image_case(info, dirs[0], "2 drafts x ulysses 2", runs=(("aggressive", 2), ("conservative", 2)))
             rows += image_case(info, dirs[0], "cfg pair x ulysses 2", cfg=2, runs=(("aggressive", 2),))

@@ -19,12 +19,12 @@ KERNELS = os.path.join(ROOT, "kernels")
 # modules by name; the package faces (__init__.py) re-export and are checked for cycles only.
 LAYERS = [
     ["plan", "trajectory", "schedulers", "strength", "kernels", "kernels.fallback", "kernels.fused", "_source_tree"],
-    ["rounds"],
+    ["rounds", "windows"],
     ["options"],
     ["evaluator", "noise", "blend", "cuda_graphs", "outputs", "arena"],
     ["results"],
     ["distributed"],
-    ["parasolver", "run"],
+    ["parasolver", "adaptive", "run"],
     ["sampler"],
     ["batch", "sequence"],
     ["layout"],

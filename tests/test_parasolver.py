@@ -85,7 +85,7 @@ def test_positive_tolerance_is_faster_and_close(mode, tol):
     (dict(window=0), "window must be an integer >= 1, got 0"),
     (dict(tolerance=-0.1), "tolerance must be a number >= 0, got -0.1"),
     (dict(mode="picard", subintervals=5), "mode='picard' is ParaSolver with subintervals = steps = 10; got 5"),
-    (dict(mode="aggressive", tolerance=0.1), r"\['tolerance'\] apply to modes picard and parasolver only"),
+    (dict(mode="aggressive", tolerance=0.1), r"\['tolerance'\] applies to modes picard, parasolver, adaptive only"),
 ])
 def test_bad_parameters_fail_before_any_work(kwargs, message):
     calls = []

@@ -388,3 +388,29 @@ def test_bench_latency_models_layouts_with_a_sequence_axis():
     pair = next(r for r in guided if r["cfg"] == 2)
     assert pair["call"] == 1.0 and pair["speedup"] == pytest.approx(2.0)  # a pair halves a guided call's rows
     assert "| 8 | 4 | 1 | 2 | 8 | 0.600 | 4.80 | 5.83x |" in bench.layouts_table(rows)
+
+
+def test_bench_peers_tiny_configuration_writes_its_tables(tmp_path):
+    """ParaDiGMS (diffusers) and every mode here on the tiny SD pipeline, this runtime's modes on the mixture: the
+    table has every method, the targets' rows, and ParaDiGMS at tolerance 0 is this runtime's sequential sample
+    (the same weights, prompt, latents and noise)."""
+    r = run("bench_peers.py", "--quick", "--models", "sd", "gmm", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((tmp_path / "peers.json").read_text())
+    groups = {(g["model"], g["scheduler"], g["parallel"]): g for g in data["groups"]}
+    assert set(groups) == {("sd", "ddim", 2), ("sd", "ddpm", 2), ("gmm", "ddim", 2), ("gmm", "ddpm", 2)}
+    for (model, _, _), g in groups.items():
+        methods = {row["method"] for row in g["rows"]}
+        assert methods == {"aggressive", "conservative", "picard", "parasolver", "adaptive"} | (
+            {"ParaDiGMS"} if model == "sd" else set()), methods
+        for row in g["rows"]:
+            assert row["serial_rounds"] >= 1 and row["model_evals"] >= row["serial_rounds"] and row["deviation"] >= 0
+            assert row["modeled_latency"] >= row["serial_rounds"] and isinstance(row["pareto"], bool)
+            if row["method"] == "adaptive":
+                assert row["deviation"] <= row["tolerance"] and row["estimate"] <= row["tolerance"], row
+            if row["method"] == "ParaDiGMS" and row["setting"] == "tol=0":
+                assert row["deviation"] <= 1e-12 and row["serial_rounds"] == 10, row
+        assert [t["deviation"] for t in g["targets"]] == [1e-3, 1e-4] and any(row["pareto"] for row in g["rows"])
+    md = (tmp_path / "peers.md").read_text()
+    assert "| model | scheduler | n | D | adaptive | ParaDiGMS |" in md and "| sd | ddim | 2 | 0.001 |" in md
+    assert "modeled" in md and (tmp_path / "peers.png").stat().st_size > 0

@@ -19,8 +19,10 @@ import torch
 from diffusers import (AutoencoderKL, AutoencoderKLFlux2, AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler,
                        Flux2Pipeline, Flux2Transformer2DModel, QwenImageEditPipeline, QwenImagePipeline,
                        QwenImageTransformer2DModel, ZImagePipeline, ZImageTransformer2DModel)
-from transformers import (Mistral3Config, Mistral3ForConditionalGeneration, ProcessorMixin, Qwen2_5_VLConfig,
+from transformers import (Mistral3Config, Mistral3ForConditionalGeneration, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor, Qwen3Config, Qwen3Model)
+# diffusers' loader looks the saving / loading base classes up in the module that defines a component's class
+from transformers import ProcessorMixin  # noqa: F401
 
 import tiny_video
 
@@ -53,9 +55,10 @@ def _qwen_vl(tok, vision_ids=None):
 
 
 def _qwen_transformer():
+    """2 heads: Ulysses 2 gives each rank one (tests/test_sequence_parallel.py)."""
     torch.manual_seed(0)
     return QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
-                                       attention_head_dim=16, num_attention_heads=3, joint_attention_dim=16,
+                                       attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
                                        guidance_embeds=False, axes_dims_rope=(8, 4, 4))
 
 

@@ -32,7 +32,7 @@ from ..trajectory import Trajectory
 from .family import get_family
 from .images import first_image, image_count, read_image
 from .prepare import choose_trajectory
-from .tasks import TASK_NAMES, default_strength, nets_of, require, task_class, task_of
+from .tasks import default_strength, nets_of, require, task_class, task_of
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -149,6 +149,11 @@ class Task:
 
     def encode_inputs(self, pipe, family) -> dict:
         """Keyword arguments for family.encode besides the prompt (an edit's image)."""
+        return {}
+
+    def resolved(self) -> dict:
+        """What a rule counted from a request's resolved values needs of these inputs (an edit's image size: the
+        sequence split's token rule), named as requests.py resolves them."""
         return {}
 
 
@@ -343,6 +348,10 @@ class Edit(Task):
 
     def encode_inputs(self, pipe, family) -> dict:
         return {"image": family.prompt_image(pipe, first_image(self.image))}
+
+    def resolved(self) -> dict:
+        im = first_image(self.image)
+        return {"image": {"height": im.height, "width": im.width}}
 
     def prepare(self, pipe, family, kw, *, sched, named_scheduler, steps, step_kwargs, **start):
         x, sched, traj = _from_noise(pipe, family, kw, sched, named_scheduler, steps, step_kwargs, **start)

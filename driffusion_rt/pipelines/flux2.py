@@ -4,7 +4,11 @@ layers) and a guidance embedding (the checkpoint is guidance-distilled: no class
 guidance pairs).
 
 Not supported: the pipeline's reference images (`image=`, multi-reference editing) and prompt upsampling
-(caption_upsample_temperature); text_encoder_out_layers stays the pipeline's (10, 20, 30)."""
+(caption_upsample_temperature); text_encoder_out_layers stays the pipeline's (10, 20, 30).
+
+Sequence parallelism is diffusers' plan for Flux2Transformer2DModel as is: it splits the packed image tokens, the
+prompt's tokens (the pipeline pads the prompt to max_sequence_length) and their position ids; the joint and the
+single-stream attention exchange them."""
 import numpy as np
 import torch
 
@@ -12,6 +16,8 @@ from ..evaluator import Static
 from ..evaluator import attention_kwargs as static_values
 from .family import Family, register, square, vae_scale_of
 from .prepare import initial_noise
+
+TEXT_TOKENS = 512  # Flux2Pipeline's default max_sequence_length
 
 
 class Flux2Adapter:
@@ -43,6 +49,7 @@ class Flux2(Family):
     default_guidance = 4.0
     options = ("max_sequence_length", "lora_scale")
     lora_kwargs = "attention_kwargs"  # the call argument diffusers users pass the LoRA scale in
+    sequence_parallel = True  # Flux2Transformer2DModel's _cp_plan splits the image and the text tokens
 
     def output_class(self):
         # heavy: diffusers takes seconds to import
@@ -63,9 +70,18 @@ class Flux2(Family):
         vsf = vae_scale_of(configs)
         return (*self._rule(vsf), square(128, vsf), vsf * 2)  # Flux2Pipeline's default_sample_size is 128
 
+    def sequence_tokens(self, configs, resolved):
+        """The packed image tokens and the prompt's tokens (padded to max_sequence_length by the pipeline)."""
+        out = {"text tokens (max_sequence_length)": resolved.get("max_sequence_length") or TEXT_TOKENS}
+        h, w = resolved.get("height"), resolved.get("width")
+        if h and w:
+            m = 2 * vae_scale_of(configs)
+            out[f"image tokens (height / {m} x width / {m})"] = (h // m) * (w // m)
+        return out
+
     def encode(self, pipe, prompt, negative_prompt, *, batch, num_images, guidance_scale, height, width, device,
                max_sequence_length, lora_scale):
-        seq = 512 if max_sequence_length is None else int(max_sequence_length)
+        seq = TEXT_TOKENS if max_sequence_length is None else int(max_sequence_length)
         embeds, text_ids = pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=num_images,
                                               max_sequence_length=seq)
         kw = dict(prompt_embeds=embeds, text_ids=text_ids,

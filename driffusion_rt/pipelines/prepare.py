@@ -183,6 +183,7 @@ class PreparedImage(Prepared):
     decode_generator: object = None  # the request's generator as given (a list of them, too)
     step_kwargs: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)  # the family's options (max_sequence_length, ...)
+    inputs: dict = field(default_factory=dict)  # the image task's inputs as a request resolves them (Task.resolved)
 
 
 def check(pipe, prompt, *, negative_prompt=None, steps=None, guidance_scale=None, height=None, width=None,
@@ -236,7 +237,8 @@ def encode(pipe, args: ImageArgs) -> PreparedImage:
                                         args.step_kwargs)
     return PreparedImage(traj, x, kw, run_generator(args.generator, traj), blend, family=family.name,
                          height=args.height, width=args.width, decode_generator=args.generator,
-                         step_kwargs=args.step_kwargs, options=args.options)
+                         step_kwargs=args.step_kwargs, options=args.options,
+                         inputs={} if args.conditioning is None else args.conditioning.resolved())
 
 
 def prepare(pipe, prompt, **kwargs) -> PreparedImage:
@@ -264,7 +266,7 @@ def check_split(pipe, request: PreparedImage, layout):
     if layout is None or layout.seq == 1:
         return
     resolved = {"height": request.height, "width": request.width, "num_frames": getattr(request, "num_frames", None),
-                **request.options}
+                **request.options, **getattr(request, "inputs", {})}
     check_sequence(get_family(pipe), component_configs(pipe), resolved, layout.ulysses, layout.ring)
 
 

@@ -7,12 +7,23 @@ a negative prompt is given; their `guidance_scale` feeds a guidance embedding no
 request's guidance_scale is that true_cfg_scale (Family.guidance_argument), and a transformer with a guidance
 embedding is refused. Uncond and cond run as one doubled call (the pipelines make two): their prompt embeddings are
 padded to one length once per request, the padding masked, so every token keeps its position.
+
+Sequence parallelism: diffusers' plan for QwenImageTransformer2DModel (0.42.1) cuts the image tokens (an edit's
+condition tokens behind them), the prompt's tokens and the prompt's mask into equal shares, one per rank of a
+sequence group. The image tokens follow from the sizes (`sequence_tokens`, checked before loading); the prompt's do
+not: the pipelines cut the prompt embeddings to the longest prompt's tokens, so their count varies with the prompt
+(and with an edit's image, which Qwen2.5-VL reads with it). The adapter's answer: when its transformer runs context
+parallelism, it pads the prompt embeddings with zeros, masked, to a multiple of the group's size before the call.
+A masked token is no key of any attention, so every other token attends to what it did unsplit; a padded token's
+own outputs are dropped (only the image stream is returned); the text's rotary positions count from its first
+token, so every token keeps its position. The result is the unsplit call's (tests/test_sequence_parallel.py).
 """
 import numpy as np
 import torch
 
 from ..evaluator import Shared, Static
 from ..evaluator import attention_kwargs as static_values
+from ..sequence import running
 from .family import Family, register, square
 from .guidance import cfg
 from .prepare import initial_noise
@@ -41,6 +52,9 @@ class QwenImageAdapter:
             inp, ts = torch.cat([inp, inp]), torch.cat([ts, ts])
             emb = torch.cat([negative_prompt_embeds, prompt_embeds])
             mask = None if mask is None else torch.cat([negative_prompt_embeds_mask, mask])
+        group = _group_size(self.transformer)
+        if emb.shape[1] % group:  # split: the prompt padded, masked, to a multiple of the group (module docstring)
+            emb, mask = _pad_to(emb, mask, -(-emb.shape[1] // group) * group)
         out = self.transformer(hidden_states=inp, timestep=ts, encoder_hidden_states=emb,
                                encoder_hidden_states_mask=mask, img_shapes=[list(image_shapes)] * len(inp),
                                attention_kwargs=static_values(attention_kwargs), return_dict=False)[0][:, :tokens]
@@ -49,6 +63,12 @@ class QwenImageAdapter:
         uncond, cond = out.chunk(2)
         comb = cfg(uncond, cond, guidance_scale)  # then rescaled to the conditional prediction's norm, per token
         return comb * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
+
+
+def _group_size(transformer) -> int:
+    """Ranks of the sequence group diffusers' context parallelism splits the transformer's tokens over (1: none)."""
+    split = running(transformer)
+    return 1 if split is None else split[0] * split[1]
 
 
 def _pad_to(embeds, mask, length):
@@ -73,6 +93,7 @@ class QwenImage(Family):
     strength_rule = "float"          # img2img keeps steps * strength steps, start index truncated
     img2img_size_from_image = False  # img2img: the image is resized to height / width (default: the model's size)
     max_sequence_length = 1024       # the pipelines refuse longer
+    sequence_parallel = True  # QwenImageTransformer2DModel's _cp_plan, the prompt padded to the group (module doc)
 
     def output_class(self):
         # heavy: diffusers takes seconds to import
@@ -93,9 +114,23 @@ class QwenImage(Family):
     def size_multiple(self, pipe):
         return self._rule(int(pipe.vae_scale_factor))
 
+    @staticmethod
+    def _vae_scale(configs) -> int:
+        """The pipelines' vae_scale_factor from the VAE config: 2 ** len(temperal_downsample)."""
+        return 2 ** len((configs.get("vae") or {}).get("temperal_downsample", [False, True, True]))
+
     def rules_from_configs(self, configs):
-        vsf = 2 ** len((configs.get("vae") or {}).get("temperal_downsample", [False, True, True]))
+        vsf = self._vae_scale(configs)
         return (*self._rule(vsf), square(128, vsf), vsf * 2)  # the pipelines' default_sample_size is 128
+
+    def sequence_tokens(self, configs, resolved):
+        """The packed image tokens, (height / 2 vsf) x (width / 2 vsf); the prompt's tokens are no rule (the adapter
+        pads them to the group, see the module docstring)."""
+        h, w = resolved.get("height"), resolved.get("width")
+        if not (h and w):
+            return {}
+        m = 2 * self._vae_scale(configs)
+        return {f"image tokens (height / {m} x width / {m})": (h // m) * (w // m)}
 
     def encode(self, pipe, prompt, negative_prompt, *, batch, num_images, guidance_scale, height, width, device,
                max_sequence_length, lora_scale, image=None):

@@ -2,7 +2,8 @@
 input image, the "edit" task (conditioning.Edit). The pipeline resizes the image to about 1024 x 1024 pixels at its
 aspect ratio; Qwen2.5-VL reads it with the prompt (so both prompts are encoded with it), and its VAE latents (the
 distribution's mode) are packed and appended to the latent tokens of every call, the output cut back to the
-latent's own tokens. The output size defaults to the resized image's.
+latent's own tokens. The output size defaults to the resized image's. Under sequence parallelism the transformer's
+image tokens are the output's and the condition's together (`sequence_tokens`).
 """
 from ..evaluator import Shared
 from .family import register
@@ -23,6 +24,18 @@ class QwenImageEdit(QwenImage):
         from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
         w, h, _ = calculate_dimensions(EDIT_AREA, width / height)
         return int(h), int(w)
+
+    def sequence_tokens(self, configs, resolved):
+        """The packed tokens of the output and of the edited image (resized to edit_size), which the transformer
+        takes as one sequence (the prompt's are padded by the adapter, qwen_image.py). resolved["image"]: the image's
+        {"height", "width"}, as a request resolves it (none yet: nothing to count)."""
+        h, w, image = resolved.get("height"), resolved.get("width"), resolved.get("image")
+        if not (h and w and image):
+            return {}
+        m = 2 * self._vae_scale(configs)
+        ch, cw = self.edit_size(image["height"], image["width"])
+        return {f"image tokens (height / {m} x width / {m} of the output and of the edited image resized to {ch} x "
+                f"{cw})": (h // m) * (w // m) + (ch // m) * (cw // m)}
 
     def _resized(self, pipe, image):
         h, w = self.edit_size(image.height, image.width)
