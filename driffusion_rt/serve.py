@@ -40,6 +40,7 @@ from .waiting import QueueFull
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 DEFAULT_MAX_QUEUE = 16
+BACKLOG = 2048  # uvicorn's default backlog
 DEFAULT_DRAIN_S = 2.0
 PATHS = ("/generate", "/health", "/metrics", "/v1/images/generations", "/v1/models")
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -261,11 +262,14 @@ def check_args(args) -> Limits:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """The listening socket, bound before the model loads (a taken port fails at once). Raises ValueError."""
+    """The listening socket, bound before the model loads (a taken port fails at once) and listening at once, so a
+    client that connects before the HTTP server runs waits in the backlog instead of being refused. Raises
+    ValueError."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(BACKLOG)
     except OSError as e:
         sock.close()
         raise ValueError(f"cannot bind {host}:{port}: {e.strerror or e}") from None

@@ -111,8 +111,10 @@ def test_retry_after_is_the_service_time_of_the_requests_ahead():
     requests (no queue wait) times the requests waiting, divided by those served at once, so it is at most the time
     the queue then takes to drain (earlier: a 1 s prior and latencies with their queue wait, times the queue + 1,
     several times the real drain time)."""
-    engine = Engine(services.load_service("digits", torch.device("cpu")), max_batch=1, max_queue=3)
-    spec = {"prompt": "1", "steps": 12, "mode": "sequential"}
+    # a model that sleeps (not one that computes): each request takes 0.6 s whatever the machine's load, so the
+    # other clients are surely queued behind the one in flight
+    engine = Engine(services.load_service("fixed", torch.device("cpu"), cost=0.03), max_batch=1, max_queue=3)
+    spec = {"steps": 20, "mode": "sequential", "num_images": 1}
     with LocalServer(engine) as srv:
         srv.start()
         for _ in range(3):  # the service time is measured on requests served alone
