@@ -16,7 +16,7 @@ _ROWS = contextvars.ContextVar("driffusion_call_rows", default=None)
 
 def call_rows() -> int | None:
     """The rows of the runtime model call in progress (None outside one): lets a layout's hooks recognise the
-    adapter's doubled classifier-free-guidance call (cfg_parallel.py)."""
+    adapter's doubled classifier-free-guidance call (layout.py)."""
     return _ROWS.get()
 
 

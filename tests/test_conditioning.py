@@ -595,7 +595,7 @@ def b64(im, fmt="PNG") -> str:
 
 
 def test_image_requests_are_checked_before_loading_as_once_loaded(built):
-    """services.check_request decodes a request's images and checks them against the model's configs, no weights
+    """requests.parse decodes a request's images and checks them against the model's configs, no weights
     loaded: the resolved values name the task, the pipeline's default strength, the size an image gives (SD
     img2img, ControlNet) and each image by digest (so output names differ by image); the loaded service resolves
     the same values and refuses the same requests with the same messages."""
