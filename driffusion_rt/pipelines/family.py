@@ -145,6 +145,12 @@ def lcm8(vae_scale: int) -> tuple:
     return math.lcm(8, vae_scale), f"multiples of 8 and of the VAE scale factor {vae_scale}"
 
 
+def packed(vae_scale: int, why: str) -> tuple:
+    """The size rule of transformers on 2 x 2 packed latents (Flux.1, Flux.2, Qwen-Image, Z-Image): multiples of
+    twice the VAE scale factor, for the reason `why`."""
+    return vae_scale * 2, f"VAE scale factor {vae_scale} x 2 for {why}"
+
+
 REGISTRY: dict = {}  # family name -> Family, in registration order
 # views of the registry, filled by register(): the tables callers (requests, tests) read
 FAMILIES = {}  # pipeline class name -> family name

@@ -4,12 +4,13 @@ import numpy as np
 import torch
 
 from ..evaluator import Shared, Static, attention_kwargs
-from .family import Family, register, square, vae_scale_of
-
-TEXT_TOKENS = 512  # FluxPipeline's default max_sequence_length
+from .family import Family, packed, register, square, vae_scale_of
 from .guidance import cfg, guide
 from .prepare import initial_noise
 from .sd import vae_latents
+
+PACKING = "the 2 x 2 latent packing"  # why sizes are multiples of twice the VAE scale factor
+TEXT_TOKENS = 512  # FluxPipeline's default max_sequence_length
 
 
 class FluxAdapter:
@@ -81,15 +82,12 @@ class Flux(Family):
         return FluxAdapter(pipe.transformer)
 
     def size_multiple(self, pipe):
-        return self._rule(int(pipe.vae_scale_factor))
-
-    @staticmethod
-    def _rule(vsf: int) -> tuple:
-        return vsf * 2, f"VAE scale factor {vsf} x 2 for the 2 x 2 latent packing"
+        return packed(int(pipe.vae_scale_factor), PACKING)
 
     def rules_from_configs(self, configs):
         vsf = vae_scale_of(configs)
-        return (*self._rule(vsf), square(128, vsf), vsf * 2)  # FluxPipeline's default_sample_size is 128
+        # FluxPipeline's default_sample_size is 128
+        return (*packed(vsf, PACKING), square(128, vsf), vsf * 2)
 
     def sequence_tokens(self, configs, resolved):
         """The packed image tokens and the prompt's text tokens (the joint attention splits both)."""

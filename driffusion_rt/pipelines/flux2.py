@@ -14,9 +14,10 @@ import torch
 
 from ..evaluator import Static
 from ..evaluator import attention_kwargs as static_values
-from .family import Family, register, square, vae_scale_of
+from .family import Family, packed, register, square, vae_scale_of
 from .prepare import initial_noise
 
+PACKING = "the 2 x 2 latent patches"  # why sizes are multiples of twice the VAE scale factor
 TEXT_TOKENS = 512  # Flux2Pipeline's default max_sequence_length
 
 
@@ -59,16 +60,13 @@ class Flux2(Family):
     def adapter(self, pipe):
         return Flux2Adapter(pipe.transformer)
 
-    @staticmethod
-    def _rule(vsf: int) -> tuple:
-        return vsf * 2, f"VAE scale factor {vsf} x 2 for the 2 x 2 latent patches"
-
     def size_multiple(self, pipe):
-        return self._rule(int(pipe.vae_scale_factor))
+        return packed(int(pipe.vae_scale_factor), PACKING)
 
     def rules_from_configs(self, configs):
         vsf = vae_scale_of(configs)
-        return (*self._rule(vsf), square(128, vsf), vsf * 2)  # Flux2Pipeline's default_sample_size is 128
+        # Flux2Pipeline's default_sample_size is 128
+        return (*packed(vsf, PACKING), square(128, vsf), vsf * 2)
 
     def sequence_tokens(self, configs, resolved):
         """The packed image tokens and the prompt's tokens (padded to max_sequence_length by the pipeline)."""

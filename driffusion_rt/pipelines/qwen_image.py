@@ -24,10 +24,12 @@ import torch
 from ..evaluator import Shared, Static
 from ..evaluator import attention_kwargs as static_values
 from ..sequence import running
-from .family import Family, register, square
+from .family import Family, packed, register, square
 from .guidance import cfg
 from .prepare import initial_noise
 from .sd import vae_latents
+
+PACKING = "the 2 x 2 latent packing"  # why sizes are multiples of twice the VAE scale factor
 
 
 class QwenImageAdapter:
@@ -107,12 +109,8 @@ class QwenImage(Family):
                              "classifier-free guidance, so it cannot run this one")
         return QwenImageAdapter(pipe.transformer)
 
-    @staticmethod
-    def _rule(vsf: int) -> tuple:
-        return vsf * 2, f"VAE scale factor {vsf} x 2 for the 2 x 2 latent packing"
-
     def size_multiple(self, pipe):
-        return self._rule(int(pipe.vae_scale_factor))
+        return packed(int(pipe.vae_scale_factor), PACKING)
 
     @staticmethod
     def _vae_scale(configs) -> int:
@@ -121,7 +119,8 @@ class QwenImage(Family):
 
     def rules_from_configs(self, configs):
         vsf = self._vae_scale(configs)
-        return (*self._rule(vsf), square(128, vsf), vsf * 2)  # the pipelines' default_sample_size is 128
+        # the pipelines' default_sample_size is 128
+        return (*packed(vsf, PACKING), square(128, vsf), vsf * 2)
 
     def sequence_tokens(self, configs, resolved):
         """The packed image tokens, (height / 2 vsf) x (width / 2 vsf); the prompt's tokens are no rule (the adapter

@@ -12,9 +12,11 @@ import torch
 
 from ..evaluator import Static
 from ..evaluator import attention_kwargs as static_values
-from .family import Family, register, vae_scale_of
+from .family import Family, packed, register, vae_scale_of
 from .prepare import initial_noise
 from .sd import vae_latents
+
+PACKING = "the transformer's 2 x 2 patches"  # why sizes are multiples of twice the VAE scale factor
 
 
 class ZImageDenoiser(torch.nn.Module):
@@ -90,19 +92,15 @@ class ZImage(Family):
     def adapter(self, pipe):
         return ZImageAdapter(pipe.transformer)
 
-    @staticmethod
-    def _rule(vsf: int) -> tuple:
-        return vsf * 2, f"VAE scale factor {vsf} x 2 for the transformer's 2 x 2 patches"
-
     def size_multiple(self, pipe):
-        return self._rule(int(pipe.vae_scale_factor))
+        return packed(int(pipe.vae_scale_factor), PACKING)
 
     def default_size(self, pipe):
         return 1024, 1024  # the pipelines' own default
 
     def rules_from_configs(self, configs):
         vsf = vae_scale_of(configs)
-        return (*self._rule(vsf), (1024, 1024), vsf * 2)
+        return (*packed(vsf, PACKING), (1024, 1024), vsf * 2)
 
     def encode(self, pipe, prompt, negative_prompt, *, batch, num_images, guidance_scale, height, width, device,
                max_sequence_length, lora_scale):
